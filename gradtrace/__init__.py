@@ -1,0 +1,10 @@
+"""gradtrace: a debugging profiler for PyTorch training loops."""
+
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.session import Session
+from gradtrace.store import Run, load_run
+
+__version__ = "0.1.0"
+
+__all__ = ["Finding", "GradtraceError", "Run", "Session", "__version__", "load_run"]

@@ -1,0 +1,3 @@
+from gradtrace.cli import entry_point
+
+entry_point()

@@ -1,0 +1,237 @@
+"""Name the write that corrupted a saved tensor: evidence in, finding out.
+
+Pure functions: no torch, no hooks. The saved-tensor probe gathers `CorruptionEvidence` at
+unpack time and asks `diagnose` what it means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from gradtrace.events import (
+    BACKWARD,
+    FORWARD,
+    OPTIMIZER,
+    CorruptionEvidence,
+    Finding,
+    SavedTensor,
+    WriteEvent,
+)
+
+INPLACE_WRITE = "inplace-write"
+SILENT_OVERWRITE = "silent-overwrite"
+
+# How many writes besides the culprit a finding lists.
+MAX_OTHER_WRITES = 5
+
+_ASSIGNMENT_OPS = frozenset(
+    {
+        "copy_",
+        "fill_",
+        "index_put_",
+        "_index_put_impl_",
+        "masked_fill_",
+        "masked_scatter_",
+        "index_fill_",
+        "index_copy_",
+        "scatter_",
+        "zero_",
+    }
+)
+
+
+def diagnose(evidence: CorruptionEvidence) -> Finding | None:
+    """Return the finding the evidence supports, or None if the saved tensor is intact.
+
+    A changed version is what PyTorch itself would reject (loud). An unchanged version with
+    writes into the tensor's memory means a write bypassed the version counter (`.data`,
+    another alias) and backward is about to compute wrong gradients without any error.
+    """
+    saved = evidence.saved
+    loud = evidence.version_now != saved.version_saved
+    if not loud and not evidence.writes:
+        return None
+    kind = INPLACE_WRITE if loud else SILENT_OVERWRITE
+    culprit = evidence.writes[0] if evidence.writes else None
+    hint = _hint(kind, saved, culprit)
+    saved_by = _saved_by(evidence)
+    if culprit is None:
+        return Finding(
+            kind=kind,
+            message=_message(kind, saved, None, evidence),
+            hint=hint,
+            step=saved.step,
+            phase=None,
+            op=None,
+            module=None,
+            file=None,
+            line=None,
+            function=None,
+            code=None,
+            saved_by=saved_by,
+        )
+    source = culprit.source
+    return Finding(
+        kind=kind,
+        message=_message(kind, saved, culprit, evidence),
+        hint=hint,
+        step=culprit.step,
+        phase=culprit.phase,
+        op=culprit.op,
+        module=culprit.owner,
+        file=source.file if source else None,
+        line=source.line if source else None,
+        function=source.function if source else None,
+        code=source.code if source else None,
+        saved_by=saved_by,
+        context_start=source.context_start if source else 0,
+        context=source.context if source else (),
+        other_writes=tuple(_write_summary(w) for w in evidence.writes[1 : 1 + MAX_OTHER_WRITES]),
+    )
+
+
+def forward_op(node: str) -> str:
+    """`SigmoidBackward0` -> `sigmoid`: the forward op a backward node belongs to."""
+    name = node
+    for suffix in ("Backward0", "Backward1", "Backward"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.lower() or node
+
+
+def pytorch_message(evidence: CorruptionEvidence) -> str:
+    """The start of the error PyTorch raises for a changed saved tensor, in PyTorch's words.
+
+    Installing saved-tensor hooks switches PyTorch's own check off, so gradtrace raises this
+    itself: code that matches on PyTorch's wording keeps working. PyTorch's closing hint
+    (enable anomaly detection) is left out: gradtrace's attribution answers it.
+    """
+    saved = evidence.saved
+    shape = ", ".join(str(n) for n in saved.shape)
+    text = (
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{saved.type_name} [{shape}]]"
+    )
+    if saved.grad_fn:
+        text += f", which is output {saved.output_nr} of {saved.grad_fn},"
+    return (
+        text + f" is at version {evidence.version_now}; expected version {saved.version_saved}"
+        " instead."
+    )
+
+
+def explain(finding: Finding) -> str:
+    """Plain-text attribution appended to the RuntimeError and used by text reporters."""
+    lines = [f"gradtrace: {finding.message}"]
+    if finding.file is not None:
+        lines.append(f"    {finding.file}:{finding.line} in {finding.function}")
+        lines.append(f"        {finding.code}")
+    saved_source = finding.saved_by.get("file")
+    if saved_source:
+        lines.append(
+            f"  saved at {saved_source}:{finding.saved_by['line']} in "
+            f"{finding.saved_by['function']}"
+        )
+        lines.append(f"        {finding.saved_by['code']}")
+    lines.append(f"  hint: {finding.hint}")
+    return "\n".join(lines)
+
+
+def _message(
+    kind: str, saved: SavedTensor, culprit: WriteEvent | None, evidence: CorruptionEvidence
+) -> str:
+    target = _describe_saved(saved, evidence.node)
+    if culprit is None:
+        if evidence.writes_logged:
+            return (
+                f"{target} was modified in place (version {saved.version_saved} -> "
+                f"{evidence.version_now}) by a write gradtrace could not see "
+                "(compiled code, a custom kernel or another thread)."
+            )
+        return (
+            f"{target} was modified in place (version {saved.version_saved} -> "
+            f"{evidence.version_now}); rerun with --level full to name the line that wrote it."
+        )
+    where = culprit.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    verb = "overwrote" if kind == INPLACE_WRITE else "silently overwrote"
+    return f"{at} in {culprit.owner} ({culprit.op}) {verb} {target}."
+
+
+def _describe_saved(saved: SavedTensor, node: str) -> str:
+    what = f"parameter {saved.parameter}" if saved.parameter else "the tensor"
+    return f"{what} that {saved.module} ({forward_op(node)}) saved for backward"
+
+
+def _hint(kind: str, saved: SavedTensor, culprit: WriteEvent | None) -> str:
+    if culprit is None:
+        return "Clone the tensor before writing to it in place, or use the out-of-place op."
+    op = culprit.op
+    if culprit.phase == OPTIMIZER:
+        return (
+            "Call optimizer.step() only after every backward that uses these parameters "
+            "(or run the forward again after the step)."
+        )
+    if kind == SILENT_OVERWRITE:
+        return (
+            f"Writes through .data or another alias skip autograd's version check: use the "
+            f"out-of-place form of {op} (or clone() first) so backward sees the original values."
+        )
+    if culprit.step != saved.step:
+        return (
+            "The tensor was saved in an earlier step and written in this one: detach() state "
+            "you carry across steps (e.g. an RNN hidden state) or clone() it before writing."
+        )
+    if saved.parameter:
+        return (
+            f"Don't modify parameter {saved.parameter} in place between its forward and "
+            "backward; do it under torch.no_grad() after backward, or out of place."
+        )
+    if op in _ASSIGNMENT_OPS:
+        return (
+            "Assigning into a tensor autograd saved corrupts backward: build a new tensor "
+            "(torch.where, torch.cat, or x = x.clone() before the assignment)."
+        )
+    if culprit.phase in (FORWARD, BACKWARD) and op.endswith("_"):
+        return (
+            f"Use the out-of-place op ({op.rstrip('_')} instead of {op}, or inplace=False), "
+            "or clone() the tensor before writing to it."
+        )
+    return f"Use the out-of-place form of {op}, or clone() the tensor before writing to it."
+
+
+def _saved_by(evidence: CorruptionEvidence) -> dict[str, object]:
+    saved = evidence.saved
+    source = asdict(saved.source) if saved.source else {}
+    source.pop("context", None)
+    source.pop("context_start", None)
+    return {
+        "node": evidence.node,
+        "op": forward_op(evidence.node),
+        "module": saved.module,
+        "file": source.get("file"),
+        "line": source.get("line"),
+        "function": source.get("function"),
+        "code": source.get("code"),
+        "shape": list(saved.shape),
+        "dtype": saved.dtype,
+        "device": saved.device,
+        "version_saved": saved.version_saved,
+        "version_now": evidence.version_now,
+        "parameter": saved.parameter,
+        "step": saved.step,
+    }
+
+
+def _write_summary(write: WriteEvent) -> dict[str, object]:
+    source = write.source
+    return {
+        "op": write.op,
+        "module": write.owner,
+        "phase": write.phase,
+        "step": write.step,
+        "file": source.file if source else None,
+        "line": source.line if source else None,
+        "code": source.code if source else None,
+    }

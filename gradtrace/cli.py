@@ -1,0 +1,111 @@
+"""`gradtrace` command line: run a script under tracing, report on a saved run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from gradtrace.errors import GradtraceError
+from gradtrace.reporters.json_report import render_json
+from gradtrace.reporters.terminal import TerminalReporter
+from gradtrace.runner import Target, run_target
+from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session
+from gradtrace.store.reader import load_run
+
+DEFAULT_RUNS_DIR = "gradtrace-runs"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gradtrace")
+def cli() -> None:
+    """Find the in-place write that broke backward, and where gradients go wrong."""
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("-m", "module", metavar="MODULE", help="Run a module, like python -m.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help=f"Run directory to create (default: ./{DEFAULT_RUNS_DIR}/<time>-<script>).",
+)
+@click.option(
+    "--level",
+    type=click.Choice(LEVELS),
+    default=DEFAULT_LEVEL,
+    show_default=True,
+    help="light: check saved tensors only; full: also log writes to name the culprit line.",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(module: str | None, out: Path | None, level: str, args: tuple[str, ...]) -> int:
+    """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) as python would, with tracing on."""
+    if module is not None:
+        target = Target(module, args, module=True)
+    elif args:
+        target = Target(args[0], args[1:])
+    else:
+        raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
+    target.check()
+    run_dir = out or _default_run_dir(target.label)
+    session = Session(run_dir, level=level, argv=[target.name, *target.args])
+    exit_code = run_target(target, session)
+    sys.stdout.flush()
+    TerminalReporter(Console(stderr=True)).render(load_run(run_dir))
+    return exit_code
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the stable JSON document.")
+def report(run_dir: Path, as_json: bool) -> int:
+    """Show the summary of a saved run (post-mortem, from the run directory alone)."""
+    run = load_run(run_dir)
+    if as_json:
+        click.echo(json.dumps(render_json(run), indent=2))
+    else:
+        TerminalReporter(Console()).render(run)
+    return 0
+
+
+def _default_run_dir(label: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = Path(label).stem.replace(".", "-")
+    base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting (tests call this)."""
+    try:
+        result = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="gradtrace",
+            standalone_mode=False,
+        )
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except GradtraceError as exc:
+        click.echo(f"gradtrace: error: {exc}", err=True)
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Plain facts that probes record and every later stage reads.
+
+Events hold ints, floats and strings only: never a tensor, module or frame, so that keeping
+an event alive keeps nothing of the user's alive, and every event round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Phases a write can happen in. "loop" is the user's own code outside any module forward,
+# backward pass or optimizer step.
+FORWARD = "forward"
+BACKWARD = "backward"
+OPTIMIZER = "optimizer"
+LOOP = "loop"
+
+
+@dataclass(frozen=True)
+class SourceLine:
+    """A line of user code, with the few lines around it so a report needs no source file."""
+
+    file: str
+    line: int
+    function: str
+    code: str
+    context_start: int = 0
+    context: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WriteEvent:
+    """One mutating op that hit the memory of a tensor autograd had saved."""
+
+    seq: int
+    op: str
+    owner: str
+    phase: str
+    step: int
+    source: SourceLine | None
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """A tensor autograd saved for backward, as it was when saved."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    type_name: str
+    version_saved: int
+    step: int
+    module: str
+    source: SourceLine | None
+    # The autograd node that produced the tensor (PyTorch's error names it), if any.
+    grad_fn: str | None = None
+    output_nr: int = 0
+    parameter: str | None = None
+
+
+@dataclass(frozen=True)
+class CorruptionEvidence:
+    """What a probe knows when backward unpacks a saved tensor whose memory was written."""
+
+    saved: SavedTensor
+    # The backward node that needed the tensor, e.g. "SigmoidBackward0".
+    node: str
+    version_now: int
+    # Writes that hit the saved tensor's memory after it was saved, oldest first.
+    writes: tuple[WriteEvent, ...]
+    # False when no write log ran (the light level): an empty `writes` then says nothing.
+    writes_logged: bool
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A diagnosed problem with its evidence and a pointer to the code that caused it.
+
+    The flat fields name the culprit write (null when it was not seen); `saved_by` describes
+    the tensor it corrupted. The JSON report is `asdict` of this, so field names are API.
+    """
+
+    kind: str
+    message: str
+    hint: str
+    step: int
+    phase: str | None
+    op: str | None
+    module: str | None
+    file: str | None
+    line: int | None
+    function: str | None
+    code: str | None
+    saved_by: dict[str, Any]
+    context_start: int = 0
+    context: tuple[str, ...] = ()
+    other_writes: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(
+            **{
+                **data,
+                "context": tuple(data.get("context", ())),
+                "other_writes": tuple(data.get("other_writes", ())),
+            }
+        )

@@ -1,0 +1,82 @@
+"""Every private torch API gradtrace touches, each behind one named function.
+
+NOTE [checked versions]: the calls below were checked on torch 2.13.0 (CPU) and 2.11 (CUDA).
+If a future torch renames one, only this module changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradtrace.errors import GradtraceError
+
+MIN_TORCH = (2, 2)
+
+
+def check_supported() -> None:
+    """Refuse a torch older than the hooks gradtrace needs, with a one-line reason."""
+    release = torch.__version__.split("+")[0].split(".")
+    try:
+        version = (int(release[0]), int(release[1]))
+    except (IndexError, ValueError):
+        return
+    if version < MIN_TORCH:
+        raise GradtraceError(
+            f"gradtrace needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__}. "
+            "Upgrade torch in this environment."
+        )
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    NOTE: `_current_graph_task_id` is -1 outside a graph task; it is set on the engine's
+    device threads too, which is where CUDA backward runs.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def current_node_name() -> str | None:
+    """Name of the autograd node being executed (e.g. "SigmoidBackward0"), if any.
+
+    NOTE: during a saved tensor's unpack this is the backward node that needs the tensor,
+    which is exactly the node PyTorch's own version-check error would name.
+    """
+    node = torch._C._current_autograd_node()
+    return None if node is None else node.name()
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter, or None for tensors without one.
+
+    NOTE: inference tensors raise on `_version`; they cannot be saved for backward anyway.
+    """
+    if tensor.is_inference():
+        return None
+    return tensor._version
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[str, int, int, int] | None:
+    """(device, storage base address, first byte, one past the last byte) the tensor covers.
+
+    Two tensors on one device touch the same memory only if these ranges overlap, whatever
+    views or `.data` aliases lead to them. None for tensors that own no addressable memory:
+    sparse and other non-strided layouts, meta tensors, empty tensors.
+
+    NOTE: the storage base is derived from `data_ptr()` and `storage_offset()` instead of
+    `untyped_storage()`, which builds a Python object per call; both read metadata only,
+    with no device synchronisation.
+    """
+    if tensor.layout is not torch.strided or tensor.is_meta:
+        return None
+    numel_extent = 1
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        if size == 0:
+            return None
+        numel_extent += (size - 1) * stride
+    first = tensor.data_ptr()
+    if first == 0:
+        return None
+    itemsize = tensor.element_size()
+    base = first - tensor.storage_offset() * itemsize
+    return str(tensor.device), base, first, first + numel_extent * itemsize

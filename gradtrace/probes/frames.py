@@ -1,0 +1,85 @@
+"""Find the user's line of code behind an op: the first frame outside torch and gradtrace."""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import sysconfig
+from types import CodeType
+
+import torch
+
+from gradtrace.events import SourceLine
+
+
+def _dir_prefix(path: str) -> str:
+    return os.path.realpath(path) + os.sep
+
+
+_LIBRARY_DIRS = (
+    _dir_prefix(os.path.dirname(torch.__file__)),
+    _dir_prefix(os.path.dirname(os.path.dirname(__file__))),
+)
+_STDLIB_DIR = _dir_prefix(sysconfig.get_paths()["stdlib"])
+# Installed packages can live under the stdlib folder (pyenv, system Pythons): user code.
+_PACKAGE_DIRS = tuple({_dir_prefix(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")})
+
+# Lines shown either side of a culprit line in reports.
+CONTEXT_LINES = 2
+
+Caller = tuple[CodeType, int]
+
+
+def _is_user_code(code: CodeType) -> bool:
+    filename = code.co_filename
+    if filename.startswith("<"):
+        return False
+    path = os.path.realpath(filename)
+    if path.startswith(_LIBRARY_DIRS):
+        return False
+    return not path.startswith(_STDLIB_DIR) or path.startswith(_PACKAGE_DIRS)
+
+
+class CallerFinder:
+    """Walks the Python stack to the first user frame, deciding once per code object.
+
+    Only the code object and line number are kept: a frame object would keep the user's
+    locals (and their tensors) alive.
+    """
+
+    def __init__(self) -> None:
+        self._is_user: dict[CodeType, bool] = {}
+
+    def caller(self) -> Caller | None:
+        frame = sys._getframe(1)
+        is_user = self._is_user
+        while frame is not None:
+            code = frame.f_code
+            verdict = is_user.get(code)
+            if verdict is None:
+                verdict = is_user[code] = _is_user_code(code)
+            if verdict:
+                return code, frame.f_lineno
+            frame = frame.f_back
+        return None
+
+
+def source_line(caller: Caller | None) -> SourceLine | None:
+    """Resolve a caller to file, line, function and the surrounding source text."""
+    if caller is None:
+        return None
+    code, line = caller
+    file = os.path.abspath(code.co_filename)
+    start = max(1, line - CONTEXT_LINES)
+    context = tuple(
+        linecache.getline(file, n).rstrip("\n") for n in range(start, line + CONTEXT_LINES + 1)
+    )
+    return SourceLine(
+        file=file,
+        line=line,
+        function=getattr(code, "co_qualname", code.co_name),
+        code=linecache.getline(file, line).strip(),
+        context_start=start,
+        context=context,
+    )

@@ -1,0 +1,252 @@
+"""Saved-tensor probe: remember every tensor autograd saves, check it when backward needs it.
+
+NOTE [installing hooks disables PyTorch's version check]: `SavedVariable::unpack` compares
+versions only when no saved-tensor hooks are set. With ours installed, an in-place write to
+a saved tensor would silently give wrong gradients. `unpack` therefore repeats the check and
+raises PyTorch's own error (same type, same wording) followed by gradtrace's attribution. It
+runs exactly when the backward node needs the tensor, where PyTorch's check would have fired.
+
+NOTE [no reference cycles]: `pack` keeps `tensor.detach()`, never the tensor: a saved output
+refers to its own grad_fn, and holding it would keep a graph alive that backward never frees.
+The detached tensor shares storage and version counter, so memory use is what autograd's own
+saving costs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+
+import torch
+
+from gradtrace.analysis.culprits import diagnose, explain, pytorch_message
+from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEvent
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.frames import Caller, CallerFinder, source_line
+from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
+from gradtrace.probes.steps import StepProbe
+
+# Writes kept per saved tensor: the first one is the culprit, a few more are context. A graph
+# the user keeps alive (e.g. `losses.append(loss)`) must not make this grow every step.
+MAX_HITS_PER_SAVED = 4
+
+SpanKey = tuple[str, int]
+
+
+class RawWrite:
+    """A write that hit saved memory, kept cheap until a finding needs it resolved."""
+
+    __slots__ = ("caller", "op", "owner", "phase", "seq", "step")
+
+    def __init__(
+        self, seq: int, op: str, owner: str, phase: str, step: int, caller: Caller | None
+    ) -> None:
+        self.seq = seq
+        self.op = op
+        self.owner = owner
+        self.phase = phase
+        self.step = step
+        self.caller = caller
+
+    def resolve(self) -> WriteEvent:
+        return WriteEvent(
+            seq=self.seq,
+            op=self.op,
+            owner=self.owner,
+            phase=self.phase,
+            step=self.step,
+            source=source_line(self.caller),
+        )
+
+
+class SavedRecord:
+    """What gradtrace knows of one live saved tensor, and the writes that hit it since."""
+
+    __slots__ = (
+        "caller",
+        "device",
+        "dtype",
+        "first",
+        "grad_fn",
+        "hits",
+        "key",
+        "last",
+        "module",
+        "output_nr",
+        "reported",
+        "shape",
+        "step",
+        "type_name",
+        "version",
+    )
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        span: tuple[str, int, int, int],
+        version: int,
+        module: str,
+        step: int,
+        caller: Caller | None,
+    ) -> None:
+        device, base, self.first, self.last = span
+        self.key: SpanKey = (device, base)
+        self.device = device
+        self.version = version
+        self.module = module
+        self.step = step
+        self.caller = caller
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        grad_fn = tensor.grad_fn
+        self.grad_fn = None if grad_fn is None else grad_fn.name()
+        self.output_nr = tensor.output_nr
+        self.type_name = tensor.type()
+        self.hits: list[RawWrite] = []
+        self.reported = False
+
+    def overlaps(self, first: int, last: int) -> bool:
+        return first < self.last and self.first < last
+
+
+class LiveSaved:
+    """Live saved tensors by storage, so a write can ask "did I hit saved memory?" in O(1).
+
+    A record leaves when autograd drops the packed value (after backward, or when the graph
+    is freed), so a storage address is never matched after its memory could be reused.
+    """
+
+    def __init__(self) -> None:
+        self._by_storage: dict[SpanKey, list[SavedRecord]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, record: SavedRecord) -> None:
+        with self._lock:
+            self._by_storage.setdefault(record.key, []).append(record)
+
+    def discard(self, record: SavedRecord) -> None:
+        with self._lock:
+            records = self._by_storage.get(record.key)
+            if records is None:
+                return
+            try:
+                records.remove(record)
+            except ValueError:
+                return
+            if not records:
+                del self._by_storage[record.key]
+
+    def on_storage(self, key: SpanKey) -> list[SavedRecord] | None:
+        return self._by_storage.get(key)
+
+    def __len__(self) -> int:
+        return sum(len(records) for records in self._by_storage.values())
+
+
+class _Packed:
+    """The value autograd keeps for a saved tensor while gradtrace watches it."""
+
+    __slots__ = ("live", "record", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, record: SavedRecord, live: LiveSaved) -> None:
+        self.tensor = tensor
+        self.record = record
+        self.live = live
+        live.add(record)
+
+    def __del__(self) -> None:
+        self.live.discard(self.record)
+
+
+class SavedTensorProbe:
+    """Installs the saved-tensor hooks and turns corrupted unpacks into findings."""
+
+    def __init__(
+        self,
+        modules: ModuleStackProbe,
+        steps: StepProbe,
+        callers: CallerFinder,
+        on_finding: Callable[[Finding], None],
+        *,
+        writes_logged: bool,
+    ) -> None:
+        self.live = LiveSaved()
+        self._modules = modules
+        self._steps = steps
+        self._callers = callers
+        self._on_finding = on_finding
+        self._writes_logged = writes_logged
+
+    def install(self, stack: ExitStack) -> None:
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
+
+    def _pack(self, tensor: torch.Tensor) -> object:
+        detached = tensor.detach()
+        span = _torch_compat.memory_span(tensor)
+        version = _torch_compat.version_of(tensor)
+        if span is None or version is None:
+            return detached
+        record = SavedRecord(
+            tensor,
+            span,
+            version,
+            self._modules.current() or LOOP_OWNER,
+            self._steps.step,
+            self._callers.caller(),
+        )
+        return _Packed(detached, record, self.live)
+
+    def _unpack(self, packed: object) -> torch.Tensor:
+        if not isinstance(packed, _Packed):
+            return packed  # type: ignore[return-value]
+        record = packed.record
+        version_now = packed.tensor._version
+        if version_now != record.version or (record.hits and not record.reported):
+            self._check(record, version_now)
+        return packed.tensor
+
+    def _check(self, record: SavedRecord, version_now: int) -> None:
+        evidence = CorruptionEvidence(
+            saved=self._saved_tensor(record),
+            node=_torch_compat.current_node_name() or "unknown node",
+            version_now=version_now,
+            writes=tuple(hit.resolve() for hit in record.hits),
+            writes_logged=self._writes_logged,
+        )
+        finding = diagnose(evidence)
+        if finding is None:
+            return
+        loud = version_now != record.version
+        if not record.reported:
+            record.reported = True
+            self._on_finding(finding)
+        if loud:
+            raise RuntimeError(f"{pytorch_message(evidence)}\n\n{explain(finding)}")
+
+    def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
+        return SavedTensor(
+            shape=record.shape,
+            dtype=str(record.dtype).removeprefix("torch."),
+            device=record.device,
+            type_name=record.type_name,
+            version_saved=record.version,
+            step=record.step,
+            module=record.module,
+            source=source_line(record.caller),
+            grad_fn=record.grad_fn,
+            output_nr=record.output_nr,
+            parameter=self._modules.parameter_name(*record.key),
+        )
+
+
+def record_hits(
+    records: Iterable[SavedRecord], first: int, last: int, make_hit: Callable[[], RawWrite]
+) -> None:
+    """Attach one write to every live saved tensor whose bytes it overlaps."""
+    hit = None
+    for record in records:
+        if record.overlaps(first, last) and len(record.hits) < MAX_HITS_PER_SAVED:
+            if hit is None:
+                hit = make_hit()
+            record.hits.append(hit)

@@ -1,0 +1,131 @@
+"""Write log: every mutating op, seen from a TorchDispatchMode.
+
+An op writes when its schema marks an argument `Tensor(a!)` (`alias_info.is_write`); that
+covers `x += y`, `relu_`, slice assignment (`copy_`, `fill_`, `index_put_`), `out=` variants
+and the `_foreach_*_` / `_fused_*_` kernels optimizers use. Writes through `.data` reach the
+dispatcher too, which is how gradtrace sees what the version counter misses.
+
+NOTE [hot path]: this runs for every op. A non-mutating op costs one dict lookup after the
+op itself. A mutating op costs a counter bump plus one dict lookup per written tensor; only a
+write that lands on live saved memory walks the Python stack to find the user's line.
+
+NOTE [versions]: inside `__torch_dispatch__` the version counter is not bumped yet, even
+after the op ran: the bump happens above the Python dispatch key. gradtrace compares versions
+at unpack time instead, where both are final.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
+from gradtrace.probes.saved import LiveSaved, RawWrite, record_hits
+from gradtrace.probes.steps import StepProbe
+
+# (op name, positions of written arguments); op name is empty for ops that write nothing.
+_OpInfo = tuple[str, tuple[tuple[int, str], ...]]
+_NO_WRITES: _OpInfo = ("", ())
+
+
+def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
+    written = tuple(
+        (position, argument.name)
+        for position, argument in enumerate(func._schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
+    if not written:
+        return _NO_WRITES
+    return func.overloadpacket.__name__, written
+
+
+class WriteLogProbe:
+    """Counts writes per owner and op, and attaches writes on saved memory to their records."""
+
+    def __init__(
+        self,
+        live: LiveSaved,
+        modules: ModuleStackProbe,
+        steps: StepProbe,
+        callers: CallerFinder,
+    ) -> None:
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        self._live = live
+        self._modules = modules
+        self._steps = steps
+        self._callers = callers
+        self._seq = itertools.count()
+
+    def install(self, stack: ExitStack) -> None:
+        stack.enter_context(_WriteLogMode(self))
+
+    def take_counts(self) -> Counter[tuple[str, str, str]]:
+        """Hand over the per-(owner, op, phase) write counts gathered since the last call."""
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+    def owner_and_phase(self) -> tuple[str, str]:
+        optimizer = self._steps.optimizer
+        if optimizer is not None:
+            return optimizer, OPTIMIZER
+        module = self._modules.current()
+        if module is not None:
+            return module, FORWARD
+        if _torch_compat.in_backward():
+            node = _torch_compat.current_node_name()
+            return (f"backward of {node}" if node else "backward"), BACKWARD
+        return LOOP_OWNER, LOOP
+
+    def record(self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any) -> None:
+        owner, phase = self.owner_and_phase()
+        self.counts[owner, op, phase] += 1
+        live = self._live
+        for position, name in written:
+            value = args[position] if position < len(args) else kwargs.get(name)
+            tensors = value if isinstance(value, (list, tuple)) else (value,)
+            for tensor in tensors:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                span = _torch_compat.memory_span(tensor)
+                if span is None:
+                    continue
+                records = live.on_storage((span[0], span[1]))
+                if records:
+                    record_hits(
+                        records,
+                        span[2],
+                        span[3],
+                        lambda: RawWrite(
+                            next(self._seq),
+                            op,
+                            owner,
+                            phase,
+                            self._steps.step,
+                            self._callers.caller(),
+                        ),
+                    )
+
+
+class _WriteLogMode(TorchDispatchMode):
+    def __init__(self, probe: WriteLogProbe) -> None:
+        super().__init__()
+        self._probe = probe
+        self._ops: dict[torch._ops.OpOverload, _OpInfo] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        info = self._ops.get(func)
+        if info is None:
+            info = self._ops[func] = _op_info(func)
+        if info[1]:
+            self._probe.record(info[0], info[1], args, kwargs)
+        return result

@@ -1,0 +1,143 @@
+"""The terminal summary: what went wrong, the line that did it, and what to do."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from gradtrace.events import Finding
+from gradtrace.store.format import OK
+from gradtrace.store.reader import Run, StoredFinding
+
+# Owners listed in the "in-place writes" table.
+TOP_OWNERS = 8
+
+_TITLES = {
+    "inplace-write": "in-place write broke backward",
+    "silent-overwrite": "silent overwrite: wrong gradients, no error",
+}
+
+
+class TerminalReporter:
+    """Renders a `Run` to a rich console. Pure: reads the run, prints, nothing else."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
+    def render(self, run: Run) -> None:
+        console = self._console
+        console.print(_headline(run))
+        for stored in run.findings:
+            console.print(_finding_panel(stored))
+        if run.write_counts:
+            console.print(_write_table(run))
+        console.print(Text.assemble(("run directory: ", "dim"), str(run.path)))
+
+
+def _headline(run: Run) -> Text:
+    meta = run.meta
+    argv = " ".join(meta.get("argv") or [])
+    status = run.status
+    style = "green" if status == OK else "red"
+    exit_code = meta.get("exit_code")
+    status_text = status if exit_code in (None, 0) else f"{status} (exit {exit_code})"
+    findings = len(run.findings)
+    return Text.assemble(
+        ("gradtrace ", "bold"),
+        (argv, "bold"),
+        "  ",
+        (status_text, style),
+        f" · level {meta.get('level')} · {run.steps} steps · {run.writes} in-place writes · ",
+        (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
+    )
+
+
+def _finding_panel(stored: StoredFinding) -> Panel:
+    finding = stored.finding
+    parts: list[RenderableType] = [Text(finding.message, style="bold")]
+    if finding.file is not None:
+        parts.append(
+            Text.assemble(
+                ("wrote: ", "dim"),
+                (f"{finding.file}:{finding.line}", "cyan"),
+                f" in {finding.function}() · module ",
+                (str(finding.module), "magenta"),
+                f" · op {finding.op} · {finding.phase} of step {finding.step}",
+            )
+        )
+        parts.append(_excerpt(finding))
+    parts.append(_saved_line(finding))
+    for other in finding.other_writes:
+        parts.append(
+            Text(
+                f"also wrote: {_short(other.get('file'))}:{other.get('line')} "
+                f"({other.get('op')} in {other.get('module')})",
+                style="dim",
+            )
+        )
+    parts.append(Text.assemble(("fix: ", "bold green"), finding.hint))
+    repeat = f" · seen {stored.count}×" if stored.count > 1 else ""
+    return Panel(
+        Group(*parts),
+        title=f"[bold red]{_TITLES.get(finding.kind, finding.kind)}[/]{repeat}",
+        title_align="left",
+        border_style="red",
+    )
+
+
+def _excerpt(finding: Finding) -> RenderableType:
+    if not finding.context:
+        return Text(f"    {finding.code}")
+    return Syntax(
+        "\n".join(finding.context),
+        "python",
+        line_numbers=True,
+        start_line=finding.context_start,
+        highlight_lines={finding.line},
+        theme="ansi_dark",
+        background_color="default",
+    )
+
+
+def _saved_line(finding: Finding) -> Text:
+    saved = finding.saved_by
+    shape = "×".join(str(n) for n in saved.get("shape", [])) or "scalar"
+    text = Text.assemble(
+        ("corrupted: ", "dim"),
+        f"{saved.get('dtype')}[{shape}] on {saved.get('device')}",
+        f" saved by {saved.get('node')} in module ",
+        (str(saved.get("module")), "magenta"),
+    )
+    if saved.get("parameter"):
+        text.append(" (parameter ")
+        text.append(str(saved["parameter"]), style="magenta")
+        text.append(")")
+    if saved.get("file"):
+        text.append(" at ")
+        text.append(f"{_short(saved['file'])}:{saved['line']}", style="cyan")
+        text.append(f"  {saved.get('code')}", style="dim")
+    text.append(f" · version {saved.get('version_saved')} → {saved.get('version_now')}")
+    return text
+
+
+def _write_table(run: Run) -> Table:
+    table = Table(title="in-place writes (legal unless listed above)", title_justify="left")
+    table.add_column("owner", style="magenta")
+    table.add_column("op")
+    table.add_column("phase")
+    table.add_column("count", justify="right")
+    for owner, op, phase, count in run.write_counts[:TOP_OWNERS]:
+        table.add_row(owner, op, phase, str(count))
+    hidden = len(run.write_counts) - TOP_OWNERS
+    if hidden > 0:
+        table.add_row(f"… {hidden} more", "", "", "")
+    return table
+
+
+def _short(path: str | None) -> str:
+    return os.path.basename(path) if path else "?"

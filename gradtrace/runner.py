@@ -1,0 +1,127 @@
+"""Run a user's script or module as `__main__`, exactly as `python` would, under a session."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from gradtrace.errors import GradtraceError
+from gradtrace.session import Session, describe_exception
+from gradtrace.store.format import FAILED, INTERRUPTED, OK
+
+# Exit status a shell reports for a process interrupted by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+_GRADTRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to run: a script path or, with `module=True`, a dotted module name."""
+
+    name: str
+    args: tuple[str, ...]
+    module: bool = False
+
+    def check(self) -> None:
+        if not self.module and not os.path.isfile(self.name):
+            raise GradtraceError(f"No such script: '{self.name}'.")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.module else os.path.basename(self.name)
+
+
+def run_target(target: Target, session: Session) -> int:
+    """Run the target under the session and return the exit code `python` would have given.
+
+    The script's own exception is printed as Python prints it (minus gradtrace's frames); the
+    session is closed with the outcome before this returns, on every path.
+    """
+    try:
+        with _as_main(target):
+            session.start()
+            _execute(target)
+    except SystemExit as exc:
+        code = _exit_code(exc)
+        session.close(status=OK if code == 0 else FAILED, exit_code=code)
+        return code
+    except KeyboardInterrupt as exc:
+        _print_user_traceback(exc)
+        session.close(
+            status=INTERRUPTED, exit_code=EXIT_INTERRUPTED, exception=describe_exception(exc)
+        )
+        return EXIT_INTERRUPTED
+    except GradtraceError:
+        session.close(status=FAILED, exit_code=2)
+        raise
+    except BaseException as exc:
+        _print_user_traceback(exc)
+        session.close(status=FAILED, exit_code=1, exception=describe_exception(exc))
+        return 1
+    session.close(status=OK, exit_code=0)
+    return 0
+
+
+def _execute(target: Target) -> None:
+    if target.module:
+        runpy.run_module(target.name, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(os.path.abspath(target.name), run_name="__main__")
+
+
+@contextmanager
+def _as_main(target: Target) -> Iterator[None]:
+    """Give the script the argv and sys.path[0] that `python script.py` would."""
+    saved_argv, saved_path0 = sys.argv[:], sys.path[0]
+    sys.argv = [target.name, *target.args]
+    sys.path[0] = os.getcwd() if target.module else os.path.dirname(os.path.abspath(target.name))
+    try:
+        yield
+    finally:
+        sys.argv, sys.path[0] = saved_argv, saved_path0
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """Map SystemExit to an exit status the way the interpreter does."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    """Print the exception as Python would, without the frames of gradtrace and runpy."""
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    _drop_own_frames(report, seen=set())
+    sys.stderr.flush()
+    print("".join(report.format()), end="", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _drop_own_frames(report: traceback.TracebackException, seen: set[int]) -> None:
+    if id(report) in seen:
+        return
+    seen.add(id(report))
+    report.stack = traceback.StackSummary.from_list(
+        [frame for frame in report.stack if not _is_own_frame(frame.filename)]
+    )
+    for chained in (report.__cause__, report.__context__):
+        if chained is not None:
+            _drop_own_frames(chained, seen)
+
+
+def _is_own_frame(filename: str) -> bool:
+    return (
+        filename.startswith(_GRADTRACE_DIR)
+        or filename in ("<frozen runpy>",)
+        or (filename.endswith(os.sep + "runpy.py"))
+    )

@@ -1,0 +1,162 @@
+"""A tracing session: owns every probe and the run writer, and removes them all on close."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.saved import SavedTensorProbe
+from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.writes import WriteLogProbe
+from gradtrace.store.format import FAILED, OK, RUNNING
+from gradtrace.store.writer import RunWriter
+
+# "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
+# who saved it and where). "full": adds the write log, which names the line that wrote.
+LEVELS = ("light", "full")
+DEFAULT_LEVEL = "full"
+
+_active: Session | None = None
+
+
+class Session:
+    """One traced execution, writing one run directory.
+
+    `start()` installs the probes, `close()` removes them (safe to call twice, and called on
+    every exit path by the front ends). Only one session may be active at a time: hooks are
+    global, and two sessions would attribute each other's writes.
+    """
+
+    def __init__(self, out: str | Path, *, level: str = DEFAULT_LEVEL, **meta: Any) -> None:
+        if level not in LEVELS:
+            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        self.run_dir = Path(out)
+        self.level = level
+        self.findings: list[Finding] = []
+        self._meta = meta
+        self._stack: ExitStack | None = None
+        self._writer: RunWriter | None = None
+        self._writes: WriteLogProbe | None = None
+        self._steps = StepProbe(self._end_step)
+
+    @property
+    def step(self) -> int:
+        return self._steps.step
+
+    def start(self) -> Session:
+        global _active
+        _torch_compat.check_supported()
+        if _active is not None:
+            raise GradtraceError(
+                f"A gradtrace session is already tracing into '{_active.run_dir}'; "
+                "stop it before starting another."
+            )
+        writer = RunWriter(self.run_dir)
+        writer.set_meta(
+            status=RUNNING,
+            started_ns=time.time_ns(),
+            level=self.level,
+            torch=torch.__version__,
+            python=platform.python_version(),
+            platform=sys.platform,
+            **self._meta,
+        )
+        with ExitStack() as stack:
+            stack.callback(writer.close)
+            self._install(stack)
+            self._stack = stack.pop_all()
+        self._writer = writer
+        _active = self
+        return self
+
+    def _install(self, stack: ExitStack) -> None:
+        modules = ModuleStackProbe()
+        callers = CallerFinder()
+        full = self.level == "full"
+        saved = SavedTensorProbe(
+            modules, self._steps, callers, self._add_finding, writes_logged=full
+        )
+        modules.install(stack)
+        self._steps.install(stack)
+        saved.install(stack)
+        if full:
+            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
+            self._writes.install(stack)
+
+    def close(
+        self,
+        *,
+        status: str = OK,
+        exit_code: int | None = 0,
+        exception: dict[str, str] | None = None,
+    ) -> None:
+        """Remove every probe and finish the run record. Idempotent."""
+        global _active
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        writer = self._writer
+        try:
+            if writer is not None:
+                self._flush(finished=False)
+                writer.set_meta(
+                    status=status,
+                    exit_code=exit_code,
+                    exception=exception,
+                    ended_ns=time.time_ns(),
+                    cuda_device=_cuda_device_name(),
+                )
+        finally:
+            _active = None
+            stack.close()
+
+    def __enter__(self) -> Session:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(status=FAILED, exit_code=None, exception=describe_exception(exc))
+
+    def _end_step(self, step: int) -> None:
+        self._flush(finished=True, step=step)
+
+    def _flush(self, *, finished: bool, step: int | None = None) -> None:
+        counts = self._writes.take_counts() if self._writes is not None else {}
+        if self._writer is not None and (finished or counts):
+            self._writer.write_step(
+                self.step if step is None else step, counts.items(), finished=finished
+            )
+
+    def _add_finding(self, finding: Finding) -> None:
+        if self._writer is not None and self._writer.add_finding(finding):
+            self.findings.append(finding)
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__qualname__, "message": str(exc)}
+
+
+def _cuda_device_name() -> str | None:
+    # Only name a device the script itself initialised: touching CUDA would change its memory.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_device_name()
+    return None

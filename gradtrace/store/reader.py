@@ -1,0 +1,95 @@
+"""Read a run directory back, refusing anything that is not a gradtrace run we understand."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, RUNNING
+
+
+@dataclass(frozen=True)
+class StoredFinding:
+    finding: Finding
+    count: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a report needs, read from the store alone."""
+
+    path: Path
+    meta: dict[str, Any]
+    findings: list[StoredFinding]
+    steps: int
+    # (owner, op, phase) -> in-place writes over the whole run, most frequent first.
+    write_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
+
+    @property
+    def writes(self) -> int:
+        return sum(row[3] for row in self.write_counts)
+
+    @property
+    def status(self) -> str:
+        status = self.meta.get("status", RUNNING)
+        return KILLED if status == RUNNING else status
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory written by `gradtrace run` (or any gradtrace front end)."""
+    run_dir = Path(path)
+    database = run_dir / DATABASE
+    if not run_dir.is_dir():
+        raise GradtraceError(f"No gradtrace run at '{run_dir}' (not a directory).")
+    if not database.is_file():
+        raise GradtraceError(
+            f"No gradtrace run at '{run_dir}' (no {DATABASE}). "
+            "Use the directory printed by 'gradtrace run'."
+        )
+    try:
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return _read(run_dir, db)
+        finally:
+            db.close()
+    except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise GradtraceError(
+            f"'{database}' is not a readable gradtrace run ({error}). "
+            "It may be corrupt or written by another program."
+        ) from None
+
+
+def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
+    meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+    version = meta.get("format")
+    if not isinstance(version, int):
+        raise GradtraceError(f"'{run_dir}' has no gradtrace format version; not a gradtrace run.")
+    if version > FORMAT_VERSION:
+        raise GradtraceError(
+            f"'{run_dir}' was written in run format {version}; this gradtrace reads up to "
+            f"{FORMAT_VERSION}. Upgrade gradtrace (pip install -U gradtrace)."
+        )
+    findings = [
+        StoredFinding(Finding.from_dict(json.loads(body)), count)
+        for body, count in db.execute("SELECT body, count FROM findings ORDER BY id")
+    ]
+    (steps,) = db.execute("SELECT COUNT(*) FROM steps").fetchone()
+    write_counts = [
+        tuple(row)
+        for row in db.execute(
+            "SELECT owner, op, phase, SUM(count) AS n FROM write_counts "
+            "GROUP BY owner, op, phase ORDER BY n DESC"
+        )
+    ]
+    return Run(
+        path=run_dir,
+        meta=meta,
+        findings=findings,
+        steps=steps,
+        write_counts=write_counts,
+    )

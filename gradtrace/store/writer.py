@@ -1,0 +1,101 @@
+"""Write a run directory incrementally, committing after every step."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
+
+
+class RunWriter:
+    """Owns the run database. Safe to call from autograd's backward threads.
+
+    Findings are deduplicated on (kind, write line, op, saved line): a silent overwrite
+    inside a training loop is one finding seen N times, not N findings.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise GradtraceError(
+                f"'{run_dir}' already exists; gradtrace never overwrites a run. "
+                "Choose another --out."
+            ) from None
+        except OSError as error:
+            message = f"Cannot create run directory '{run_dir}': {error.strerror}."
+            raise GradtraceError(message) from None
+        self._db = sqlite3.connect(
+            run_dir / DATABASE, check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._finding_ids: dict[tuple[object, ...], int] = {}
+        self.set_meta(format=FORMAT_VERSION)
+
+    def set_meta(self, **values: Any) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(key, json.dumps(value)) for key, value in values.items()],
+            )
+
+    def write_step(
+        self,
+        step: int,
+        counts: Iterable[tuple[tuple[str, str, str], int]],
+        *,
+        finished: bool,
+    ) -> None:
+        """Commit a step's write counts in one transaction; `finished` marks the step done."""
+        rows = [(step, owner, op, phase, count) for (owner, op, phase), count in counts]
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            if finished:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO steps (step, end_ns) VALUES (?, ?)",
+                    (step, time.time_ns()),
+                )
+            self._db.execute("COMMIT")
+
+    def add_finding(self, finding: Finding) -> bool:
+        """Store a finding; return False if it repeats one already stored."""
+        saved = finding.saved_by
+        key = (
+            finding.kind,
+            finding.file,
+            finding.line,
+            finding.op,
+            saved.get("file"),
+            saved.get("line"),
+        )
+        with self._lock:
+            known = self._finding_ids.get(key)
+            if known is not None:
+                self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
+                return False
+            cursor = self._db.execute(
+                "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
+                (finding.kind, finding.step, json.dumps(finding.to_dict())),
+            )
+            self._finding_ids[key] = cursor.lastrowid
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
