@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
+import importlib.machinery
+import io
 import os
 import runpy
 import sys
 import traceback
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,7 +76,30 @@ def _execute(target: Target) -> None:
     if target.module:
         runpy.run_module(target.name, run_name="__main__", alter_sys=True)
     else:
-        runpy.run_path(os.path.abspath(target.name), run_name="__main__")
+        _run_file(target.name)
+
+
+def _run_file(path: str) -> None:
+    """Execute a script file as `__main__`, the way the interpreter does.
+
+    Not `runpy.run_path`: it rewrites sys.argv[0] to the absolute path, which `python
+    script.py` does not. Like the interpreter, code and `__file__` carry the absolute path
+    and the module is `sys.modules["__main__"]` while it runs, so pickling (DataLoader
+    workers, torch.save of script-defined classes) finds it.
+    """
+    filename = os.path.abspath(path)
+    with io.open_code(filename) as source:
+        code = compile(source.read(), filename, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__file__ = filename
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", filename)
+    main.__builtins__ = builtins
+    previous = sys.modules["__main__"]
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        sys.modules["__main__"] = previous
 
 
 @contextmanager
