@@ -1,0 +1,89 @@
+"""Culprit analysis on hand-built evidence: pure, no hooks."""
+
+from __future__ import annotations
+
+from events_factory import evidence, saved, write
+
+from gradtrace.analysis.culprits import (
+    INPLACE_WRITE,
+    SILENT_OVERWRITE,
+    diagnose,
+    explain,
+    forward_op,
+    pytorch_message,
+)
+from gradtrace.events import OPTIMIZER
+
+
+def test_intact_tensor_is_no_finding() -> None:
+    assert diagnose(evidence((), version_now=0)) is None
+
+
+def test_changed_version_names_the_first_write() -> None:
+    finding = diagnose(evidence((write("relu_", seq=1), write("add_", seq=2))))
+    assert finding is not None
+    assert finding.kind == INPLACE_WRITE
+    assert (finding.file, finding.line, finding.op, finding.module) == (
+        "/work/model.py",
+        42,
+        "relu_",
+        "encoder.act",
+    )
+    assert finding.saved_by["node"] == "SigmoidBackward0"
+    assert finding.saved_by["op"] == "sigmoid"
+    assert finding.saved_by["line"] == 41
+    assert finding.saved_by["version_saved"] == 0
+    assert finding.saved_by["version_now"] == 1
+    assert [w["op"] for w in finding.other_writes] == ["add_"]
+    assert "model.py:42 in encoder.act (relu_) overwrote" in finding.message
+    assert "relu instead of relu_" in finding.hint
+
+
+def test_unchanged_version_with_a_write_is_silent() -> None:
+    finding = diagnose(evidence((write("mul_"),), version_now=0))
+    assert finding is not None
+    assert finding.kind == SILENT_OVERWRITE
+    assert "silently overwrote" in finding.message
+    assert ".data" in finding.hint
+
+
+def test_light_level_points_at_the_saver_and_full_level() -> None:
+    finding = diagnose(evidence((), logged=False))
+    assert finding is not None
+    assert finding.file is None
+    assert finding.saved_by["line"] == 41
+    assert "--level full" in finding.message
+
+
+def test_hints_follow_the_class_of_bug() -> None:
+    optimizer = diagnose(evidence((write("addcdiv_", phase=OPTIMIZER),)))
+    assert optimizer is not None and "optimizer.step()" in optimizer.hint
+    assignment = diagnose(evidence((write("copy_"),)))
+    assert assignment is not None and "torch.where" in assignment.hint
+    carried = diagnose(evidence((write("add_", step=3),), saved_tensor=saved(step=2)))
+    assert carried is not None and "detach()" in carried.hint
+    parameter = diagnose(evidence((write("mul_"),), saved_tensor=saved(parameter="fc.weight")))
+    assert parameter is not None and "parameter fc.weight" in parameter.hint
+
+
+def test_message_starts_with_pytorchs_words() -> None:
+    text = pytorch_message(evidence((write(),), version_now=2))
+    assert text == (
+        "one of the variables needed for gradient computation has been modified by an "
+        "inplace operation: [torch.FloatTensor [8, 4]], which is output 0 of "
+        "SigmoidBackward0, is at version 2; expected version 0 instead."
+    )
+
+
+def test_explain_names_both_lines() -> None:
+    finding = diagnose(evidence((write(),)))
+    assert finding is not None
+    text = explain(finding)
+    assert "/work/model.py:42 in Block.forward" in text
+    assert "saved at /work/model.py:41" in text
+
+
+def test_forward_op_strips_backward_suffix() -> None:
+    assert forward_op("SigmoidBackward0") == "sigmoid"
+    assert forward_op("AddmmBackward0") == "addmm"
+    assert forward_op("CustomThing") == "customthing"

@@ -1,0 +1,193 @@
+"""The real CLI in a subprocess, compared with plain `python` on the same script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+PROBE_SCRIPT = """
+import json, os, sys
+print(json.dumps({"name": __name__, "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd()}))
+"""
+
+
+def gradtrace(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gradtrace", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+def python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_script_sees_what_python_gives_it(tmp_path: Path) -> None:
+    write(tmp_path / "sub" / "show.py", PROBE_SCRIPT)
+    args = ["sub/show.py", "--epochs", "3", "-m", "x", "--help"]
+    plain = python(*args, cwd=tmp_path)
+    traced = gradtrace("run", "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
+    assert traced.returncode == plain.returncode == 0, traced.stderr
+    assert traced.stdout == plain.stdout
+    seen = json.loads(traced.stdout)
+    assert seen["name"] == "__main__"
+    assert seen["argv"] == args
+    assert seen["path0"] == str(tmp_path / "sub")
+
+
+def test_module_form_runs_like_python_dash_m(tmp_path: Path) -> None:
+    write(tmp_path / "pkg" / "__init__.py", "")
+    write(tmp_path / "pkg" / "train.py", PROBE_SCRIPT)
+    plain = python("-m", "pkg.train", "--lr", "1e-3", cwd=tmp_path)
+    traced = gradtrace("run", "--out", "r", "-m", "pkg.train", "--lr", "1e-3", cwd=tmp_path)
+    assert traced.returncode == plain.returncode == 0, traced.stderr
+    assert json.loads(traced.stdout) == json.loads(plain.stdout)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("pass", 0),
+        ("import sys; sys.exit(3)", 3),
+        ("import sys; sys.exit('bad config')", 1),
+        ("raise ValueError('boom')", 1),
+    ],
+)
+def test_exit_code_is_the_scripts_own(tmp_path: Path, body: str, code: int) -> None:
+    write(tmp_path / "s.py", body)
+    plain = python("s.py", cwd=tmp_path)
+    traced = gradtrace("run", "--out", "r", "s.py", cwd=tmp_path)
+    assert plain.returncode == traced.returncode == code
+    if "ValueError" in body:
+        assert "ValueError: boom" in traced.stderr
+        assert 'File "' + str(tmp_path / "s.py") + '", line 1, in <module>' in traced.stderr
+        assert "gradtrace/" not in traced.stderr.split("ValueError")[0]
+    assert "run directory:" in traced.stderr
+    status = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)["run"]
+    assert status["exit_code"] == code
+    assert status["status"] == ("ok" if code == 0 else "failed")
+
+
+def test_ctrl_c_exits_130_and_records_interrupted(tmp_path: Path) -> None:
+    write(
+        tmp_path / "slow.py",
+        """
+        import time
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradtrace", "run", "--out", "r", "slow.py"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "KeyboardInterrupt" in stderr
+    report = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)
+    assert report["run"]["status"] == "interrupted"
+
+
+def test_killed_run_keeps_every_finished_step(tmp_path: Path) -> None:
+    write(
+        tmp_path / "train.py",
+        """
+        import time, torch
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+        print("ready", flush=True)
+        time.sleep(60)
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradtrace", "run", "--out", "r", "train.py"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    process.kill()
+    process.wait(timeout=30)
+    report = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)
+    assert report["run"]["status"] == "killed"
+    assert report["run"]["steps"] == 3
+    optimizer_writes = [w for w in report["writes"] if w["owner"] == "SGD.step"]
+    assert sum(w["count"] for w in optimizer_writes) >= 3 * 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.py"], "No such script: 'missing.py'."),
+        (["run"], "Give a script to run"),
+        (["report", "nowhere"], "No gradtrace run at 'nowhere'"),
+        (["run", "--level", "max", "s.py"], "Invalid value for '--level'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    write(tmp_path / "s.py", "pass")
+    result = gradtrace(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:
+    write(tmp_path / "s.py", "pass")
+    assert gradtrace("run", "--out", "r", "s.py", cwd=tmp_path).returncode == 0
+    again = gradtrace("run", "--out", "r", "s.py", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_default_run_directory_is_under_gradtrace_runs(tmp_path: Path) -> None:
+    write(tmp_path / "s.py", "pass")
+    for _ in range(2):
+        assert gradtrace("run", "s.py", cwd=tmp_path).returncode == 0
+    runs = sorted(p.name for p in (tmp_path / "gradtrace-runs").iterdir())
+    assert len(runs) == 2
+    assert all("-s" in name for name in runs)
+
+
+def test_report_renders_the_finding_post_mortem(tmp_path: Path) -> None:
+    example = Path(__file__).parents[1] / "examples" / "inplace_bug.py"
+    run = gradtrace("run", "--out", "r", str(example), cwd=tmp_path)
+    assert run.returncode == 1
+    report = gradtrace("report", "r", cwd=tmp_path, env={**os.environ, "COLUMNS": "120"})
+    assert report.returncode == 0
+    assert "in-place write broke backward" in report.stdout
+    assert f"{example}:25" in report.stdout
+    assert "encoder.1.act" in report.stdout

@@ -1,0 +1,114 @@
+"""CUDA: backward runs on the engine's device threads and kernels run asynchronously.
+
+These check that attribution survives the device threads, that gradtrace adds no host
+synchronisation and no device memory, and that training is bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradtrace.session import Session
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEVICE = "cuda"
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 64, inplace: bool = False) -> None:
+        super().__init__()
+        self.gate = nn.Linear(width, width)
+        self.act = nn.ReLU(inplace=inplace)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return self.out(x) * self.act(g)  # the buggy line when inplace=True
+
+
+def make(inplace: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), Block(inplace=inplace), nn.Linear(64, 1)).to(DEVICE)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(128, 32, device=DEVICE, generator=generator)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_inplace_bug_is_attributed_across_device_threads(tmp_path: Path) -> None:
+    model, optimizer = make(inplace=True)
+    session = Session(tmp_path / "run")
+    with (
+        pytest.raises(RuntimeError, match="modified by an inplace operation") as raised,
+        session,
+    ):
+        train(model, optimizer)
+    [finding] = session.findings
+    assert finding.kind == "inplace-write"
+    assert finding.file == __file__
+    assert finding.op == "relu_"
+    assert finding.module == "1.act"
+    assert finding.saved_by["device"].startswith("cuda")
+    assert "gradtrace:" in str(raised.value)
+
+
+def test_silent_data_write_on_cuda(tmp_path: Path) -> None:
+    x = torch.randn(16, 16, device=DEVICE, requires_grad=True)
+    with Session(tmp_path / "run") as session:
+        y = torch.tanh(x)
+        y.data.mul_(0.5)
+        y.sum().backward()
+    [finding] = session.findings
+    assert finding.kind == "silent-overwrite"
+    assert finding.op == "mul_"
+
+
+def test_training_is_bitwise_equal_and_uses_no_extra_memory(tmp_path: Path) -> None:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    model, optimizer = make(inplace=False)
+    plain = torch.stack(train(model, optimizer))
+    torch.cuda.synchronize()
+    plain_peak = torch.cuda.max_memory_allocated()
+    plain_params = [p.detach().clone() for p in model.parameters()]
+    del model, optimizer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, optimizer = make(inplace=False)
+    with Session(tmp_path / "run") as session:
+        traced = torch.stack(train(model, optimizer))
+    torch.cuda.synchronize()
+    assert torch.equal(plain, traced)
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, model.parameters(), strict=True))
+    assert torch.cuda.max_memory_allocated() <= plain_peak
+    assert session.findings == []
+
+
+def test_no_host_synchronisation_added(tmp_path: Path) -> None:
+    model, optimizer = make(inplace=False)
+    train(model, optimizer, steps=1)  # warm up allocator and lazy init outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train(model, optimizer, steps=1)  # the plain loop is sync-free...
+        with Session(tmp_path / "run"):
+            train(model, optimizer, steps=2)  # ...and stays so under gradtrace
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,83 @@
+"""The run directory: round trip, deduplication, and refusing what is not ours."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from events_factory import evidence, write
+
+from gradtrace.analysis.culprits import diagnose
+from gradtrace.errors import GradtraceError
+from gradtrace.store import RunWriter, load_run
+from gradtrace.store.format import DATABASE, FORMAT_VERSION
+
+
+def finished_run(path: Path) -> Path:
+    writer = RunWriter(path)
+    finding = diagnose(evidence((write(),)))
+    assert finding is not None
+    assert writer.add_finding(finding)
+    assert not writer.add_finding(finding)
+    writer.write_step(0, Counter({("encoder.act", "relu_", "forward"): 3}).items(), finished=True)
+    writer.write_step(1, Counter({("encoder.act", "relu_", "forward"): 2}).items(), finished=False)
+    writer.set_meta(status="failed", exit_code=1, argv=["train.py"])
+    writer.close()
+    return path
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    run = load_run(finished_run(tmp_path / "run"))
+    assert run.status == "failed"
+    assert run.steps == 1
+    assert run.writes == 5
+    assert run.write_counts == [("encoder.act", "relu_", "forward", 5)]
+    [stored] = run.findings
+    assert stored.count == 2
+    assert stored.finding == diagnose(evidence((write(),)))
+
+
+def test_unclosed_run_reads_as_killed(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.set_meta(status="running")
+    assert load_run(tmp_path / "run").status == "killed"
+    writer.close()
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    finished_run(tmp_path / "run")
+    with pytest.raises(GradtraceError, match="already exists"):
+        RunWriter(tmp_path / "run")
+
+
+def test_foreign_directory(tmp_path: Path) -> None:
+    with pytest.raises(GradtraceError, match=r"No gradtrace run at .* \(no run.sqlite\)"):
+        load_run(tmp_path)
+
+
+def test_corrupt_database(tmp_path: Path) -> None:
+    (tmp_path / DATABASE).write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(GradtraceError, match="not a readable gradtrace run"):
+        load_run(tmp_path)
+
+
+def test_other_programs_sqlite(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DATABASE)
+    db.execute("CREATE TABLE songs (title TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(GradtraceError, match="not a readable gradtrace run"):
+        load_run(tmp_path)
+
+
+def test_newer_format_is_refused_with_advice(tmp_path: Path) -> None:
+    path = finished_run(tmp_path / "run")
+    db = sqlite3.connect(path / DATABASE)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (json.dumps(FORMAT_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(GradtraceError, match="Upgrade gradtrace"):
+        load_run(path)
