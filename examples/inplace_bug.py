@@ -40,11 +40,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(args.steps):
-        x, y = torch.randn(64, 16), torch.randn(64, 1)
+        x, y = torch.randn(64, 16, device=device), torch.randn(64, 1, device=device)
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
