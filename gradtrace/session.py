@@ -11,10 +11,12 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.probes import _torch_compat
+from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.saved import SavedTensorProbe
@@ -39,17 +41,27 @@ class Session:
     global, and two sessions would attribute each other's writes.
     """
 
-    def __init__(self, out: str | Path, *, level: str = DEFAULT_LEVEL, **meta: Any) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        level: str = DEFAULT_LEVEL,
+        model: nn.Module | None = None,
+        **meta: Any,
+    ) -> None:
         if level not in LEVELS:
             raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
         self.run_dir = Path(out)
         self.level = level
         self.findings: list[Finding] = []
         self._meta = meta
+        self._model = model
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
         self._steps = StepProbe(self._end_step)
+        self._deferred = DeferredQueue()
+        self._logged: dict[str, float | torch.Tensor] = {}
 
     @property
     def step(self) -> int:
@@ -83,6 +95,8 @@ class Session:
 
     def _install(self, stack: ExitStack) -> None:
         modules = ModuleStackProbe()
+        if self._model is not None:
+            modules.add_root(self._model)
         callers = CallerFinder()
         full = self.level == "full"
         saved = SavedTensorProbe(
@@ -94,6 +108,14 @@ class Session:
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
             self._writes.install(stack)
+
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Record scalars (e.g. `loss=loss`) for the current step.
+
+        Tensors are not read here: they are read one step late with the step's other
+        device values, so logging a CUDA loss never synchronises the host.
+        """
+        self._logged.update(values)
 
     def close(
         self,
@@ -140,10 +162,27 @@ class Session:
         self._flush(finished=True, step=step)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
+        """Write what the step gathered; read device values queued before this step."""
+        writer = self._writer
+        if writer is None:
+            return
+        step = self.step if step is None else step
+        self._queue_logged(step, writer)
+        self._deferred.drain(keep_latest=1 if finished else 0)
         counts = self._writes.take_counts() if self._writes is not None else {}
-        if self._writer is not None and (finished or counts):
-            self._writer.write_step(
-                self.step if step is None else step, counts.items(), finished=finished
+        if finished or counts:
+            writer.write_step(step, counts.items(), finished=finished)
+
+    def _queue_logged(self, step: int, writer: RunWriter) -> None:
+        logged, self._logged = self._logged, {}
+        plain = {k: float(v) for k, v in logged.items() if not isinstance(v, torch.Tensor)}
+        if plain:
+            writer.write_scalars(step, plain)
+        names = [k for k, v in logged.items() if isinstance(v, torch.Tensor)]
+        if names:
+            values = stack_scalars([logged[name] for name in names])
+            self._deferred.push(
+                values, lambda read: writer.write_scalars(step, dict(zip(names, read, strict=True)))
             )
 
     def _add_finding(self, finding: Finding) -> None:

@@ -60,6 +60,10 @@ class ModuleStackProbe:
             if stack.pop() is module:
                 break
 
+    def add_root(self, root: nn.Module) -> None:
+        """Name modules from this model before it runs (the API's `model=` argument)."""
+        self._name_tree(root)
+
     def _name_tree(self, root: nn.Module) -> None:
         label = type(root).__name__
         for path, module in root.named_modules(remove_duplicate=False):

@@ -27,6 +27,11 @@ CREATE TABLE IF NOT EXISTS write_counts (
     phase TEXT NOT NULL,
     count INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS scalars (
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,              -- e.g. "loss" from Session.log(loss=...)
+    value REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,

@@ -29,6 +29,8 @@ class Run:
     steps: int
     # (owner, op, phase) -> in-place writes over the whole run, most frequent first.
     write_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
+    # name -> [(step, value), ...] in step order.
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -86,8 +88,12 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
             "GROUP BY owner, op, phase ORDER BY n DESC"
         )
     ]
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for step, name, value in db.execute("SELECT step, name, value FROM scalars ORDER BY step"):
+        scalars.setdefault(name, []).append((step, value))
     return Run(
         path=run_dir,
+        scalars=scalars,
         meta=meta,
         findings=findings,
         steps=steps,

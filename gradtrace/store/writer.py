@@ -73,6 +73,13 @@ class RunWriter:
                 )
             self._db.execute("COMMIT")
 
+    def write_scalars(self, step: int, values: dict[str, float]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
+                [(step, name, value) for name, value in values.items()],
+            )
+
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
         saved = finding.saved_by

@@ -1,0 +1,66 @@
+"""Read device values one step late, without draining the GPU's queue.
+
+NOTE [why not `.tolist()` one step late]: a device-to-host copy on the current stream waits
+for *all* queued work, including the step that was just launched, so reading last step's
+numbers with `.tolist()` still stalls the pipeline. Instead the values are copied into pinned
+host memory with `non_blocking=True` and an event is recorded right after; reading waits on
+that event only, i.e. on work that was queued before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class DeferredValues:
+    """A 1-D float tensor of results, readable later as Python floats."""
+
+    __slots__ = ("_event", "_host")
+
+    def __init__(self, values: torch.Tensor) -> None:
+        values = values.detach().reshape(-1).to(torch.float64)
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+            self._event = None
+
+    def read(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor from 0-d tensors that may live on different devices.
+
+    They are gathered on the first accelerator among them: moving a CPU value there is an
+    asynchronous copy, while moving a device value to the CPU would synchronise.
+    """
+    device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
+    return torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values])
+
+
+class DeferredQueue:
+    """Results waiting to be read, each with what to do with the numbers once read.
+
+    `drain(keep_latest=True)` at a step end reads everything but the step just queued, so
+    the host never waits for the GPU work it has just launched.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[DeferredValues, Callable[[list[float]], None]]] = []
+
+    def push(self, values: torch.Tensor, on_ready: Callable[[list[float]], None]) -> None:
+        self._pending.append((DeferredValues(values), on_ready))
+
+    def drain(self, *, keep_latest: int = 0) -> None:
+        ready = self._pending[: max(0, len(self._pending) - keep_latest)]
+        del self._pending[: len(ready)]
+        for values, on_ready in ready:
+            on_ready(values.read())
