@@ -43,8 +43,15 @@ def cli() -> None:
     show_default=True,
     help="light: check saved tensors only; full: also log writes to name the culprit line.",
 )
+@click.option(
+    "--every",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Record gradient statistics every N optimizer steps.",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(module: str | None, out: Path | None, level: str, args: tuple[str, ...]) -> int:
+def run(module: str | None, out: Path | None, level: str, every: int, args: tuple[str, ...]) -> int:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) as python would, with tracing on."""
     if module is not None:
         target = Target(module, args, module=True)
@@ -54,7 +61,7 @@ def run(module: str | None, out: Path | None, level: str, args: tuple[str, ...])
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
     target.check()
     run_dir = out or _default_run_dir(target.label)
-    session = Session(run_dir, level=level, argv=[target.name, *target.args])
+    session = Session(run_dir, level=level, every=every, argv=[target.name, *target.args])
     exit_code = run_target(target, session)
     sys.stdout.flush()
     TerminalReporter(Console(stderr=True)).render(load_run(run_dir))

@@ -28,6 +28,10 @@ class SourceLine:
     context_start: int = 0
     context: tuple[str, ...] = ()
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceLine:
+        return cls(**{**data, "context": tuple(data.get("context", ()))})
+
 
 @dataclass(frozen=True)
 class WriteEvent:
@@ -74,6 +78,35 @@ class CorruptionEvidence:
 
 
 @dataclass(frozen=True)
+class ParamStat:
+    name: str
+    module: str
+    numel: int
+    grad_norm: float
+    param_norm: float
+    zero_fraction: float
+    # Position in the order gradients arrived during the last backward (0 = first); -1 unknown.
+    arrival: int
+
+
+@dataclass(frozen=True)
+class StepGradStats:
+    """One recorded step of one optimizer: the numbers and the facts around them."""
+
+    step: int
+    optimizer: str
+    params: tuple[ParamStat, ...]
+    # Trainable parameters of this optimizer that had no gradient at all: (param, module).
+    missing: tuple[tuple[str, str], ...]
+    # Leaf modules whose output held NaN/Inf this step, in forward order.
+    nonfinite_outputs: tuple[str, ...]
+    # Modules with trainable parameters whose output had no grad_fn (graph cut), first call.
+    cut: tuple[str, ...]
+    # Where modules first seen since the last record were called from: (path, line).
+    new_sites: tuple[tuple[str, SourceLine | None], ...]
+
+
+@dataclass(frozen=True)
 class Finding:
     """A diagnosed problem with its evidence and a pointer to the code that caused it.
 
@@ -96,6 +129,9 @@ class Finding:
     context_start: int = 0
     context: tuple[str, ...] = ()
     other_writes: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # Gradient findings: the parameter concerned and the numbers behind the verdict.
+    parameter: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,16 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding
+from gradtrace.events import Finding, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.saved import SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.writes import WriteLogProbe
 from gradtrace.store.format import FAILED, OK, RUNNING
+from gradtrace.store.reader import load_run
 from gradtrace.store.writer import RunWriter
 
 # "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
@@ -47,6 +50,7 @@ class Session:
         *,
         level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
+        every: int = 1,
         **meta: Any,
     ) -> None:
         if level not in LEVELS:
@@ -56,6 +60,7 @@ class Session:
         self.findings: list[Finding] = []
         self._meta = meta
         self._model = model
+        self._every = every
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -102,8 +107,12 @@ class Session:
         saved = SavedTensorProbe(
             modules, self._steps, callers, self._add_finding, writes_logged=full
         )
+        grads = GradStatsProbe(
+            modules, self._steps, callers, self._deferred, self._store_grad_stats, every=self._every
+        )
         modules.install(stack)
         self._steps.install(stack)
+        grads.install(stack)
         saved.install(stack)
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
@@ -143,6 +152,9 @@ class Session:
         finally:
             _active = None
             stack.close()
+        if writer is not None:
+            run = load_run(self.run_dir)
+            self.findings = [stored.finding for stored in run_findings(run)]
 
     def __enter__(self) -> Session:
         return self.start()
@@ -184,6 +196,10 @@ class Session:
             self._deferred.push(
                 values, lambda read: writer.write_scalars(step, dict(zip(names, read, strict=True)))
             )
+
+    def _store_grad_stats(self, stats: StepGradStats) -> None:
+        if self._writer is not None:
+            self._writer.write_grad_stats(stats)
 
     def _add_finding(self, finding: Finding) -> None:
         if self._writer is not None and self._writer.add_finding(finding):

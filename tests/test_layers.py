@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "gradtrace"
 
 # For each layer, the imports it must never make.
 FORBIDDEN = {
-    "analysis": ("torch", "gradtrace.probes", "gradtrace.store", "gradtrace.reporters"),
+    "analysis": ("torch", "gradtrace.probes", "gradtrace.store.writer", "gradtrace.reporters"),
     "reporters": ("torch", "gradtrace.probes", "gradtrace.session", "gradtrace.runner"),
     "store": ("torch", "gradtrace.probes", "gradtrace.reporters"),
     "probes": ("gradtrace.reporters", "gradtrace.store", "gradtrace.cli", "gradtrace.runner"),

@@ -80,3 +80,15 @@ def memory_span(tensor: torch.Tensor) -> tuple[str, int, int, int] | None:
     itemsize = tensor.element_size()
     base = first - tensor.storage_offset() * itemsize
     return str(tensor.device), base, first, first + numel_extent * itemsize
+
+
+def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    """Per-tensor norms in float32, in one batched kernel where torch has one.
+
+    NOTE: `_foreach_norm` takes `dtype=` since torch 2.6 (low-precision gradients would
+    otherwise give bf16 norms); older versions get float32 copies instead.
+    """
+    try:
+        return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+    except TypeError:
+        return list(torch._foreach_norm([t.float() for t in tensors], ord))

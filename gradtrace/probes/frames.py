@@ -31,7 +31,7 @@ CONTEXT_LINES = 2
 Caller = tuple[CodeType, int]
 
 
-def _is_user_code(code: CodeType) -> bool:
+def is_user_code(code: CodeType) -> bool:
     filename = code.co_filename
     if filename.startswith("<"):
         return False
@@ -58,7 +58,7 @@ class CallerFinder:
             code = frame.f_code
             verdict = is_user.get(code)
             if verdict is None:
-                verdict = is_user[code] = _is_user_code(code)
+                verdict = is_user[code] = is_user_code(code)
             if verdict:
                 return code, frame.f_lineno
             frame = frame.f_back

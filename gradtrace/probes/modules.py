@@ -35,6 +35,9 @@ class ModuleStackProbe:
         self._local = threading.local()
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
+        # Keyed by id: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.
+        self._params: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(register_module_forward_pre_hook(self._enter))
@@ -70,6 +73,7 @@ class ModuleStackProbe:
             self._names[module] = path or label
             self._roots.discard(module)
         self._roots.add(root)
+        self._params.clear()
 
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""
@@ -77,6 +81,33 @@ class ModuleStackProbe:
         if not stack:
             return None
         return self._names.get(stack[-1], type(stack[-1]).__name__)
+
+    def name_of(self, module: nn.Module) -> str:
+        return self._names.get(module, type(module).__name__)
+
+    def parameter_path(self, param: torch.Tensor) -> str | None:
+        """`encoder.0.weight` for a parameter of a known root, else None."""
+        entry = self._param_entry(param)
+        return None if entry is None else entry[0]
+
+    def owner_of(self, param: torch.Tensor) -> str:
+        """Path of the module that holds the parameter directly."""
+        entry = self._param_entry(param)
+        return "?" if entry is None else entry[1]
+
+    def _param_entry(self, param: torch.Tensor) -> tuple[str, str] | None:
+        entry = self._params.get(id(param))
+        if entry is None and not self._params:
+            for root in self.roots():
+                for module_path, module in root.named_modules(remove_duplicate=False):
+                    owner = module_path or type(root).__name__
+                    for name, p in module.named_parameters(recurse=False):
+                        full = f"{module_path}.{name}" if module_path else name
+                        self._params.setdefault(id(p), (weakref.ref(p), full, owner))
+            entry = self._params.get(id(param))
+        if entry is None or entry[0]() is not param:
+            return None
+        return entry[1], entry[2]
 
     def roots(self) -> Iterator[nn.Module]:
         return iter(list(self._roots))

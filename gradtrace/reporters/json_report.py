@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.grad_health import module_norms
 from gradtrace.store.format import FORMAT_VERSION
 from gradtrace.store.reader import Run
 
@@ -31,10 +34,45 @@ def render_json(run: Run) -> dict[str, Any]:
             "writes": run.writes,
         },
         "findings": [
-            {**stored.finding.to_dict(), "count": stored.count} for stored in run.findings
+            {**stored.finding.to_dict(), "count": stored.count} for stored in run_findings(run)
         ],
+        "grad_stats": _grad_stats(run),
         "writes": [
             {"owner": owner, "op": op, "phase": phase, "count": count}
             for owner, op, phase, count in run.write_counts
         ],
     }
+
+
+def _grad_stats(run: Run) -> dict[str, Any]:
+    """Per-step norms: global, per module and per parameter. NaN/Inf become strings."""
+    norms = module_norms(run.grad_steps)
+    params: dict[str, dict[str, list[list[Any]]]] = {}
+    for stats in run.grad_steps:
+        for p in stats.params:
+            entry = params.setdefault(
+                p.name, {"grad_norm": [], "param_norm": [], "zero_fraction": []}
+            )
+            entry["grad_norm"].append([stats.step, _json_number(p.grad_norm)])
+            entry["param_norm"].append([stats.step, _json_number(p.param_norm)])
+            entry["zero_fraction"].append([stats.step, _json_number(p.zero_fraction)])
+    return {
+        "global_grad_norm": [[step, _json_number(v)] for step, v in norms.global_grad],
+        "modules": {
+            module: {
+                "grad_norm": [[step, _json_number(v)] for step, v in series],
+                "param_norm": [[step, _json_number(v)] for step, v in norms.param[module]],
+            }
+            for module, series in norms.grad.items()
+        },
+        "params": params,
+        "scalars": {
+            name: [[step, _json_number(v)] for step, v in values]
+            for name, values in run.scalars.items()
+        },
+    }
+
+
+def _json_number(value: float) -> float | str:
+    """JSON has no NaN/Infinity: keep them readable and valid as strings."""
+    return value if math.isfinite(value) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from rich.console import Console, Group, RenderableType
@@ -10,6 +11,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.grad_health import module_norms
 from gradtrace.events import Finding
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -20,7 +23,14 @@ TOP_OWNERS = 8
 _TITLES = {
     "inplace-write": "in-place write broke backward",
     "silent-overwrite": "silent overwrite: wrong gradients, no error",
+    "non-finite": "gradients went NaN/Inf",
+    "exploding": "exploding gradients",
+    "vanishing": "vanishing gradients",
+    "no-grad": "parameters never get a gradient",
 }
+_SPARKS = "▁▂▃▄▅▆▇█"
+# Points shown in a sparkline: the most recent recorded steps.
+SPARK_WIDTH = 24
 
 
 class TerminalReporter:
@@ -31,22 +41,24 @@ class TerminalReporter:
 
     def render(self, run: Run) -> None:
         console = self._console
-        console.print(_headline(run))
-        for stored in run.findings:
+        findings = run_findings(run)
+        console.print(_headline(run, len(findings)))
+        for stored in findings:
             console.print(_finding_panel(stored))
+        if run.grad_steps:
+            console.print(_health_table(run))
         if run.write_counts:
             console.print(_write_table(run))
         console.print(Text.assemble(("run directory: ", "dim"), str(run.path)))
 
 
-def _headline(run: Run) -> Text:
+def _headline(run: Run, findings: int) -> Text:
     meta = run.meta
     argv = " ".join(meta.get("argv") or [])
     status = run.status
     style = "green" if status == OK else "red"
     exit_code = meta.get("exit_code")
     status_text = status if exit_code in (None, 0) else f"{status} (exit {exit_code})"
-    findings = len(run.findings)
     return Text.assemble(
         ("gradtrace ", "bold"),
         (argv, "bold"),
@@ -60,7 +72,9 @@ def _headline(run: Run) -> Text:
 def _finding_panel(stored: StoredFinding) -> Panel:
     finding = stored.finding
     parts: list[RenderableType] = [Text(finding.message, style="bold")]
-    if finding.file is not None:
+    if not finding.saved_by:
+        parts.extend(_gradient_parts(finding))
+    elif finding.file is not None:
         parts.append(
             Text.assemble(
                 ("wrote: ", "dim"),
@@ -71,7 +85,8 @@ def _finding_panel(stored: StoredFinding) -> Panel:
             )
         )
         parts.append(_excerpt(finding))
-    parts.append(_saved_line(finding))
+    if finding.saved_by:
+        parts.append(_saved_line(finding))
     for other in finding.other_writes:
         parts.append(
             Text(
@@ -88,6 +103,19 @@ def _finding_panel(stored: StoredFinding) -> Panel:
         title_align="left",
         border_style="red",
     )
+
+
+def _gradient_parts(finding: Finding) -> list[RenderableType]:
+    where = Text.assemble(("module ", "dim"), (str(finding.module), "magenta"))
+    if finding.parameter:
+        where.append(" · parameter ")
+        where.append(finding.parameter, style="magenta")
+    where.append(f" · step {finding.step}")
+    if finding.file is None:
+        return [where]
+    where.append(" · at ")
+    where.append(f"{finding.file}:{finding.line}", style="cyan")
+    return [where, _excerpt(finding)]
 
 
 def _excerpt(finding: Finding) -> RenderableType:
@@ -122,6 +150,55 @@ def _saved_line(finding: Finding) -> Text:
         text.append(f"{_short(saved['file'])}:{saved['line']}", style="cyan")
         text.append(f"  {saved.get('code')}", style="dim")
     text.append(f" · version {saved.get('version_saved')} → {saved.get('version_now')}")
+    return text
+
+
+def _health_table(run: Run) -> Table:
+    norms = module_norms(run.grad_steps)
+    last_step = run.grad_steps[-1].step
+    table = Table(
+        title=f"gradient health (grad L2 norm; last recorded step {last_step})",
+        title_justify="left",
+    )
+    table.add_column("module", style="magenta")
+    table.add_column("‖grad‖", justify="right")
+    table.add_column("‖grad‖/‖param‖", justify="right")
+    table.add_column(f"last {SPARK_WIDTH} steps")
+    table.add_row("(global)", _number(norms.global_grad[-1][1]), "", _sparkline(norms.global_grad))
+    ranked = sorted(norms.grad, key=lambda m: _sort_key(norms.grad[m][-1][1]), reverse=True)
+    for module in ranked[:TOP_OWNERS]:
+        series = norms.grad[module]
+        param = norms.param[module][-1][1]
+        ratio = series[-1][1] / param if param else math.nan
+        table.add_row(module, _number(series[-1][1]), _number(ratio), _sparkline(series))
+    hidden = len(ranked) - TOP_OWNERS
+    if hidden > 0:
+        table.add_row(f"… {hidden} more", "", "", "")
+    return table
+
+
+def _sort_key(value: float) -> float:
+    return math.inf if not math.isfinite(value) else value
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+def _sparkline(series: list[tuple[int, float]]) -> Text:
+    """Log-scaled bars; non-finite values as a red '!'."""
+    values = [v for _, v in series[-SPARK_WIDTH:]]
+    logs = [math.log10(v) for v in values if math.isfinite(v) and v > 0]
+    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    text = Text()
+    for v in values:
+        if not math.isfinite(v):
+            text.append("!", style="bold red")
+        elif v <= 0:
+            text.append(" ")
+        else:
+            level = 0 if high == low else (math.log10(v) - low) / (high - low)
+            text.append(_SPARKS[round(level * (len(_SPARKS) - 1))], style="cyan")
     return text
 
 

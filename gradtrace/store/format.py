@@ -32,6 +32,36 @@ CREATE TABLE IF NOT EXISTS scalars (
     name TEXT NOT NULL,              -- e.g. "loss" from Session.log(loss=...)
     value REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS param_stats (
+    step INTEGER NOT NULL,
+    optimizer TEXT NOT NULL,         -- "AdamW.step"
+    param TEXT NOT NULL,             -- "encoder.0.weight"
+    module TEXT NOT NULL,            -- module holding it directly
+    numel INTEGER NOT NULL,
+    grad_norm REAL,                  -- L2; NULL means NaN (SQLite has no NaN), Inf is kept
+    param_norm REAL,
+    zero_fraction REAL,              -- exactly-zero gradient entries / numel
+    arrival INTEGER NOT NULL         -- backward arrival order, -1 unknown
+);
+CREATE TABLE IF NOT EXISTS missing_grads (
+    step INTEGER NOT NULL,
+    optimizer TEXT NOT NULL,
+    param TEXT NOT NULL,
+    module TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nonfinite_outputs (
+    step INTEGER NOT NULL,
+    position INTEGER NOT NULL,       -- forward order among the step's non-finite outputs
+    module TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS graph_cuts (
+    step INTEGER NOT NULL,
+    module TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS module_sites (
+    module TEXT PRIMARY KEY,
+    source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called
+);
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,

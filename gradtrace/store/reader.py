@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding
+from gradtrace.events import Finding, ParamStat, SourceLine, StepGradStats
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, RUNNING
 
 
@@ -31,6 +32,10 @@ class Run:
     write_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
     # name -> [(step, value), ...] in step order.
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # Recorded optimizer steps in step order (nonfinite/cut/missing filled, new_sites empty).
+    grad_steps: list[StepGradStats] = field(default_factory=list)
+    # Module path -> where it is called from.
+    module_sites: dict[str, SourceLine | None] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -94,8 +99,55 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
     return Run(
         path=run_dir,
         scalars=scalars,
+        grad_steps=_read_grad_steps(db),
+        module_sites={
+            module: SourceLine.from_dict(json.loads(source)) if source else None
+            for module, source in db.execute("SELECT module, source FROM module_sites")
+        },
         meta=meta,
         findings=findings,
         steps=steps,
         write_counts=write_counts,
     )
+
+
+def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
+    params: dict[tuple[int, str], list[ParamStat]] = {}
+    for step, optimizer, name, module, numel, grad, norm, zeros, arrival in db.execute(
+        "SELECT step, optimizer, param, module, numel, grad_norm, param_norm, zero_fraction, "
+        "arrival FROM param_stats ORDER BY rowid"
+    ):
+        params.setdefault((step, optimizer), []).append(
+            ParamStat(name, module, numel, _real(grad), _real(norm), _real(zeros), arrival)
+        )
+    missing: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    for step, optimizer, param, module in db.execute(
+        "SELECT step, optimizer, param, module FROM missing_grads ORDER BY rowid"
+    ):
+        missing.setdefault((step, optimizer), []).append((param, module))
+    nonfinite: dict[int, list[str]] = {}
+    for step, module in db.execute(
+        "SELECT step, module FROM nonfinite_outputs ORDER BY step, position"
+    ):
+        nonfinite.setdefault(step, []).append(module)
+    cuts: dict[int, list[str]] = {}
+    for step, module in db.execute("SELECT step, module FROM graph_cuts ORDER BY rowid"):
+        cuts.setdefault(step, []).append(module)
+    keys = sorted({*params, *missing})
+    return [
+        StepGradStats(
+            step=step,
+            optimizer=optimizer,
+            params=tuple(params.get((step, optimizer), ())),
+            missing=tuple(missing.get((step, optimizer), ())),
+            nonfinite_outputs=tuple(nonfinite.get(step, ())),
+            cut=tuple(cuts.get(step, ())),
+            new_sites=(),
+        )
+        for step, optimizer in keys
+    ]
+
+
+def _real(value: float | None) -> float:
+    """SQLite stores NaN as NULL."""
+    return math.nan if value is None else value

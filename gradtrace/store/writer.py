@@ -7,11 +7,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding
+from gradtrace.events import Finding, StepGradStats
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
 
 
@@ -79,6 +80,49 @@ class RunWriter:
                 "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
                 [(step, name, value) for name, value in values.items()],
             )
+
+    def write_grad_stats(self, stats: StepGradStats) -> None:
+        """Store one optimizer's recorded step; committed with the step's other rows."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
+                "param_norm, zero_fraction, arrival) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        stats.step,
+                        stats.optimizer,
+                        p.name,
+                        p.module,
+                        p.numel,
+                        p.grad_norm,
+                        p.param_norm,
+                        p.zero_fraction,
+                        p.arrival,
+                    )
+                    for p in stats.params
+                ],
+            )
+            self._db.executemany(
+                "INSERT INTO missing_grads (step, optimizer, param, module) VALUES (?, ?, ?, ?)",
+                [(stats.step, stats.optimizer, param, module) for param, module in stats.missing],
+            )
+            self._db.executemany(
+                "INSERT INTO nonfinite_outputs (step, position, module) VALUES (?, ?, ?)",
+                [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
+            )
+            self._db.executemany(
+                "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
+                [(stats.step, module) for module in stats.cut],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO module_sites (module, source) VALUES (?, ?)",
+                [
+                    (module, json.dumps(asdict(source)) if source else None)
+                    for module, source in stats.new_sites
+                ],
+            )
+            self._db.execute("COMMIT")
 
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""

@@ -1,0 +1,266 @@
+"""Gradient pathologies from recorded per-parameter statistics. Pure: stats in, findings out."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gradtrace.events import Finding, SourceLine, StepGradStats
+
+NON_FINITE = "non-finite"
+EXPLODING = "exploding"
+VANISHING = "vanishing"
+NO_GRAD = "no-grad"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a norm counts as a pathology. Defaults are deliberately conservative."""
+
+    # A module's gradient norm above this multiple of its own running median explodes.
+    explode_factor: float = 10.0
+    # Steps of history the median needs before a jump can be judged.
+    explode_history: int = 10
+    # A module whose gradient norm stays below this fraction of its parameter norm vanishes.
+    vanish_ratio: float = 1e-7
+    # Recorded steps a parameter needs before "never gets a gradient" or "vanishing" is said.
+    min_steps: int = 2
+
+
+@dataclass(frozen=True)
+class ModuleNorms:
+    """Per-module series: sqrt of summed squares over the module's own parameters."""
+
+    grad: dict[str, list[tuple[int, float]]]
+    param: dict[str, list[tuple[int, float]]]
+    global_grad: list[tuple[int, float]]
+
+
+def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
+    """Aggregate parameter norms into module and global norms (what clip_grad_norm_ sees)."""
+    grad: dict[str, list[tuple[int, float]]] = {}
+    param: dict[str, list[tuple[int, float]]] = {}
+    global_grad: list[tuple[int, float]] = []
+    for stats in steps:
+        grad_sq: dict[str, float] = {}
+        param_sq: dict[str, float] = {}
+        for p in stats.params:
+            grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
+            param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
+        for module, value in grad_sq.items():
+            grad.setdefault(module, []).append((stats.step, math.sqrt(value)))
+            param.setdefault(module, []).append((stats.step, math.sqrt(param_sq[module])))
+        if stats.params:
+            global_grad.append((stats.step, math.sqrt(sum(grad_sq.values()))))
+    return ModuleNorms(grad=grad, param=param, global_grad=global_grad)
+
+
+def diagnose_gradients(
+    steps: Sequence[StepGradStats],
+    sites: dict[str, SourceLine | None],
+    thresholds: Thresholds | None = None,
+) -> list[Finding]:
+    """Every gradient finding the recorded steps support, most severe kinds first."""
+    limits = thresholds or Thresholds()
+    norms = module_norms(steps)
+    findings = [
+        *_non_finite(steps, sites),
+        *_exploding(norms, sites, limits),
+        *_vanishing(norms, sites, limits),
+        *_no_grad(steps, sites, limits),
+    ]
+    return findings
+
+
+def _non_finite(
+    steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None]
+) -> list[Finding]:
+    """The first step with a NaN/Inf module output or gradient, and where it started.
+
+    Forward hooks fire as modules finish, children before parents, so the first non-finite
+    output in that order is the innermost module that produced it.
+    """
+    for stats in steps:
+        bad = [p for p in stats.params if not math.isfinite(p.grad_norm)]
+        if not bad and not stats.nonfinite_outputs:
+            continue
+        first = min(bad, key=lambda p: (p.arrival < 0, p.arrival)) if bad else None
+        origin = stats.nonfinite_outputs[0] if stats.nonfinite_outputs else None
+        module = origin or (first.module if first else "?")
+        if origin:
+            where = f"the output of {origin} held NaN/Inf in the forward pass"
+        else:
+            where = f"the first non-finite gradient in backward order is {first.name}"
+        affected = f" ({len(bad)} of {len(stats.params)} parameters' gradients)" if bad else ""
+        return [
+            _finding(
+                NON_FINITE,
+                f"NaN/Inf at step {stats.step}: {where}{affected}.",
+                "Look for log/sqrt/div of values that reach 0 or negative numbers, overflow "
+                "under fp16 (use bf16 or GradScaler), or a learning rate that blows up.",
+                step=stats.step,
+                module=module,
+                parameter=first.name if first else None,
+                site=sites.get(module),
+                details={
+                    "first_nonfinite_output": origin,
+                    "nonfinite_outputs": list(stats.nonfinite_outputs),
+                    "first_nonfinite_grad": first.name if first else None,
+                    "nonfinite_grads": len(bad),
+                },
+            )
+        ]
+    return []
+
+
+def _exploding(
+    norms: ModuleNorms, sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    """The first step at which some module's norm jumps over its own running median."""
+    jumps: dict[int, list[tuple[float, str, float, float]]] = {}
+    for module, series in norms.grad.items():
+        for i in range(limits.explode_history, len(series)):
+            history = [v for _, v in series[:i] if math.isfinite(v)]
+            if len(history) < limits.explode_history:
+                continue
+            median = statistics.median(history)
+            step, value = series[i]
+            if median > 0 and math.isfinite(value) and value > limits.explode_factor * median:
+                jumps.setdefault(step, []).append((value / median, module, value, median))
+                break
+    if not jumps:
+        return []
+    step = min(jumps)
+    factor, module, value, median = max(jumps[step])
+    return [
+        _finding(
+            EXPLODING,
+            f"Gradient norm of {module} jumped to {value:.3g} at step {step}, {factor:.0f}× its "
+            f"running median {median:.3g}"
+            + (f" ({len(jumps[step])} modules jumped together)." if len(jumps[step]) > 1 else "."),
+            "Lower the learning rate or add warm-up, clip gradients "
+            "(torch.nn.utils.clip_grad_norm_), or check the input batch.",
+            step=step,
+            module=module,
+            parameter=None,
+            site=sites.get(module),
+            details={
+                "grad_norm": value,
+                "median": median,
+                "modules": [m for _, m, _, _ in sorted(jumps[step], reverse=True)],
+            },
+        )
+    ]
+
+
+def _vanishing(
+    norms: ModuleNorms, sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    findings = []
+    for module, series in norms.grad.items():
+        params = dict(norms.param[module])
+        ratios = [value / params[step] for step, value in series if params.get(step)]
+        if len(ratios) < limits.min_steps:
+            continue
+        if all(0 < r < limits.vanish_ratio for r in ratios):
+            findings.append(
+                _finding(
+                    VANISHING,
+                    f"Gradients of {module} vanish: ‖grad‖/‖param‖ stayed below "
+                    f"{limits.vanish_ratio:g} for all {len(ratios)} recorded steps "
+                    f"(last {ratios[-1]:.2g}).",
+                    "Check saturating activations (sigmoid/tanh), initialisation and "
+                    "normalisation before this module, or residual paths around it.",
+                    step=series[-1][0],
+                    module=module,
+                    parameter=None,
+                    site=sites.get(module),
+                    details={"ratio": ratios[-1]},
+                )
+            )
+    return findings
+
+
+def _no_grad(
+    steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    """Parameters that never got a gradient, as one finding at the point the graph was cut.
+
+    Everything upstream of a cut starves, so the starved module that ran *last* in forward
+    order is where the path to the loss ends: the cut is in or right after its call.
+    """
+    recorded = len({stats.step for stats in steps})
+    if recorded < limits.min_steps:
+        return []
+    starved: dict[tuple[str, str], int] = {}
+    updated = False
+    for stats in steps:
+        for name, module in stats.missing:
+            starved[name, module] = starved.get((name, module), 0) + 1
+        for p in stats.params:
+            if p.grad_norm == 0.0:
+                starved[p.name, p.module] = starved.get((p.name, p.module), 0) + 1
+            else:
+                updated = True
+    never = [(name, module) for (name, module), count in starved.items() if count >= recorded]
+    if not never or not updated:
+        return []
+    forward_order = {module: i for i, module in enumerate(sites)}
+    modules = {module for _, module in never}
+    cuts = [c for stats in steps for c in stats.cut if c in modules]
+    last = cuts[0] if cuts else max(modules, key=lambda m: forward_order.get(m, -1))
+    names = [name for name, _ in never]
+    how = (
+        f"the output of {last} had no grad_fn although it has trainable parameters"
+        if cuts
+        else f"the last of them in forward order is {last}: the path to the loss ends at or "
+        "right after the line that calls it"
+    )
+    return [
+        _finding(
+            NO_GRAD,
+            f"{len(names)} parameter{'s' if len(names) > 1 else ''} never got a gradient in "
+            f"{recorded} recorded steps while others did ({', '.join(names[:6])}"
+            f"{', …' if len(names) > 6 else ''}): {how}.",
+            "Remove the .detach()/.data/torch.no_grad()/torch.tensor(x.item()) on the path "
+            "from this module to the loss, or freeze it on purpose with requires_grad_(False).",
+            step=steps[-1].step,
+            module=last,
+            parameter=names[0],
+            site=sites.get(last),
+            details={"parameters": names, "graph_cut_at": last if cuts else None},
+        )
+    ]
+
+
+def _finding(
+    kind: str,
+    message: str,
+    hint: str,
+    *,
+    step: int,
+    module: str,
+    parameter: str | None,
+    site: SourceLine | None,
+    details: dict[str, object],
+) -> Finding:
+    return Finding(
+        kind=kind,
+        message=message,
+        hint=hint,
+        step=step,
+        phase=None,
+        op=None,
+        module=module,
+        file=site.file if site else None,
+        line=site.line if site else None,
+        function=site.function if site else None,
+        code=site.code if site else None,
+        saved_by={},
+        context_start=site.context_start if site else 0,
+        context=site.context if site else (),
+        parameter=parameter,
+        details=details,
+    )

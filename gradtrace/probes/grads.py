@@ -1,0 +1,192 @@
+"""Gradient statistics per parameter, computed on device and read one step late.
+
+At every recorded `optimizer.step()` (pre-hook: gradients are final, and under AMP already
+unscaled by `GradScaler.step`) the probe launches three batched reductions over the
+optimizer's parameters: gradient L2 norms, parameter L2 norms and non-zero counts
+(`torch._foreach_norm` with ord 2 and 0). The results are queued on the session's deferred
+queue; nothing is read back until the next step ends.
+
+During forward it also reduces each module's output to one number (its sum in float32:
+NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
+although they have trainable parameters. Post-accumulate-grad hooks record the order in
+which gradients arrive, which is backward order.
+
+NOTE [no backward hooks]: module full backward hooks break in-place models (see
+modules.py); post-accumulate-grad hooks on parameters and forward hooks are safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from gradtrace.events import ParamStat, StepGradStats
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.deferred import DeferredQueue, stack_scalars
+from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
+from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.steps import StepProbe
+
+
+class GradStatsProbe:
+    def __init__(
+        self,
+        modules: ModuleStackProbe,
+        steps: StepProbe,
+        callers: CallerFinder,
+        queue: DeferredQueue,
+        on_stats: Callable[[StepGradStats], None],
+        *,
+        every: int = 1,
+    ) -> None:
+        self._modules = modules
+        self._steps = steps
+        self._callers = callers
+        self._queue = queue
+        self._on_stats = on_stats
+        self._every = max(1, every)
+        self._arrival = itertools.count()
+        self._arrived: dict[int, int] = {}
+        # id(parameter) -> weakref, for parameters whose arrival hook is installed.
+        self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._stack: ExitStack | None = None
+        # Module path -> its output's float32 sum, first call per step, in completion order.
+        # Keyed by module so a step that never comes (AMP skips) cannot grow it.
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._cut: dict[str, None] = {}
+        self._seen: set[str] = set()
+        self._new_sites: list[tuple[str, Caller | None]] = []
+
+    def install(self, stack: ExitStack) -> None:
+        self._stack = stack
+        stack.enter_context(register_optimizer_step_pre_hook(self._before_step))
+        stack.enter_context(register_module_forward_hook(self._after_forward))
+
+    def _recording(self) -> bool:
+        return self._steps.step % self._every == 0
+
+    def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
+        if not torch.is_grad_enabled() or not self._recording():
+            return
+        tensor = _first_tensor(output)
+        if tensor is None:
+            return
+        name = self._modules.name_of(module)
+        if name not in self._seen:
+            self._seen.add(name)
+            self._new_sites.append((name, self._site_of(module)))
+        if tensor.grad_fn is None and any(p.requires_grad for p in module.parameters()):
+            self._cut.setdefault(name)
+        if tensor.is_floating_point() and name not in self._outputs:
+            with torch.no_grad():
+                self._outputs[name] = tensor.detach().sum(dtype=torch.float32)
+
+    def _site_of(self, module: nn.Module) -> Caller | None:
+        """The user's `forward` of this module if it has one, else the line that called it."""
+        code = getattr(type(module).forward, "__code__", None)
+        if code is not None and is_user_code(code):
+            return code, code.co_firstlineno
+        return self._callers.caller()
+
+    def _before_step(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
+        step = self._steps.step
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._hook_arrivals(params)
+        if not self._recording():
+            self._forget_step()
+            return
+        with_grad = [p for p in params if p.grad is not None and p.grad.layout is torch.strided]
+        missing = tuple(
+            (self._param_name(p), self._modules.owner_of(p))
+            for p in params
+            if p.requires_grad and p.grad is None
+        )
+        outputs, self._outputs = self._outputs, {}
+        values: list[torch.Tensor] = []
+        if with_grad:
+            with torch.no_grad():
+                grads = [p.grad for p in with_grad]
+                values += _torch_compat.foreach_norm(grads, 2)
+                values += _torch_compat.foreach_norm([p.detach() for p in with_grad], 2)
+                values += _torch_compat.foreach_norm(grads, 0)
+        values += outputs.values()
+        arrived = self._arrived
+        described = [
+            (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
+            for p in with_grad
+        ]
+        cut, self._cut = tuple(self._cut), {}
+        new_sites = tuple((name, source_line(site)) for name, site in self._new_sites)
+        self._new_sites.clear()
+        self._arrived.clear()
+        self._arrival = itertools.count()
+        label = f"{type(optimizer).__name__}.step"
+        output_names = list(outputs)
+
+        def on_ready(read: list[float]) -> None:
+            n = len(described)
+            grad, norm, nonzero = read[:n], read[n : 2 * n], read[2 * n : 3 * n]
+            finite = read[3 * n :]
+            self._on_stats(
+                StepGradStats(
+                    step=step,
+                    optimizer=label,
+                    params=tuple(
+                        ParamStat(name, module, numel, g, p, 1.0 - nz / numel if numel else 0.0, a)
+                        for (name, module, numel, a), g, p, nz in zip(
+                            described, grad, norm, nonzero, strict=True
+                        )
+                    ),
+                    missing=missing,
+                    nonfinite_outputs=tuple(
+                        name
+                        for name, value in zip(output_names, finite, strict=True)
+                        if not math.isfinite(value)
+                    ),
+                    cut=cut,
+                    new_sites=new_sites,
+                )
+            )
+
+        if values:
+            self._queue.push(stack_scalars(values), on_ready)
+        else:
+            on_ready([])
+
+    def _forget_step(self) -> None:
+        self._outputs.clear()
+        self._cut.clear()
+        self._arrived.clear()
+
+    def _hook_arrivals(self, params: list[torch.Tensor]) -> None:
+        stack = self._stack
+        if stack is None:
+            return
+        for p in params:
+            known = self._hooked.get(id(p))
+            if p.requires_grad and (known is None or known() is not p):
+                self._hooked[id(p)] = weakref.ref(p)
+                stack.enter_context(p.register_post_accumulate_grad_hook(self._arrived_hook))
+
+    def _arrived_hook(self, param: torch.Tensor) -> None:
+        self._arrived.setdefault(id(param), next(self._arrival))
+
+    def _param_name(self, param: torch.Tensor) -> str:
+        return self._modules.parameter_path(param) or f"<unnamed {tuple(param.shape)}>"
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
