@@ -17,6 +17,7 @@ from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, StepGradStats
 from gradtrace.probes import _torch_compat
+from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
@@ -110,9 +111,13 @@ class Session:
         grads = GradStatsProbe(
             modules, self._steps, callers, self._deferred, self._store_grad_stats, every=self._every
         )
+        scaler = GradScalerProbe(
+            self._steps, self._deferred, self._store_scalars, grads.end_iteration
+        )
         modules.install(stack)
         self._steps.install(stack)
         grads.install(stack)
+        scaler.install(stack)
         saved.install(stack)
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
@@ -196,6 +201,10 @@ class Session:
             self._deferred.push(
                 values, lambda read: writer.write_scalars(step, dict(zip(names, read, strict=True)))
             )
+
+    def _store_scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            self._writer.write_scalars(step, values)
 
     def _store_grad_stats(self, stats: StepGradStats) -> None:
         if self._writer is not None:

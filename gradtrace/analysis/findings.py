@@ -8,5 +8,5 @@ from gradtrace.store.reader import Run, StoredFinding
 
 def run_findings(run: Run) -> list[StoredFinding]:
     """Stored (in-place) findings first, then gradient findings derived from the series."""
-    derived = diagnose_gradients(run.grad_steps, run.module_sites)
+    derived = diagnose_gradients(run.grad_steps, run.module_sites, run.scalars)
     return [*run.findings, *(StoredFinding(finding, 1) for finding in derived)]

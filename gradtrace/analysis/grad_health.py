@@ -14,6 +14,9 @@ EXPLODING = "exploding"
 VANISHING = "vanishing"
 NO_GRAD = "no-grad"
 
+# Scalar series the GradScaler probe records (names shared with probes/amp.py).
+FOUND_INF = "amp/found_inf"
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -27,6 +30,8 @@ class Thresholds:
     vanish_ratio: float = 1e-7
     # Recorded steps a parameter needs before "never gets a gradient" or "vanishing" is said.
     min_steps: int = 2
+    # GradScaler skipping this many iterations in a row is a bug, not loss-scale calibration.
+    max_scaler_skips: int = 10
 
 
 @dataclass(frozen=True)
@@ -60,18 +65,52 @@ def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
 def diagnose_gradients(
     steps: Sequence[StepGradStats],
     sites: dict[str, SourceLine | None],
+    scalars: dict[str, list[tuple[int, float]]] | None = None,
     thresholds: Thresholds | None = None,
 ) -> list[Finding]:
     """Every gradient finding the recorded steps support, most severe kinds first."""
     limits = thresholds or Thresholds()
     norms = module_norms(steps)
     findings = [
+        *_scaler_skips((scalars or {}).get(FOUND_INF, []), limits),
         *_non_finite(steps, sites),
         *_exploding(norms, sites, limits),
         *_vanishing(norms, sites, limits),
         *_no_grad(steps, sites, limits),
     ]
     return findings
+
+
+def scaler_skips(found_inf: Sequence[tuple[int, float]]) -> tuple[int, int]:
+    """(iterations GradScaler skipped, longest run of consecutive skips)."""
+    total = longest = current = 0
+    for _, flag in found_inf:
+        current = current + 1 if flag else 0
+        total += bool(flag)
+        longest = max(longest, current)
+    return total, longest
+
+
+def _scaler_skips(found_inf: Sequence[tuple[int, float]], limits: Thresholds) -> list[Finding]:
+    """Occasional skips are GradScaler calibrating its scale; a long run means real NaN/Inf."""
+    total, longest = scaler_skips(found_inf)
+    if longest < limits.max_scaler_skips:
+        return []
+    step = next(step for step, flag in found_inf if flag)
+    return [
+        _finding(
+            NON_FINITE,
+            f"GradScaler skipped {longest} iterations in a row ({total} in all): the gradients "
+            "hold Inf/NaN at every loss scale, so training has stopped updating.",
+            "Find the op producing Inf/NaN (rerun with bf16 autocast or without AMP to see "
+            "where the non-finite origin is reported), or check the data for NaN inputs.",
+            step=step,
+            module="GradScaler",
+            parameter=None,
+            site=None,
+            details={"skipped": total, "longest_run": longest},
+        )
+    ]
 
 
 def _non_finite(

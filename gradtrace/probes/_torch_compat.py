@@ -92,3 +92,19 @@ def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
         return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
     except TypeError:
         return list(torch._foreach_norm([t.float() for t in tensors], ord))
+
+
+def grad_scaler_found_inf(scaler: object) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """(found_inf tensors of this iteration, current scale) of an enabled GradScaler.
+
+    NOTE: GradScaler has no public hook or accessor for these; `_per_optimizer_states`,
+    `found_inf_per_device`, `_scale` and `_enabled` are read exactly as `GradScaler.update`
+    reads them (torch 2.2 to 2.13). None when disabled or nothing was unscaled.
+    """
+    if not getattr(scaler, "_enabled", False) or getattr(scaler, "_scale", None) is None:
+        return None
+    states = getattr(scaler, "_per_optimizer_states", {})
+    found = [f for state in states.values() for f in state.get("found_inf_per_device", {}).values()]
+    if not found:
+        return None
+    return found, scaler._scale

@@ -162,6 +162,10 @@ class GradStatsProbe:
         else:
             on_ready([])
 
+    def end_iteration(self) -> None:
+        """Forget forward facts of an iteration whose step was skipped (GradScaler)."""
+        self._forget_step()
+
     def _forget_step(self) -> None:
         self._outputs.clear()
         self._cut.clear()

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import module_norms
+from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
 from gradtrace.events import Finding
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -59,12 +59,14 @@ def _headline(run: Run, findings: int) -> Text:
     style = "green" if status == OK else "red"
     exit_code = meta.get("exit_code")
     status_text = status if exit_code in (None, 0) else f"{status} (exit {exit_code})"
+    skipped, _ = scaler_skips(run.scalars.get(FOUND_INF, []))
+    amp = f" · GradScaler skipped {skipped} (normal)" if skipped else ""
     return Text.assemble(
         ("gradtrace ", "bold"),
         (argv, "bold"),
         "  ",
         (status_text, style),
-        f" · level {meta.get('level')} · {run.steps} steps · {run.writes} in-place writes · ",
+        f" · level {meta.get('level')} · {run.steps} steps{amp} · {run.writes} in-place writes · ",
         (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
     )
 

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS write_counts (
 CREATE TABLE IF NOT EXISTS scalars (
     step INTEGER NOT NULL,
     name TEXT NOT NULL,              -- e.g. "loss" from Session.log(loss=...)
-    value REAL NOT NULL
+    value REAL                       -- NULL means NaN
 );
 CREATE TABLE IF NOT EXISTS param_stats (
     step INTEGER NOT NULL,

@@ -95,7 +95,7 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
     ]
     scalars: dict[str, list[tuple[int, float]]] = {}
     for step, name, value in db.execute("SELECT step, name, value FROM scalars ORDER BY step"):
-        scalars.setdefault(name, []).append((step, value))
+        scalars.setdefault(name, []).append((step, _real(value)))
     return Run(
         path=run_dir,
         scalars=scalars,

@@ -1,0 +1,69 @@
+"""GradScaler awareness: skipped steps and the loss scale, one value each per iteration.
+
+`GradScaler.step` skips `optimizer.step()` when the unscaled gradients hold Inf/NaN, so the
+optimizer hooks never see those iterations. `GradScaler.update` ends every iteration,
+skipped or not, and holds the iteration's found-inf flags; gradtrace wraps it for the
+session (the original is restored on close) to read them, with the scale, on device.
+
+NOTE [why a wrapper]: torch offers no hook on GradScaler. The wrapper calls the original
+with the same arguments and returns its result; it only queues two values for later reading.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import torch
+from torch.amp import GradScaler
+
+from gradtrace.analysis.grad_health import FOUND_INF
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.deferred import DeferredQueue
+from gradtrace.probes.steps import StepProbe
+
+SCALE = "amp/scale"
+
+
+class GradScalerProbe:
+    def __init__(
+        self,
+        steps: StepProbe,
+        queue: DeferredQueue,
+        on_values: Callable[[int, dict[str, float]], None],
+        on_iteration_end: Callable[[], None],
+    ) -> None:
+        self._steps = steps
+        self._queue = queue
+        self._on_values = on_values
+        self._on_iteration_end = on_iteration_end
+
+    def install(self, stack: ExitStack) -> None:
+        original = GradScaler.update
+        probe = self
+
+        @functools.wraps(original)
+        def update(scaler: GradScaler, new_scale: float | torch.Tensor | None = None) -> None:
+            if new_scale is None:
+                probe._before_update(scaler)
+            return original(scaler, new_scale)
+
+        GradScaler.update = update  # type: ignore[method-assign]
+        stack.callback(setattr, GradScaler, "update", original)
+
+    def _before_update(self, scaler: GradScaler) -> None:
+        state = _torch_compat.grad_scaler_found_inf(scaler)
+        self._on_iteration_end()
+        if state is None:
+            return
+        found, scale = state
+        with torch.no_grad():
+            device = scale.device
+            found_any = torch.stack([f.to(device, non_blocking=True) for f in found]).sum()
+            values = torch.stack([scale.reshape(()).double(), found_any.double()])
+        step = self._steps.step
+        self._queue.push(
+            values,
+            lambda read: self._on_values(step, {SCALE: read[0], FOUND_INF: float(read[1] > 0)}),
+        )

@@ -1,0 +1,178 @@
+"""Gradient health on tiny seeded models: each pathology is named, a clean model is not."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradtrace.probes import deferred
+from gradtrace.session import Session
+from gradtrace.store import load_run
+
+
+class Net(nn.Module):
+    """Two blocks and a head; `cut` chooses how the graph to `first` is broken, if at all."""
+
+    def __init__(self, cut: str = "") -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 8)
+        self.second = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+        self.cut = cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        if self.cut == "detach":
+            h = h.detach()
+        elif self.cut == "data":
+            h = h.data
+        elif self.cut == "rewrap":
+            h = torch.tensor(h.tolist())
+        return self.head(torch.relu(self.second(h)))
+
+
+class LogHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.fc(h).abs() * 0)  # log(0) = -inf on every sample
+
+
+def train(model: nn.Module, steps: int, lr: float = 0.05, *, session: Session | None = None):
+    torch.manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(torch.randn(16, 4)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if session is not None:
+            session.log(loss=loss)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def traced(tmp_path: Path, model: nn.Module, steps: int = 4, **options) -> Session:
+    lr = options.pop("lr", 0.05)
+    with Session(tmp_path / "run", **options) as session:
+        train(model, steps, lr, session=session)
+    return session
+
+
+def kinds(session: Session) -> list[str]:
+    return [f.kind for f in session.findings]
+
+
+def test_norms_match_vector_norm_per_parameter(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    with Session(tmp_path / "run"):
+        train(model, 3)
+        expected = {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.named_parameters()}
+        params = {n: p.detach().norm().item() for n, p in model.named_parameters()}
+    last = load_run(tmp_path / "run").grad_steps[-1]
+    assert {p.name for p in last.params} == set(expected)
+    for stat in last.params:
+        assert stat.grad_norm == pytest.approx(expected[stat.name], rel=1e-6)
+        assert stat.module == stat.name.rsplit(".", 1)[0]
+    # Parameter norms are taken before the step updates them.
+    assert all(stat.param_norm != params[stat.name] for stat in last.params)
+    assert sorted(stat.arrival for stat in last.params) == list(range(6))
+    head = {stat.name: stat.arrival for stat in last.params}
+    assert head["head.weight"] < head["first.weight"]  # backward order: head first
+
+
+def test_clean_model_has_no_findings_and_logs_scalars(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    session = traced(tmp_path, Net(), steps=6)
+    assert session.findings == []
+    run = load_run(tmp_path / "run")
+    assert [step for step, _ in run.scalars["loss"]] == list(range(6))
+
+
+def test_log_of_zero_is_traced_to_its_module(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), LogHead())
+    session = traced(tmp_path, model, steps=2)
+    [finding] = [f for f in session.findings if f.kind == "non-finite"]
+    assert finding.step == 0
+    assert finding.module == "2"  # LogHead: its Linear child is finite, its output is not
+    assert finding.details["nonfinite_outputs"][0] == "2"
+    assert finding.file == __file__
+    assert finding.function == "LogHead.forward"
+
+
+def test_exploding_learning_rate_names_the_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    with Session(tmp_path / "run") as session:
+        train(model, 12, lr=0.01)
+        with torch.no_grad():
+            model.head.weight.mul_(1e4)  # the layer blows up at the next step
+        train(model, 1, lr=0.0)
+    [finding] = [f for f in session.findings if f.kind == "exploding"]
+    assert finding.step == 12
+    assert finding.module in {"first", "second"}
+    assert finding.details["grad_norm"] > 10 * finding.details["median"]
+
+
+@pytest.mark.parametrize("cut", ["detach", "data", "rewrap"])
+def test_cut_graph_names_the_starved_parameters(tmp_path: Path, cut: str) -> None:
+    torch.manual_seed(0)
+    session = traced(tmp_path, Net(cut=cut), steps=3)
+    [finding] = [f for f in session.findings if f.kind == "no-grad"]
+    assert finding.module == "first"
+    assert finding.details["parameters"] == ["first.weight", "first.bias"]
+    assert finding.file == __file__
+    assert finding.function == "Net.forward"
+
+
+def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatch) -> None:
+    reads = []
+    original = deferred.DeferredValues.read
+
+    def counting_read(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(deferred.DeferredValues, "read", counting_read)
+    torch.manual_seed(0)
+    traced(tmp_path, Net(), steps=9, every=3)
+    run = load_run(tmp_path / "run")
+    assert [s.step for s in run.grad_steps] == [0, 3, 6]
+    # One batched read per recorded step, plus one per step for the logged loss.
+    assert len(reads) == 3 + 9
+
+
+def test_grad_scaler_skips_are_normal_until_they_persist(tmp_path: Path) -> None:
+    def run(name: str, bad_iterations: set[int]) -> Session:
+        torch.manual_seed(0)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu")
+        with Session(tmp_path / name) as session:
+            for i in range(14):
+                loss = model(torch.randn(8, 4)).square().mean()
+                if i in bad_iterations:
+                    loss = loss * math.inf
+                optimizer.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        return session
+
+    occasional = run("occasional", {3})
+    assert occasional.findings == []
+    scale = load_run(tmp_path / "occasional").scalars["amp/scale"]
+    assert scale[0][1] == 65536.0 and scale[-1][1] == 32768.0
+    persistent = run("persistent", set(range(2, 14)))
+    [finding] = persistent.findings
+    assert finding.kind == "non-finite"
+    assert finding.details["longest_run"] == 12
