@@ -1,0 +1,829 @@
+"""Measure what tracing costs: gradtrace light/full against untraced and anomaly mode.
+
+Three models (a 4-layer MLP, a small ResNet-style CNN, a GPT-style decoder) train with AdamW
+under five configurations: untraced, gradtrace "light", gradtrace "full",
+`detect_anomaly(check_nan=False)` and `detect_anomaly()`. After a warm-up, the configurations
+run interleaved in rounds (each round runs every configuration for `--steps` timed steps,
+the order rotated each round) so that thermal or background drift hits all of them alike.
+
+Reported per model and configuration: median step time, its ratio to untraced with the
+min/max of the per-round ratios, peak CUDA memory (reset per block) and host RSS (peak per
+block where the kernel lets the high-water mark be reset, plus RSS growth over the blocks).
+
+    python scripts/bench_overhead.py --quick           # < 60 s on a 2-core CPU
+    python scripts/bench_overhead.py --device cuda --json results.json
+    python scripts/bench_overhead.py --profile         # cProfile of full-level GPT steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradtrace.session as gt_session
+from gradtrace.session import Session
+
+CONFIGS = ("untraced", "gt-light", "gt-full", "anomaly-nonan", "anomaly")
+CONFIG_LABELS = {
+    "untraced": "untraced",
+    "gt-light": "gradtrace light",
+    "gt-full": "gradtrace full",
+    "anomaly-nonan": "detect_anomaly(check_nan=False)",
+    "anomaly": "detect_anomaly()",
+}
+MODELS = ("mlp", "cnn", "gpt")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: `out += identity` then ReLU(inplace=True)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, widths: tuple[int, ...], blocks: int, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, width, 2 if (i > 0 and b == 0) else 1))
+                cin = width
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight  # weight tying, as in GPT-2
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+# Shapes: GPU sizes are GPT-2-small-like; CPU sizes are scaled down to run in seconds.
+SHAPES: dict[str, dict[str, dict[str, Any]]] = {
+    "cuda": {
+        "mlp": {"width": 4096, "batch": 256, "classes": 1000},
+        "cnn": {"widths": (64, 128, 256), "blocks": 2, "batch": 64, "image": 32, "classes": 100},
+        "gpt": {"vocab": 50257, "seq": 256, "d": 768, "heads": 12, "layers": 12, "batch": 8},
+    },
+    "cpu": {
+        "mlp": {"width": 512, "batch": 128, "classes": 100},
+        "cnn": {"widths": (16, 32, 64), "blocks": 1, "batch": 16, "image": 32, "classes": 10},
+        "gpt": {"vocab": 1024, "seq": 64, "d": 128, "heads": 4, "layers": 2, "batch": 8},
+    },
+}
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], None]
+    params: int
+    shape: dict[str, Any]
+
+
+def build_workload(name: str, device: torch.device) -> Workload:
+    shape = SHAPES[device.type][name]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model: nn.Module = MLP(shape["width"], shape["classes"])
+        x = torch.randn(shape["batch"], shape["width"], generator=gen)
+        y = torch.randint(0, shape["classes"], (shape["batch"],), generator=gen)
+    elif name == "cnn":
+        model = SmallResNet(tuple(shape["widths"]), shape["blocks"], shape["classes"])
+        x = torch.randn(shape["batch"], 3, shape["image"], shape["image"], generator=gen)
+        y = torch.randint(0, shape["classes"], (shape["batch"],), generator=gen)
+    elif name == "gpt":
+        model = GPT(shape["vocab"], shape["seq"], shape["d"], shape["heads"], shape["layers"])
+        tokens = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"] + 1), generator=gen)
+        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    else:
+        raise ValueError(name)
+    model = model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    # A small learning rate keeps 100s of steps on fixed data free of NaNs (anomaly mode raises).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    use_autocast = device.type == "cuda"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            out = model(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        optimizer.step()
+
+    params = sum(p.numel() for p in model.parameters())
+    return Workload(name, model, optimizer, step, params, dict(shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations and global-state hygiene
+
+
+@contextlib.contextmanager
+def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterator[None]:
+    """Enter one configuration; `holder["findings"]` gets gradtrace's finding count."""
+    if config == "untraced":
+        yield
+    elif config in ("gt-light", "gt-full"):
+        level = "light" if config == "gt-light" else "full"
+        with Session(run_dir, level=level) as session:
+            yield
+        holder["findings"] = len(session.findings)
+    elif config in ("anomaly-nonan", "anomaly"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Anomaly Detection has been enabled..."
+            with torch.autograd.detect_anomaly(check_nan=config == "anomaly"):
+                yield
+    else:
+        raise ValueError(config)
+
+
+def global_state() -> dict[str, Any]:
+    """The torch global state a probe or anomaly mode could leave behind."""
+    import torch.nn.modules.module as mod
+    import torch.optim.optimizer as opt
+
+    hooks = {
+        name: len(getattr(mod, name))
+        for name in dir(mod)
+        if name.startswith("_global_") and isinstance(getattr(mod, name), dict)
+    }
+    return {
+        "module_hooks": hooks,
+        "full_backward_hook_flag": mod._global_is_full_backward_hook,
+        "optimizer_pre_hooks": len(opt._global_optimizer_pre_hooks),
+        "optimizer_post_hooks": len(opt._global_optimizer_post_hooks),
+        "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "saved_tensor_hooks": torch._C._autograd._top_saved_tensors_default_hooks(False)
+        is not None,
+        "anomaly": torch.is_anomaly_enabled(),
+        "anomaly_check_nan": torch.is_anomaly_check_nan_enabled(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "gradtrace_active": gt_session._active is not None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def hwm_mib() -> float:
+    """Peak RSS so far (monotone unless `reset_hwm` works)."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is None:  # not Linux: getrusage is KiB on Linux, bytes on macOS
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib = maxrss // 1024 if sys.platform == "darwin" else maxrss
+    return kib / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Machine load: CPU time other processes took while a block ran (a shared box is noisy)
+
+
+def _machine_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+    """Share of the machine's CPU capacity used by anything but this process (incl. steal)."""
+
+    def __enter__(self) -> LoadMeter:
+        self.share: float | None = None
+        self._busy = _machine_busy_s()
+        times = os.times()
+        self._own = times.user + times.system
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _machine_busy_s()
+        times = os.times()
+        wall = time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        foreign = (busy - self._busy) - (times.user + times.system - self._own)
+        self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class ConfigResult:
+    config: str
+    step_ms: list[list[float]] = field(default_factory=list)  # per round, per step
+    round_ratio: list[float] = field(default_factory=list)
+    rss_peak_mib: list[float] = field(default_factory=list)  # per block (if HWM resettable)
+    rss_peak_rise_mib: list[float] = field(default_factory=list)  # peak minus RSS at block start
+    rss_growth_mib: list[float] = field(default_factory=list)  # per block, end - start RSS
+    cuda_peak_mib: list[float] = field(default_factory=list)  # per block
+    foreign_cpu: list[float] = field(default_factory=list)  # per block, other processes' share
+    findings: int = 0
+
+    @property
+    def all_steps(self) -> list[float]:
+        return [ms for block in self.step_ms for ms in block]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.all_steps)
+
+
+def run_block(
+    work: Workload, config: str, steps: int, run_dir: Path, device: torch.device
+) -> tuple[list[float], int, float | None]:
+    """Enter `config`, run one untimed step then `steps` timed steps; return times in ms."""
+    holder: dict[str, Any] = {"findings": 0}
+    times: list[float] = []
+    cuda = device.type == "cuda"
+    meter = LoadMeter()
+    with config_context(config, run_dir, holder), meter:
+        work.step()  # per-block warm-up: a fresh session fills its per-op caches here
+        if cuda:
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(steps)
+            ]
+            torch.cuda.synchronize()
+            for start, end in events:
+                start.record()
+                work.step()
+                end.record()
+            torch.cuda.synchronize()
+            times = [start.elapsed_time(end) for start, end in events]
+        else:
+            for _ in range(steps):
+                t0 = time.perf_counter_ns()
+                work.step()
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times, holder["findings"], meter.share
+
+
+@dataclass
+class BlockResult:
+    """One configuration's measurements in one round."""
+
+    times: list[float]
+    findings: int
+    foreign: float | None
+    rss_before: float | None
+    rss_after: float | None
+    rss_peak: float | None
+    cuda_peak: float | None
+
+
+def measure_block(
+    work: Workload, config: str, steps: int, run_dir: Path, device: torch.device, hwm: bool
+) -> BlockResult:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if hwm:
+        reset_hwm()
+    rss_before = rss_mib()
+    times, findings, foreign = run_block(work, config, steps, run_dir, device)
+    return BlockResult(
+        times=times,
+        findings=findings,
+        foreign=foreign,
+        rss_before=rss_before,
+        rss_after=rss_mib(),
+        rss_peak=hwm_mib() if hwm else None,
+        cuda_peak=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    )
+
+
+def commit_round(results: dict[str, ConfigResult], blocks: dict[str, BlockResult]) -> None:
+    base = statistics.median(blocks["untraced"].times)
+    for config, block in blocks.items():
+        res = results[config]
+        res.step_ms.append(block.times)
+        res.round_ratio.append(statistics.median(block.times) / base)
+        res.findings += block.findings
+        if block.foreign is not None:
+            res.foreign_cpu.append(block.foreign)
+        if block.rss_peak is not None:
+            res.rss_peak_mib.append(block.rss_peak)
+            if block.rss_before is not None:
+                res.rss_peak_rise_mib.append(block.rss_peak - block.rss_before)
+        if block.rss_before is not None and block.rss_after is not None:
+            res.rss_growth_mib.append(block.rss_after - block.rss_before)
+        if block.cuda_peak is not None:
+            res.cuda_peak_mib.append(block.cuda_peak)
+
+
+def bench_model(
+    name: str,
+    device: torch.device,
+    configs: tuple[str, ...],
+    warmup: int,
+    steps: int,
+    rounds: int,
+    tmp: Path,
+    clean: dict[str, Any],
+    hwm: bool,
+    max_other_load: float,
+    max_retries: int,
+) -> dict[str, Any]:
+    """Warm up every config, then run `rounds` interleaved rounds.
+
+    A round during which other processes took more than `max_other_load` of the machine's
+    CPU in any block is discarded and rerun, at most `max_retries` times per model; the
+    discarded rounds' ratios are kept in the results for the record.
+    """
+    work = build_workload(name, device)
+    results = {config: ConfigResult(config) for config in configs}
+    discarded: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for config in configs:
+        run_block(work, config, warmup, tmp / f"{name}-warmup-{config}", device)
+        assert_clean(clean, f"{name} warm-up {config}")
+    attempt = 0
+    while len(results[configs[0]].step_ms) < rounds:
+        shift = attempt % len(configs)
+        blocks: dict[str, BlockResult] = {}
+        for config in configs[shift:] + configs[:shift]:
+            run_dir = tmp / f"{name}-a{attempt}-{config}"
+            blocks[config] = measure_block(work, config, steps, run_dir, device, hwm)
+            assert_clean(clean, f"{name} round attempt {attempt} {config}")
+        attempt += 1
+        loads = [b.foreign for b in blocks.values() if b.foreign is not None]
+        if loads and max(loads) > max_other_load and len(discarded) < max_retries:
+            base = statistics.median(blocks["untraced"].times)
+            discarded.append(
+                {
+                    "max_other_load": max(loads),
+                    "ratios": {c: statistics.median(b.times) / base for c, b in blocks.items()},
+                }
+            )
+            continue
+        commit_round(results, blocks)
+    elapsed = time.perf_counter() - t_start
+    params = work.params
+    del work
+    return {
+        "model": name,
+        "params": params,
+        "seconds": elapsed,
+        "results": results,
+        "discarded_rounds": discarded,
+    }
+
+
+def assert_clean(expected: dict[str, Any], where: str) -> None:
+    now = global_state()
+    if now != expected:
+        diff = {k: (expected.get(k), v) for k, v in now.items() if expected.get(k) != v}
+        raise SystemExit(f"torch global state changed after {where}: {diff}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def gradtrace_revision() -> str:
+    """Commit of the gradtrace checkout being measured, marked dirty if it has edits."""
+    import subprocess
+
+    root = Path(gt_session.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gradtrace"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+
+
+def ratio(res: ConfigResult, base: ConfigResult) -> float:
+    return res.median_ms / base.median_ms
+
+
+def summary_table(models: list[dict[str, Any]], configs: tuple[str, ...]) -> str:
+    head = [
+        "model",
+        "untraced median ms",
+        *[CONFIG_LABELS[c] for c in configs[1:]],
+        "other-process CPU % (median / max of blocks)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in models:
+        res = entry["results"]
+        base = res["untraced"]
+        cells = [entry["model"], f"{base.median_ms:.2f}"]
+        for config in configs[1:]:
+            r = res[config]
+            cells.append(
+                f"{ratio(r, base):.2f}× ({min(r.round_ratio):.2f}–{max(r.round_ratio):.2f})"
+            )
+        loads = [share for r in res.values() for share in r.foreign_cpu]
+        cells.append(
+            f"{100 * statistics.median(loads):.0f} / {100 * max(loads):.0f}" if loads else "n/a"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(models: list[dict[str, Any]], configs: tuple[str, ...], cuda: bool) -> str:
+    head = [
+        "model",
+        "config",
+        "median ms",
+        "ratio",
+        "round ratios min–max",
+        "host RSS peak rise MiB (max over blocks)",
+        "RSS growth MiB (sum over blocks)",
+    ]
+    if cuda:
+        head.append("CUDA peak MiB")
+    head.append("findings")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in models:
+        res = entry["results"]
+        base = res["untraced"]
+        for config in configs:
+            r = res[config]
+            cells = [
+                entry["model"],
+                CONFIG_LABELS[config],
+                f"{r.median_ms:.2f}",
+                f"{ratio(r, base):.2f}×",
+                f"{min(r.round_ratio):.2f}–{max(r.round_ratio):.2f}",
+                f"{max(r.rss_peak_rise_mib):.1f}" if r.rss_peak_rise_mib else "n/a",
+                f"{sum(r.rss_growth_mib):+.1f}" if r.rss_growth_mib else "n/a",
+            ]
+            if cuda:
+                cells.append(f"{max(r.cuda_peak_mib):.0f}")
+            cells.append("–" if config not in ("gt-light", "gt-full") else str(r.findings))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Profile mode
+
+
+def profile_full(device: torch.device, steps: int, top: int, tmp: Path) -> str:
+    work = build_workload("gpt", device)
+    for _ in range(2):
+        work.step()
+    profiler = cProfile.Profile()
+    with Session(tmp / "profile-full", level="full"):
+        work.step()  # fill the session's per-op caches outside the profile
+        profiler.enable()
+        for _ in range(steps):
+            work.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+
+    # tottime summed per gradtrace source file: where the tracer's own Python time goes.
+    root = str(Path(gt_session.__file__).resolve().parent)
+    per_file: dict[str, tuple[float, int]] = {}
+    total = 0.0
+    for (filename, _, _), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        total += tottime
+        if filename.startswith(root):
+            rel = os.path.relpath(filename, os.path.dirname(root))
+            t, n = per_file.get(rel, (0.0, 0))
+            per_file[rel] = (t + tottime, n + ncalls)
+    out.write("\ntottime by gradtrace file (per step):\n")
+    for rel, (t, n) in sorted(per_file.items(), key=lambda kv: -kv[1][0]):
+        out.write(
+            f"  {rel:40s} {t / steps * 1e3:8.3f} ms/step  {n / steps:8.0f} calls/step  "
+            f"{100 * t / total:5.1f}% of profiled tottime\n"
+        )
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--quick", action="store_true", help="small run: < 60 s on a 2-core CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per config")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.25,
+        help="rerun a round if other processes took more than this share of the machine's CPU "
+        "in any of its blocks (default 0.25; 1 disables)",
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=None, help="rerun rounds per model at most this often"
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile full-level GPT steps")
+    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--profile-top", type=int, default=25)
+    args = parser.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    device = torch.device(args.device)
+    steps = args.steps or (5 if args.quick else 10)
+    rounds = args.rounds or (5 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    max_retries = args.max_retries if args.max_retries is not None else max(2, rounds // 2)
+    models = tuple(m for m in args.models.split(",") if m)
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    if steps < 1 or rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
+
+    header = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "gradtrace": gradtrace_revision(),
+        "platform": platform.platform(),
+        "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
+        "optimizer": "AdamW(lr=1e-4), default implementation",
+        "steps_per_block": steps,
+        "rounds": rounds,
+        "warmup_steps_per_config": warmup,
+        "untimed_steps_per_block": 1,
+        "quick": args.quick,
+        "max_other_load": args.max_other_load,
+        "max_retries_per_model": max_retries,
+        "shapes": {m: SHAPES[device.type][m] for m in models},
+    }
+
+    with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if args.profile:
+            print(f"# gradtrace full-level profile: GPT, {args.profile_steps} steps")
+            print(f"device: {header['device']}; torch {header['torch']}; python {header['python']}")
+            print(f"gradtrace: {header['gradtrace']}")
+            print(f"shape: {SHAPES[device.type]['gpt']}\n")
+            print(profile_full(device, args.profile_steps, args.profile_top, tmp))
+            return 0
+
+        clean = global_state()
+        hwm_resettable = reset_hwm()
+        header["rss_peak_per_block"] = hwm_resettable
+        print("# gradtrace overhead benchmark\n")
+        keys = ("device", "torch", "cuda", "python", "gradtrace", "platform", "autocast")
+        for key in (*keys, "optimizer"):
+            if header[key] is not None:
+                print(f"- {key}: {header[key]}")
+        print(
+            f"- method: {warmup} warm-up steps per config, then {rounds} rounds × {steps} timed "
+            "steps per config (1 untimed step at each block start; order rotated per round)"
+        )
+        for m in models:
+            print(f"- {m}: {SHAPES[device.type][m]}")
+        print(flush=True)
+
+        entries = []
+        t0 = time.perf_counter()
+        for m in models:
+            entry = bench_model(
+                m,
+                device,
+                CONFIGS,
+                warmup,
+                steps,
+                rounds,
+                tmp,
+                clean,
+                hwm_resettable,
+                args.max_other_load,
+                max_retries,
+            )
+            entries.append(entry)
+            print(
+                f"[{m}: {entry['seconds']:.1f} s, {len(entry['discarded_rounds'])} loaded "
+                "round(s) discarded]",
+                file=sys.stderr,
+                flush=True,
+            )
+        total_s = time.perf_counter() - t0
+
+    print("## Step time ratio to untraced (median; min–max of per-round ratios)\n")
+    print(summary_table(entries, CONFIGS))
+    discards = ", ".join(f"{e['model']} {len(e['discarded_rounds'])}" for e in entries)
+    print(
+        f"\nRounds rerun because other processes took > {100 * args.max_other_load:.0f}% of "
+        f"the CPU: {discards} (their ratios are in --json)."
+    )
+    print("\n## Detail\n")
+    print(detail_table(entries, CONFIGS, device.type == "cuda"))
+    rss_note = (
+        "peak rise = VmHWM (reset before each block) minus VmRSS at block start"
+        if hwm_resettable
+        else "peak rise n/a: VmHWM could not be reset, and it is monotone"
+    )
+    print(
+        f"\nHost RSS: {rss_note}; RSS growth = VmRSS after minus before each block, summed "
+        f"over rounds. Absolute peak RSS is in --json. Total benchmark time {total_s:.1f} s."
+    )
+
+    if args.json is not None:
+        raw = {
+            "header": header,
+            "total_seconds": total_s,
+            "models": [
+                {
+                    "model": e["model"],
+                    "params": e["params"],
+                    "seconds": e["seconds"],
+                    "discarded_rounds": e["discarded_rounds"],
+                    "configs": {
+                        c: asdict(r) | {"median_ms": r.median_ms} for c, r in e["results"].items()
+                    },
+                }
+                for e in entries
+            ],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(raw, indent=2))
+        print(f"raw results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
