@@ -32,6 +32,11 @@ from gradtrace.probes.steps import StepProbe
 MAX_HITS_PER_SAVED = 4
 
 SpanKey = tuple[str, int]
+# (first byte, sizes, strides in elements, bytes per element) of a tensor: where it lies.
+Layout = tuple[int, tuple[int, ...], tuple[int, ...], int]
+
+# Byte blocks worked out exactly per overlap check; beyond this the whole span counts.
+MAX_BLOCKS = 4096
 
 
 class RawWrite:
@@ -64,12 +69,14 @@ class SavedRecord:
     """What gradtrace knows of one live saved tensor, and the writes that hit it since."""
 
     __slots__ = (
+        "_blocks",
         "caller",
         "device",
         "dtype",
         "first",
         "grad_fn",
         "hits",
+        "itemsize",
         "key",
         "last",
         "module",
@@ -77,6 +84,7 @@ class SavedRecord:
         "reported",
         "shape",
         "step",
+        "strides",
         "type_name",
         "version",
     )
@@ -98,6 +106,9 @@ class SavedRecord:
         self.step = step
         self.caller = caller
         self.shape = tuple(tensor.shape)
+        self.strides = tensor.stride()
+        self.itemsize = tensor.element_size()
+        self._blocks: list[tuple[int, int]] | None = None
         self.dtype = tensor.dtype
         grad_fn = tensor.grad_fn
         self.grad_fn = None if grad_fn is None else grad_fn.name()
@@ -106,8 +117,21 @@ class SavedRecord:
         self.hits: list[RawWrite] = []
         self.reported = False
 
-    def overlaps(self, first: int, last: int) -> bool:
-        return first < self.last and self.first < last
+    def overlaps(self, write: Layout) -> bool:
+        """True if the write touches at least one byte of this saved tensor.
+
+        NOTE [interleaved views]: the spans of two column slices of one matrix overlap
+        although their elements do not: `nn.LSTMCell` and `nn.GRUCell` on CPU apply `sigmoid_`
+        and `tanh_` to `unsafe_chunk`s of one gate tensor, and `x[:, 1] = 0` after `x[:, 0]` was
+        saved is legal. Overlapping spans are therefore checked block by block.
+        """
+        first = write[0]
+        last = first + _extent_bytes(write)
+        if not (first < self.last and self.first < last):
+            return False
+        if self._blocks is None:
+            self._blocks = byte_blocks((self.first, self.shape, self.strides, self.itemsize))
+        return blocks_overlap(self._blocks, byte_blocks(write))
 
 
 class LiveSaved:
@@ -241,12 +265,59 @@ class SavedTensorProbe:
 
 
 def record_hits(
-    records: Iterable[SavedRecord], first: int, last: int, make_hit: Callable[[], RawWrite]
+    records: Iterable[SavedRecord], write: Layout, make_hit: Callable[[], RawWrite]
 ) -> None:
     """Attach one write to every live saved tensor whose bytes it overlaps."""
     hit = None
     for record in records:
-        if record.overlaps(first, last) and len(record.hits) < MAX_HITS_PER_SAVED:
+        if len(record.hits) < MAX_HITS_PER_SAVED and record.overlaps(write):
             if hit is None:
                 hit = make_hit()
             record.hits.append(hit)
+
+
+def _extent_bytes(layout: Layout) -> int:
+    _, sizes, strides, itemsize = layout
+    return (
+        1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
+    ) * itemsize
+
+
+def byte_blocks(layout: Layout) -> list[tuple[int, int]]:
+    """The byte ranges `[start, end)` a strided layout touches, sorted by start.
+
+    Dimensions are walked from the smallest stride; those that continue a contiguous run
+    merge into one block. A layout with more than MAX_BLOCKS blocks is answered with its
+    whole span: possibly a write too many, never one too few.
+    """
+    first, sizes, strides, itemsize = layout
+    dims = sorted(
+        (stride, size) for size, stride in zip(sizes, strides, strict=True) if size > 1 and stride
+    )
+    run = 1
+    while dims and dims[0][0] == run:
+        run *= dims.pop(0)[1]
+    count = 1
+    for _, size in dims:
+        count *= size
+    if count == 1 or count > MAX_BLOCKS:
+        return [(first, first + _extent_bytes(layout))]
+    starts = [0]
+    for stride, size in dims:
+        starts = [start + k * stride for start in starts for k in range(size)]
+    length = run * itemsize
+    return sorted((first + start * itemsize, first + start * itemsize + length) for start in starts)
+
+
+def blocks_overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """True if any range of `a` overlaps any range of `b` (both sorted by start)."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
+            return True
+        # The range that ends first cannot overlap anything later in the other list.
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return False

@@ -101,8 +101,7 @@ class WriteLogProbe:
                 if records:
                     record_hits(
                         records,
-                        span[2],
-                        span[3],
+                        (span[2], tuple(tensor.shape), tensor.stride(), tensor.element_size()),
                         lambda: RawWrite(
                             next(self._seq),
                             op,
