@@ -53,7 +53,7 @@ def diagnose(evidence: CorruptionEvidence) -> Finding | None:
         return None
     kind = INPLACE_WRITE if loud else SILENT_OVERWRITE
     culprit = evidence.writes[0] if evidence.writes else None
-    hint = _hint(kind, saved, culprit)
+    hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
     saved_by = _saved_by(evidence)
     if culprit is None:
         return Finding(
@@ -164,8 +164,13 @@ def _describe_saved(saved: SavedTensor, node: str) -> str:
     return f"{what} that {saved.module} ({forward_op(node)}) saved for backward"
 
 
-def _hint(kind: str, saved: SavedTensor, culprit: WriteEvent | None) -> str:
+def _hint(kind: str, saved: SavedTensor, culprit: WriteEvent | None, *, writes_logged: bool) -> str:
     if culprit is None:
+        if not writes_logged:
+            return (
+                "Rerun with --level full to name the line that wrote to it; then clone the "
+                "tensor before writing to it in place, or use the out-of-place op."
+            )
         return "Clone the tensor before writing to it in place, or use the out-of-place op."
     op = culprit.op
     if culprit.phase == OPTIMIZER:
