@@ -1,5 +1,6 @@
 """gradtrace: a debugging profiler for PyTorch training loops."""
 
+from gradtrace.api import Trace, start, trace
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.session import Session
@@ -7,4 +8,14 @@ from gradtrace.store import Run, load_run
 
 __version__ = "0.1.0"
 
-__all__ = ["Finding", "GradtraceError", "Run", "Session", "__version__", "load_run"]
+__all__ = [
+    "Finding",
+    "GradtraceError",
+    "Run",
+    "Session",
+    "Trace",
+    "__version__",
+    "load_run",
+    "start",
+    "trace",
+]

@@ -1,0 +1,250 @@
+"""The Python API: trace code the user controls, as a context manager, decorator or start/stop.
+
+Every front end (this one, the Lightning and Hugging Face callbacks) drives the same
+`Session` and writes the same run directory as `gradtrace run`, so every report reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from gradtrace.analysis.culprits import explain
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.reporters.terminal import TerminalReporter
+from gradtrace.session import DEFAULT_LEVEL, Session, describe_exception
+from gradtrace.store.format import FAILED, INTERRUPTED, OK
+from gradtrace.store.reader import load_run
+
+DEFAULT_RUNS_DIR = "gradtrace-runs"
+
+# An exception is annotated with at most this many findings; the run directory has them all.
+MAX_NOTES = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Trace:
+    """One traced run: use it as a context manager, a decorator, or `start()` / `stop()`.
+
+    The run directory is `out`, or `./gradtrace-runs/<time>-<name>` when `out` is None
+    (chosen when tracing starts, so each call of a decorated function gets its own). A trace
+    runs once; an exception raised inside it propagates unchanged in type, with the
+    finding that explains it added as a note when its message does not already say so.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        out: str | Path | None = None,
+        level: str = DEFAULT_LEVEL,
+        name: str | None = None,
+        front_end: str = "trace",
+    ) -> None:
+        self.model = model
+        self.out = None if out is None else Path(out)
+        self.level = level
+        self.name = name or _default_name(model)
+        self.front_end = front_end
+        self._session: Session | None = None
+        self._closed = False
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory, once tracing has started."""
+        return None if self._session is None else self._session.run_dir
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far: the same objects the JSON report holds."""
+        return [] if self._session is None else list(self._session.findings)
+
+    @property
+    def step(self) -> int:
+        """Index of the optimizer step in progress (0 before the first `optimizer.step()`)."""
+        return 0 if self._session is None else self._session.step
+
+    @property
+    def active(self) -> bool:
+        return self._session is not None and not self._closed
+
+    def start(self) -> Trace:
+        """Install the probes and create the run directory. Returns self."""
+        if self._session is not None:
+            where = self._session.run_dir
+            raise GradtraceError(
+                f"This trace already ran into '{where}'; a trace runs once. "
+                "Create a new one with gradtrace.trace() or gradtrace.start()."
+            )
+        run_dir = self.out if self.out is not None else _default_run_dir(self.name)
+        session = Session(
+            run_dir, level=self.level, model=self.model, argv=sys.argv[:], front_end=self.front_end
+        )
+        session.start()
+        self._session = session
+        return self
+
+    def stop(
+        self,
+        *,
+        status: str = OK,
+        exit_code: int | None = 0,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Remove every probe and finish the run record. Safe to call twice.
+
+        With `exception`, the run is recorded as failed (interrupted for Ctrl-C) and the
+        exception gets the culprit finding as a note.
+        """
+        session = self._session
+        if session is None or self._closed:
+            return
+        self._closed = True
+        if exception is None:
+            session.close(status=status, exit_code=exit_code)
+            return
+        failed = INTERRUPTED if isinstance(exception, KeyboardInterrupt) else FAILED
+        try:
+            session.close(status=failed, exit_code=None, exception=describe_exception(exception))
+        except Exception as error:
+            # Raising here would replace the user's exception with ours: say it and go on.
+            print(
+                f"gradtrace: could not finish the run record in '{session.run_dir}' ({error!r}).",
+                file=sys.stderr,
+            )
+        annotate(exception, session.findings)
+
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Record scalars (e.g. `loss=loss`) for the current step; tensors are read a step late."""
+        if not self.active:
+            raise GradtraceError("This trace is not running; log() only works while it traces.")
+        assert self._session is not None
+        self._session.log(**values)
+
+    def __enter__(self) -> Trace:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop(exception=exc)
+
+    def __call__(self, func: F) -> F:
+        """Decorate `func`: every call runs under a new trace with these options.
+
+        The latest call's trace is `func.gradtrace` (its `findings`, `run_dir`).
+        """
+        if self._session is not None:
+            raise GradtraceError("A trace that already started cannot decorate a function.")
+        options = {"out": self.out, "level": self.level, "front_end": self.front_end}
+        name = self.name if self.model is not None else func.__name__
+
+        @functools.wraps(func)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            run = Trace(self.model, name=name, **options)
+            traced.gradtrace = run  # type: ignore[attr-defined]
+            with run:
+                return func(*args, **kwargs)
+
+        traced.gradtrace = None  # type: ignore[attr-defined]
+        return traced  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        state = "running" if self.active else ("done" if self._closed else "not started")
+        return f"<gradtrace.Trace {state} run_dir={str(self.run_dir)!r}>"
+
+
+@overload
+def trace(model: F) -> F: ...
+@overload
+def trace(
+    model: nn.Module | None = None,
+    *,
+    out: str | Path | None = None,
+    level: str = DEFAULT_LEVEL,
+) -> Trace: ...
+def trace(
+    model: nn.Module | Callable[..., Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    level: str = DEFAULT_LEVEL,
+) -> Any:
+    """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
+
+    `model` is optional: it names module paths from your root module (otherwise each
+    top-level module called is a root). `level` is "full" (names the writing line) or
+    "light". Only one trace may run at a time; starting a second raises GradtraceError.
+    """
+    if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
+        return Trace(out=out, level=level)(model)  # bare @gradtrace.trace
+    return Trace(model, out=out, level=level)  # type: ignore[arg-type]
+
+
+def start(
+    model: nn.Module | None = None,
+    *,
+    out: str | Path | None = None,
+    level: str = DEFAULT_LEVEL,
+) -> Trace:
+    """Start tracing now; call `.stop()` on the result to finish the run."""
+    return Trace(model, out=out, level=level).start()
+
+
+def annotate(exception: BaseException, findings: list[Finding]) -> None:
+    """Add each finding the exception's message does not already explain as a note."""
+    add_note = getattr(exception, "add_note", None)  # Python >= 3.11
+    if add_note is None:
+        return
+    said = "\n".join([str(exception), *getattr(exception, "__notes__", ())])
+    for finding in findings[:MAX_NOTES]:
+        if f"gradtrace: {finding.message}" not in said:
+            add_note(explain(finding))
+
+
+def print_summary(run_dir: Path) -> None:
+    """Print the run's terminal summary to stderr; never raise into the training loop.
+
+    It runs inside the framework's exception handler too, where raising would replace the
+    user's exception with ours.
+    """
+    sys.stdout.flush()
+    console = Console(stderr=True)
+    try:
+        TerminalReporter(console).render(load_run(run_dir))
+    except Exception as error:
+        console.print(f"gradtrace: could not render the summary ({error!r}).", markup=False)
+        console.print(f"run directory: {run_dir}", markup=False)
+
+
+def _default_name(model: nn.Module | None) -> str:
+    if model is not None:
+        return type(model).__name__
+    script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    return script or "trace"
+
+
+def _default_run_dir(name: str) -> Path:
+    """`./gradtrace-runs/<time>-<name>`, made unique the way `gradtrace run` does."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = name.replace(".", "-").replace("/", "-")
+    base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
