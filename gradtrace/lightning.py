@@ -1,0 +1,108 @@
+"""Lightning callback: trace `trainer.fit` into a gradtrace run directory.
+
+Works with `lightning.pytorch` and with `pytorch_lightning`, whichever is installed (the
+callback derives from both `Callback` classes when both are, so either `Trainer` accepts it).
+Neither is a dependency of gradtrace.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from gradtrace import session
+from gradtrace.api import Trace, print_summary
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.session import DEFAULT_LEVEL, LEVELS
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = []
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases.append(importlib.import_module(package).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError(
+            "gradtrace.lightning needs Lightning, which is not installed. "
+            "Install it with: pip install lightning"
+        )
+    return tuple(bases)
+
+
+class GradTraceCallback(*_callback_bases()):  # type: ignore[misc]
+    """Trace training: the run starts at `on_train_start` and ends with the fit.
+
+    `out` is the run directory (default `./gradtrace-runs/<time>-<LightningModule class>`),
+    `level` as for `gradtrace.trace`. Only global rank zero traces and prints. When the fit
+    fails, the run is closed as failed with the exception, and the exception (re-raised by
+    Lightning unchanged) gets the culprit finding as a note. With `summary=True` the terminal
+    summary is printed to stderr when the run ends.
+    """
+
+    def __init__(
+        self,
+        out: str | Path | None = None,
+        *,
+        level: str = DEFAULT_LEVEL,
+        summary: bool = True,
+    ) -> None:
+        super().__init__()
+        if level not in LEVELS:
+            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        self.out = None if out is None else Path(out)
+        self.level = level
+        self.summary = summary
+        self.trace: Trace | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The latest run's directory (None before training starts)."""
+        return None if self.trace is None else self.trace.run_dir
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [] if self.trace is None else self.trace.findings
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Fail before any training work (sanity checks included) when tracing cannot start.
+        active = session._active
+        if stage == "fit" and trainer.is_global_zero and active is not None:
+            raise GradtraceError(
+                f"A gradtrace session is already tracing into '{active.run_dir}'; "
+                "stop it before fitting with GradTraceCallback."
+            )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        trace = Trace(pl_module, out=self.out, level=self.level, front_end="lightning")
+        trace.start()
+        self.trace = trace
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.trace is not None and self.trace.active:
+            self.trace.log(loss=loss.detach())
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._finish()  # no-op unless the run is still open
+
+    def _finish(self, exception: BaseException | None = None) -> None:
+        trace = self.trace
+        if trace is None or not trace.active:
+            return
+        trace.stop(exception=exception)
+        if self.summary and trace.run_dir is not None:
+            print_summary(trace.run_dir)
+
+
+__all__ = ["GradTraceCallback"]
