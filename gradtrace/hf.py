@@ -1,0 +1,116 @@
+"""Hugging Face Trainer callback: trace `trainer.train()` into a gradtrace run directory.
+
+`transformers` is not a dependency of gradtrace; importing this module without it raises an
+ImportError that says how to install it.
+
+NOTE [no exception event]: `TrainerCallback` has no hook for a failed `train()`. A run that
+ends by an exception is closed, in this order of preference: by `with callback:` around
+`trainer.train()` (records the exception and annotates it), by the next `on_train_begin` of
+the same callback, by `callback.close()`, or at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from gradtrace.api import Trace, print_summary
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding
+from gradtrace.session import DEFAULT_LEVEL, LEVELS
+from gradtrace.store.format import FAILED
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:
+    raise ImportError(
+        "gradtrace.hf needs Hugging Face transformers, which is not installed. "
+        "Install it with: pip install transformers"
+    ) from error
+
+
+class GradTraceCallback(TrainerCallback):
+    """Trace training: the run starts at `on_train_begin` and ends at `on_train_end`.
+
+    `out` is the run directory (default `./gradtrace-runs/<time>-<model class>`), `level`
+    as for `gradtrace.trace`. Only the world's process zero traces and prints. With
+    `summary=True` the terminal summary is printed to stderr when the run ends.
+    """
+
+    def __init__(
+        self,
+        out: str | Path | None = None,
+        *,
+        level: str = DEFAULT_LEVEL,
+        summary: bool = True,
+    ) -> None:
+        if level not in LEVELS:
+            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        self.out = None if out is None else Path(out)
+        self.level = level
+        self.summary = summary
+        self.trace: Trace | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The latest run's directory (None before training starts)."""
+        return None if self.trace is None else self.trace.run_dir
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [] if self.trace is None else self.trace.findings
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.close()  # a previous train() that raised (see NOTE [no exception event])
+        trace = Trace(kwargs.get("model"), out=self.out, level=self.level, front_end="hf")
+        trace.start()
+        self.trace = trace
+        atexit.register(self._close_at_exit)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._finish(ended=True)
+
+    def close(self, exception: BaseException | None = None) -> None:
+        """Finish a run that `train()` left open, as failed (with `exception` if given).
+
+        Idempotent; a no-op after a `train()` that completed. The exception, if any, gets
+        the culprit finding as a note.
+        """
+        self._finish(ended=False, exception=exception)
+
+    def __enter__(self) -> GradTraceCallback:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(exc)
+
+    def _finish(self, *, ended: bool, exception: BaseException | None = None) -> None:
+        trace = self.trace
+        if trace is None or not trace.active:
+            return
+        atexit.unregister(self._close_at_exit)
+        if ended:
+            trace.stop()
+        elif exception is not None:
+            trace.stop(exception=exception)
+        else:
+            trace.stop(status=FAILED, exit_code=None)
+        if self.summary and trace.run_dir is not None:
+            print_summary(trace.run_dir)
+
+    def _close_at_exit(self) -> None:
+        # An uncaught exception is in sys.last_value by the time atexit handlers run.
+        self.close(getattr(sys, "last_value", None))
+
+
+__all__ = ["GradTraceCallback"]
