@@ -61,7 +61,7 @@ class GradScalerProbe:
         with torch.no_grad():
             device = scale.device
             found_any = torch.stack([f.to(device, non_blocking=True) for f in found]).sum()
-            values = torch.stack([scale.reshape(()).double(), found_any.double()])
+            values = torch.stack([scale.reshape(()), found_any.to(scale.dtype)])
         step = self._steps.step
         self._queue.push(
             values,

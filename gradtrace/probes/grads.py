@@ -88,7 +88,7 @@ class GradStatsProbe:
             self._cut.setdefault(name)
         if tensor.is_floating_point() and name not in self._outputs:
             with torch.no_grad():
-                self._outputs[name] = tensor.detach().sum(dtype=torch.float32)
+                self._outputs[name] = tensor.sum(dtype=torch.float32)
 
     def _site_of(self, module: nn.Module) -> Caller | None:
         """The user's `forward` of this module if it has one, else the line that called it."""
@@ -116,7 +116,7 @@ class GradStatsProbe:
             with torch.no_grad():
                 grads = [p.grad for p in with_grad]
                 values += _torch_compat.foreach_norm(grads, 2)
-                values += _torch_compat.foreach_norm([p.detach() for p in with_grad], 2)
+                values += _torch_compat.foreach_norm(with_grad, 2)
                 values += _torch_compat.foreach_norm(grads, 0)
         values += outputs.values()
         arrived = self._arrived
