@@ -158,3 +158,33 @@ def test_summary_printed_on_failure(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_bad_level_is_refused() -> None:
     with pytest.raises(gradtrace.GradtraceError, match="Unknown level"):
         GradTraceCallback(level="everything")
+
+
+def test_pytorch_lightning_trainer_accepts_the_callback(tmp_path: Path) -> None:
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class Module(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(8, 1)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = GradTraceCallback(out=tmp_path / "run", summary=False)
+    trainer = ptl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    data = TensorDataset(torch.randn(16, 8), torch.randn(16, 1))
+    trainer.fit(Module(), DataLoader(data, batch_size=8))
+    assert gradtrace.load_run(tmp_path / "run").steps == 2
