@@ -16,6 +16,7 @@ gradtrace.
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -90,8 +91,11 @@ class Outcome:
 
 
 def _start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
+    # One intra-op thread each: a plain and a traced run share the cores side by side, and
+    # both see the same setting, so their results stay comparable bit for bit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
