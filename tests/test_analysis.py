@@ -7,9 +7,11 @@ from events_factory import evidence, saved, write
 from gradtrace.analysis.culprits import (
     INPLACE_WRITE,
     SILENT_OVERWRITE,
+    Wording,
     diagnose,
     explain,
     forward_op,
+    learn_wording,
     pytorch_message,
 )
 from gradtrace.events import OPTIMIZER
@@ -66,13 +68,32 @@ def test_hints_follow_the_class_of_bug() -> None:
     assert parameter is not None and "parameter fc.weight" in parameter.hint
 
 
-def test_message_starts_with_pytorchs_words() -> None:
-    text = pytorch_message(evidence((write(),), version_now=2))
+TORCH_213 = (
+    "one of the variables needed for gradient computation has been modified by an inplace "
+    "operation: [torch.FloatTensor [1]], which is output 0 of Sigmoid, is at version 1; "
+    "expected version 0 instead. Hint: enable anomaly detection to find the operation that "
+    "failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, check_nan=False)."
+)
+
+
+def test_message_in_this_torchs_words() -> None:
+    wording = learn_wording(TORCH_213)
+    assert wording.forward_names
+    assert wording.hint.startswith(" Hint: enable anomaly detection")
+    text = pytorch_message(evidence((write(),), version_now=2), wording)
     assert text == (
         "one of the variables needed for gradient computation has been modified by an "
-        "inplace operation: [torch.FloatTensor [8, 4]], which is output 0 of "
-        "SigmoidBackward0, is at version 2; expected version 0 instead."
+        "inplace operation: [torch.FloatTensor [8, 4]], which is output 0 of Sigmoid, is at "
+        "version 2; expected version 0 instead." + wording.hint
     )
+
+
+def test_older_wording_keeps_node_names() -> None:
+    wording = learn_wording(TORCH_213.replace("of Sigmoid,", "of SigmoidBackward0,"))
+    assert not wording.forward_names
+    text = pytorch_message(evidence((write(),)), wording)
+    assert ", which is output 0 of SigmoidBackward0, is at version 1;" in text
+    assert learn_wording(None) == Wording()
 
 
 def test_explain_names_both_lines() -> None:

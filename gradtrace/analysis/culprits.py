@@ -6,7 +6,8 @@ unpack time and asks `diagnose` what it means.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import re
+from dataclasses import asdict, dataclass
 
 from gradtrace.events import (
     BACKWARD,
@@ -100,12 +101,35 @@ def forward_op(node: str) -> str:
     return name.lower() or node
 
 
-def pytorch_message(evidence: CorruptionEvidence) -> str:
-    """The start of the error PyTorch raises for a changed saved tensor, in PyTorch's words.
+@dataclass(frozen=True)
+class Wording:
+    """How this torch words its version-check error, learnt from torch itself.
+
+    torch 2.13 names the node by its forward op ("output 0 of Sigmoid") where older releases
+    said "SigmoidBackward0", and the closing hint changed between releases too.
+    """
+
+    forward_names: bool = False
+    hint: str = ""
+
+
+_PROBE_NODE = "SigmoidBackward0"
+
+
+def learn_wording(message: str | None) -> Wording:
+    """Read the wording off PyTorch's own error for `sigmoid(x).add_(1)` (see _torch_compat)."""
+    if not message or " of " not in message:
+        return Wording()
+    forward_names = f" of {_PROBE_NODE}," not in message and " of Sigmoid," in message
+    _, _, hint = message.partition(" instead.")
+    return Wording(forward_names=forward_names, hint=hint)
+
+
+def pytorch_message(evidence: CorruptionEvidence, wording: Wording) -> str:
+    """The error PyTorch raises for a changed saved tensor, in this torch's own words.
 
     Installing saved-tensor hooks switches PyTorch's own check off, so gradtrace raises this
-    itself: code that matches on PyTorch's wording keeps working. PyTorch's closing hint
-    (enable anomaly detection) is left out: gradtrace's attribution answers it.
+    itself: code that matches on PyTorch's wording keeps working.
     """
     saved = evidence.saved
     shape = ", ".join(str(n) for n in saved.shape)
@@ -114,11 +138,16 @@ def pytorch_message(evidence: CorruptionEvidence) -> str:
         f"inplace operation: [{saved.type_name} [{shape}]]"
     )
     if saved.grad_fn:
-        text += f", which is output {saved.output_nr} of {saved.grad_fn},"
+        node = _forward_name(saved.grad_fn) if wording.forward_names else saved.grad_fn
+        text += f", which is output {saved.output_nr} of {node},"
     return (
         text + f" is at version {evidence.version_now}; expected version {saved.version_saved}"
-        " instead."
+        f" instead.{wording.hint}"
     )
+
+
+def _forward_name(node: str) -> str:
+    return re.sub(r"Backward\d*$", "", node) or node
 
 
 def explain(finding: Finding) -> str:

@@ -108,3 +108,22 @@ def grad_scaler_found_inf(scaler: object) -> tuple[list[torch.Tensor], torch.Ten
     if not found:
         return None
     return found, scaler._scale
+
+
+def version_error_message() -> str | None:
+    """PyTorch's own version-check error for `sigmoid(x).add_(1)`, or None if not raised.
+
+    NOTE: gradtrace re-raises this error itself (its hooks switch PyTorch's check off), so
+    it asks torch once, before installing any hook, how this release words it. The probe is
+    two CPU ops on a 1-element tensor. It raises nothing when the user has saved-tensor
+    hooks of their own installed; the default wording is used then.
+    """
+    x = torch.ones(1, requires_grad=True)
+    with torch.enable_grad():
+        y = x.sigmoid()
+        y.add_(1)
+        try:
+            y.backward()
+        except RuntimeError as error:
+            return str(error)
+    return None

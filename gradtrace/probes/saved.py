@@ -14,13 +14,20 @@ saving costs.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
 import torch
 
-from gradtrace.analysis.culprits import diagnose, explain, pytorch_message
+from gradtrace.analysis.culprits import (
+    Wording,
+    diagnose,
+    explain,
+    learn_wording,
+    pytorch_message,
+)
 from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEvent
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
@@ -201,8 +208,10 @@ class SavedTensorProbe:
         self._callers = callers
         self._on_finding = on_finding
         self._writes_logged = writes_logged
+        self._wording = Wording()
 
     def install(self, stack: ExitStack) -> None:
+        self._wording = _wording()
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
 
     def _pack(self, tensor: torch.Tensor) -> object:
@@ -246,7 +255,8 @@ class SavedTensorProbe:
             record.reported = True
             self._on_finding(finding)
         if loud:
-            raise RuntimeError(f"{pytorch_message(evidence)}\n\n{explain(finding)}")
+            message = pytorch_message(evidence, self._wording)
+            raise RuntimeError(f"{message}\n\n{explain(finding)}")
 
     def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
         return SavedTensor(
@@ -262,6 +272,19 @@ class SavedTensorProbe:
             output_nr=record.output_nr,
             parameter=self._modules.parameter_name(*record.key),
         )
+
+
+@functools.cache
+def _learnt_wording() -> Wording:
+    return learn_wording(_torch_compat.version_error_message())
+
+
+def _wording() -> Wording:
+    # Not cached when PyTorch raised nothing (user hooks were active): ask again next time.
+    wording = _learnt_wording()
+    if wording == Wording():
+        _learnt_wording.cache_clear()
+    return wording
 
 
 def record_hits(
