@@ -176,3 +176,28 @@ def test_grad_scaler_skips_are_normal_until_they_persist(tmp_path: Path) -> None
     [finding] = persistent.findings
     assert finding.kind == "non-finite"
     assert finding.details["longest_run"] == 12
+
+
+def test_closure_optimizer_stats_come_after_the_closure(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=3)
+    x = torch.randn(16, 4)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with Session(tmp_path / "run") as session:
+        for _ in range(2):
+            optimizer.step(closure)
+    assert session.findings == []
+    run = load_run(tmp_path / "run")
+    assert [s.step for s in run.grad_steps] == [0, 1]
+    assert all(s.missing == () and len(s.params) == 6 for s in run.grad_steps)
+    # The closure's forward/backward belong to the model, not to the optimizer phase.
+    assert not any(
+        owner == "LBFGS.step" and phase != "optimizer" for owner, _, phase, _ in run.write_counts
+    )

@@ -119,11 +119,6 @@ def test_inplace_bug_same_exception_and_named_culprit(tmp_path: Path) -> None:
 # NOTE: Lightning's automatic optimization runs training_step and backward inside a closure
 # that `optimizer.step(closure)` calls, i.e. after torch's optimizer step pre-hook. StepProbe
 # therefore reports the forward's writes as the optimizer's ("AdamW.step", phase optimizer).
-@pytest.mark.xfail(
-    strict=True,
-    reason="StepProbe counts an optimizer closure's forward/backward as optimizer phase; "
-    "remove this mark once the step pre-hook excludes the closure",
-)
 def test_culprit_module_inside_lightning_closure(tmp_path: Path) -> None:
     callback = GradTraceCallback(out=tmp_path / "run", summary=False)
     with pytest.raises(RuntimeError):

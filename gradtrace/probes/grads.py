@@ -1,10 +1,11 @@
 """Gradient statistics per parameter, computed on device and read one step late.
 
-At every recorded `optimizer.step()` (pre-hook: gradients are final, and under AMP already
-unscaled by `GradScaler.step`) the probe launches three batched reductions over the
-optimizer's parameters: gradient L2 norms, parameter L2 norms and non-zero counts
-(`torch._foreach_norm` with ord 2 and 0). The results are queued on the session's deferred
-queue; nothing is read back until the next step ends.
+At every recorded `optimizer.step()`, once its gradients are final (before the update, after
+the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
+launches three batched reductions over the optimizer's parameters: gradient L2 norms,
+parameter L2 norms and non-zero counts (`torch._foreach_norm` with ord 2 and 0). The
+results are queued on the session's deferred queue; nothing is read back until the next
+step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
 NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
@@ -27,7 +28,6 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim import Optimizer
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradtrace.events import ParamStat, StepGradStats
 from gradtrace.probes import _torch_compat
@@ -68,7 +68,7 @@ class GradStatsProbe:
 
     def install(self, stack: ExitStack) -> None:
         self._stack = stack
-        stack.enter_context(register_optimizer_step_pre_hook(self._before_step))
+        self._steps.on_grads_ready(self._before_step)
         stack.enter_context(register_module_forward_hook(self._after_forward))
 
     def _recording(self) -> bool:
@@ -97,7 +97,7 @@ class GradStatsProbe:
             return code, code.co_firstlineno
         return self._callers.caller()
 
-    def _before_step(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
+    def _before_step(self, optimizer: Optimizer) -> None:
         step = self._steps.step
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._hook_arrivals(params)

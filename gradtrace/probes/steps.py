@@ -1,10 +1,18 @@
-"""Step boundaries and the optimizer phase, from torch's global optimizer step hooks."""
+"""Step boundaries and the optimizer phase, from torch's global optimizer step hooks.
+
+NOTE [closures]: `optimizer.step(closure)` (LBFGS, Lightning's default loop) runs the user's
+forward and backward *inside* the step, after the pre-hook fired. The pre-hook therefore
+wraps the closure: while it runs, the optimizer phase is off (its writes belong to the
+model), and gradients are announced ready when its first call returns.
+"""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.optimizer import (
@@ -18,26 +26,63 @@ class StepProbe:
 
     `step` is the index of the step in progress: 0 until the first `optimizer.step()`
     returns. Each completed step calls `on_step_end(step)` before the count advances.
+    Callbacks given to `on_grads_ready` run once per step, when the gradients the step
+    will use are complete (before the update).
     """
 
     def __init__(self, on_step_end: Callable[[int], None]) -> None:
         self.step = 0
         self._on_step_end = on_step_end
+        self._grads_ready: list[Callable[[Optimizer], None]] = []
         self._local = threading.local()
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(register_optimizer_step_pre_hook(self._before))
         stack.enter_context(register_optimizer_step_post_hook(self._after))
 
+    def on_grads_ready(self, callback: Callable[[Optimizer], None]) -> None:
+        self._grads_ready.append(callback)
+
     @property
     def optimizer(self) -> str | None:
         """`AdamW.step` while an AdamW steps on this thread, else None."""
         return getattr(self._local, "optimizer", None)
 
-    def _before(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
+    def _before(
+        self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         self._local.optimizer = f"{type(optimizer).__name__}.step"
+        # `args` starts with the optimizer itself: the closure, if any, comes after it.
+        if kwargs.get("closure") is not None:
+            return args, {**kwargs, "closure": self._wrap(optimizer, kwargs["closure"])}
+        if len(args) > 1 and callable(args[1]):
+            return (args[0], self._wrap(optimizer, args[1]), *args[2:]), kwargs
+        self._announce(optimizer)
+        return None
 
     def _after(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
         self._local.optimizer = None
         self._on_step_end(self.step)
         self.step += 1
+
+    def _wrap(self, optimizer: Optimizer, closure: Callable[..., Any]) -> Callable[..., Any]:
+        calls = 0
+
+        @functools.wraps(closure)
+        def traced_closure(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            label, self._local.optimizer = self.optimizer, None
+            try:
+                result = closure(*args, **kwargs)
+            finally:
+                self._local.optimizer = label
+            calls += 1
+            if calls == 1:
+                self._announce(optimizer)
+            return result
+
+        return traced_closure
+
+    def _announce(self, optimizer: Optimizer) -> None:
+        for callback in self._grads_ready:
+            callback(optimizer)
