@@ -10,7 +10,6 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -23,11 +22,9 @@ from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.reporters.terminal import TerminalReporter
-from gradtrace.session import DEFAULT_LEVEL, Session, describe_exception
+from gradtrace.session import DEFAULT_LEVEL, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
 from gradtrace.store.reader import load_run
-
-DEFAULT_RUNS_DIR = "gradtrace-runs"
 
 # An exception is annotated with at most this many findings; the run directory has them all.
 MAX_NOTES = 3
@@ -88,7 +85,7 @@ class Trace:
                 f"This trace already ran into '{where}'; a trace runs once. "
                 "Create a new one with gradtrace.trace() or gradtrace.start()."
             )
-        run_dir = self.out if self.out is not None else _default_run_dir(self.name)
+        run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
             run_dir, level=self.level, model=self.model, argv=sys.argv[:], front_end=self.front_end
         )
@@ -236,15 +233,3 @@ def _default_name(model: nn.Module | None) -> str:
         return type(model).__name__
     script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
     return script or "trace"
-
-
-def _default_run_dir(name: str) -> Path:
-    """`./gradtrace-runs/<time>-<name>`, made unique the way `gradtrace run` does."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = name.replace(".", "-").replace("/", "-")
-    base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -15,10 +14,8 @@ from gradtrace.errors import GradtraceError
 from gradtrace.reporters.json_report import render_json
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
-from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session
+from gradtrace.session import DEFAULT_LEVEL, DEFAULT_RUNS_DIR, LEVELS, Session, default_run_dir
 from gradtrace.store.reader import load_run
-
-DEFAULT_RUNS_DIR = "gradtrace-runs"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +57,7 @@ def run(module: str | None, out: Path | None, level: str, every: int, args: tupl
     else:
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
     target.check()
-    run_dir = out or _default_run_dir(target.label)
+    run_dir = out or default_run_dir(Path(target.label).stem)
     session = Session(run_dir, level=level, every=every, argv=[target.name, *target.args])
     exit_code = run_target(target, session)
     sys.stdout.flush()
@@ -79,17 +76,6 @@ def report(run_dir: Path, as_json: bool) -> int:
     else:
         TerminalReporter(Console()).render(run)
     return 0
-
-
-def _default_run_dir(label: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = Path(label).stem.replace(".", "-")
-    base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def main(argv: Sequence[str] | None = None) -> int:

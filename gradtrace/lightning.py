@@ -69,7 +69,7 @@ class GradTraceCallback(*_callback_bases()):  # type: ignore[misc]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Fail before any training work (sanity checks included) when tracing cannot start.
-        active = session._active
+        active = session.active()
         if stage == "fit" and trainer.is_global_zero and active is not None:
             raise GradtraceError(
                 f"A gradtrace session is already tracing into '{active.run_dir}'; "

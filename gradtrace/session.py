@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import time
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,7 +36,21 @@ from gradtrace.store.writer import RunWriter
 LEVELS = ("light", "full")
 DEFAULT_LEVEL = "full"
 
+DEFAULT_RUNS_DIR = "gradtrace-runs"
+
 _active: Session | None = None
+
+
+def default_run_dir(name: str) -> Path:
+    """`./gradtrace-runs/<time>-<name>`, never an existing directory."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = name.replace(".", "-").replace("/", "-")
+    base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 class Session:
@@ -67,7 +83,10 @@ class Session:
         self._writes: WriteLogProbe | None = None
         self._steps = StepProbe(self._end_step)
         self._deferred = DeferredQueue()
-        self._logged: dict[str, float | torch.Tensor] = {}
+        # step -> name -> value, until the step's record is written.
+        self._logged: dict[int, dict[str, float | torch.Tensor]] = {}
+        self._modules = ModuleStackProbe()
+        self._forwards_at_step_end = 0
 
     @property
     def step(self) -> int:
@@ -100,7 +119,7 @@ class Session:
         return self
 
     def _install(self, stack: ExitStack) -> None:
-        modules = ModuleStackProbe()
+        modules = self._modules
         if self._model is not None:
             modules.add_root(self._model)
         callers = CallerFinder()
@@ -124,12 +143,17 @@ class Session:
             self._writes.install(stack)
 
     def log(self, **values: float | torch.Tensor) -> None:
-        """Record scalars (e.g. `loss=loss`) for the current step.
+        """Record scalars (e.g. `loss=loss`) for the step they belong to.
 
-        Tensors are not read here: they are read one step late with the step's other
-        device values, so logging a CUDA loss never synchronises the host.
+        That is the step in progress, or the one that just ended when no forward has run
+        since (`loss = train_step(batch); session.log(loss=loss)`). Tensors are not read
+        here: they are read one step late with the step's other device values, so logging a
+        CUDA loss never synchronises the host.
         """
-        self._logged.update(values)
+        step = self.step
+        if step > 0 and self._modules.forwards == self._forwards_at_step_end:
+            step -= 1
+        self._logged.setdefault(step, {}).update(values)
 
     def close(
         self,
@@ -176,6 +200,7 @@ class Session:
             self.close(status=FAILED, exit_code=None, exception=describe_exception(exc))
 
     def _end_step(self, step: int) -> None:
+        self._forwards_at_step_end = self._modules.forwards
         self._flush(finished=True, step=step)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
@@ -184,23 +209,24 @@ class Session:
         if writer is None:
             return
         step = self.step if step is None else step
-        self._queue_logged(step, writer)
+        self._queue_logged(writer)
         self._deferred.drain(keep_latest=1 if finished else 0)
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
             writer.write_step(step, counts.items(), finished=finished)
 
-    def _queue_logged(self, step: int, writer: RunWriter) -> None:
+    def _queue_logged(self, writer: RunWriter) -> None:
         logged, self._logged = self._logged, {}
-        plain = {k: float(v) for k, v in logged.items() if not isinstance(v, torch.Tensor)}
-        if plain:
-            writer.write_scalars(step, plain)
-        names = [k for k, v in logged.items() if isinstance(v, torch.Tensor)]
-        if names:
-            values = stack_scalars([logged[name] for name in names])
-            self._deferred.push(
-                values, lambda read: writer.write_scalars(step, dict(zip(names, read, strict=True)))
-            )
+        for step, values in logged.items():
+            plain = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+            if plain:
+                writer.write_scalars(step, plain)
+            names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+            if names:
+                self._deferred.push(
+                    stack_scalars([values[name] for name in names]),
+                    functools.partial(_write_named, writer, step, names),
+                )
 
     def _store_scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
@@ -213,6 +239,15 @@ class Session:
     def _add_finding(self, finding: Finding) -> None:
         if self._writer is not None and self._writer.add_finding(finding):
             self.findings.append(finding)
+
+
+def _write_named(writer: RunWriter, step: int, names: list[str], values: list[float]) -> None:
+    writer.write_scalars(step, dict(zip(names, values, strict=True)))
+
+
+def active() -> Session | None:
+    """The session tracing right now, if any (hooks are global: there is at most one)."""
+    return _active
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

@@ -201,3 +201,19 @@ def test_closure_optimizer_stats_come_after_the_closure(tmp_path: Path) -> None:
     assert not any(
         owner == "LBFGS.step" and phase != "optimizer" for owner, _, phase, _ in run.write_counts
     )
+
+
+def test_loss_logged_after_the_step_belongs_to_that_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Session(tmp_path / "run") as session:
+        for _ in range(3):
+            loss = model(torch.randn(8, 4)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            session.log(loss=loss, lr=0.05)
+    scalars = load_run(tmp_path / "run").scalars
+    assert [step for step, _ in scalars["loss"]] == [0, 1, 2]
+    assert [step for step, _ in scalars["lr"]] == [0, 1, 2]

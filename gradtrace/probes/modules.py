@@ -35,6 +35,8 @@ class ModuleStackProbe:
         self._local = threading.local()
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # Forward calls of root modules so far (on any thread): "has a forward run since?"
+        self.forwards = 0
         # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
         # Keyed by id: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.
         self._params: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
@@ -52,6 +54,8 @@ class ModuleStackProbe:
 
     def _enter(self, module: nn.Module, args: object) -> None:
         stack = self._stack()
+        if not stack:
+            self.forwards += 1
         if module not in self._names:
             self._name_tree(stack[0] if stack else module)
         stack.append(module)

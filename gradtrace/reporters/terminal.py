@@ -45,7 +45,7 @@ class TerminalReporter:
         console.print(_headline(run, len(findings)))
         for stored in findings:
             console.print(_finding_panel(stored))
-        if run.grad_steps:
+        if any(stats.params for stats in run.grad_steps):
             console.print(_health_table(run))
         if run.write_counts:
             console.print(_write_table(run))
