@@ -7,6 +7,7 @@ If a future torch renames one, only this module changes.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradtrace.errors import GradtraceError
 
@@ -56,18 +57,35 @@ def version_of(tensor: torch.Tensor) -> int | None:
     return tensor._version
 
 
-def memory_span(tensor: torch.Tensor) -> tuple[str, int, int, int] | None:
-    """(device, storage base address, first byte, one past the last byte) the tensor covers.
+def storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(device index, storage base address) of a tensor's memory; -1 is the CPU.
 
-    Two tensors on one device touch the same memory only if these ranges overlap, whatever
-    views or `.data` aliases lead to them. None for tensors that own no addressable memory:
-    sparse and other non-strided layouts, meta tensors, empty tensors.
+    Every view and `.data` alias of one storage has the same key. None for tensors that own
+    no addressable memory: sparse and other non-strided layouts, meta tensors, and tensors
+    with no data yet.
 
-    NOTE: the storage base is derived from `data_ptr()` and `storage_offset()` instead of
-    `untyped_storage()`, which builds a Python object per call; both read metadata only,
-    with no device synchronisation.
+    NOTE: the base is derived from `data_ptr()` and `storage_offset()` instead of
+    `untyped_storage()`, which builds a Python object per call, and the device is
+    `get_device()`, an int, instead of a `torch.device`: this runs for every written tensor.
+    Both read metadata only, with no device synchronisation.
     """
     if tensor.layout is not torch.strided or tensor.is_meta:
+        return None
+    first = tensor.data_ptr()
+    if first == 0:
+        return None
+    return tensor.get_device(), first - tensor.storage_offset() * tensor.element_size()
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[tuple[int, int], int, int] | None:
+    """(storage key, first byte, one past the last byte) of the memory the tensor covers.
+
+    Two tensors on one device touch the same memory only if these ranges overlap, whatever
+    views or `.data` aliases lead to them. None where `storage_key` is None, and for
+    empty tensors.
+    """
+    key = storage_key(tensor)
+    if key is None:
         return None
     numel_extent = 1
     for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
@@ -75,11 +93,23 @@ def memory_span(tensor: torch.Tensor) -> tuple[str, int, int, int] | None:
             return None
         numel_extent += (size - 1) * stride
     first = tensor.data_ptr()
-    if first == 0:
-        return None
-    itemsize = tensor.element_size()
-    base = first - tensor.storage_offset() * itemsize
-    return str(tensor.device), base, first, first + numel_extent * itemsize
+    return key, first, first + numel_extent * tensor.element_size()
+
+
+class UntracedDynamoMode(TorchDispatchMode):
+    """Base for dispatch modes whose `__torch_dispatch__` runs as plain Python.
+
+    NOTE [_should_skip_dynamo]: since torch 2.9 every TorchDispatchMode subclass gets its
+    `__torch_dispatch__` wrapped in `torch._disable_dynamo`, which adds two Python frames
+    and eval-frame switches to every op (about 5 µs per op measured on CPU, the biggest
+    single cost of the write log). The wrapper exists so Dynamo never traces into a mode;
+    while any non-infra dispatch mode is active Dynamo runs frames eagerly anyway, so
+    gradtrace opts out. Checked on torch 2.11 and 2.13; a torch without the hook ignores it.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
 
 
 def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:

@@ -20,6 +20,8 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
+from gradtrace.probes import _torch_compat
+
 LOOP_OWNER = "training loop"
 
 
@@ -116,15 +118,11 @@ class ModuleStackProbe:
     def roots(self) -> Iterator[nn.Module]:
         return iter(list(self._roots))
 
-    def parameter_name(self, device: str, base: int) -> str | None:
-        """Name of the parameter or buffer whose storage starts at `base`, if any."""
+    def parameter_name(self, key: tuple[int, int]) -> str | None:
+        """Name of the parameter or buffer stored at this storage key, if any."""
         for root in self.roots():
             named = [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]
             for name, tensor in named:
-                if _storage_base(tensor) == (device, base):
+                if _torch_compat.storage_key(tensor) == key:
                     return name
         return None
-
-
-def _storage_base(tensor: torch.Tensor) -> tuple[str, int]:
-    return str(tensor.device), tensor.untyped_storage().data_ptr()

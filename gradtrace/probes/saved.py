@@ -38,7 +38,7 @@ from gradtrace.probes.steps import StepProbe
 # the user keeps alive (e.g. `losses.append(loss)`) must not make this grow every step.
 MAX_HITS_PER_SAVED = 4
 
-SpanKey = tuple[str, int]
+SpanKey = tuple[int, int]
 # (first byte, sizes, strides in elements, bytes per element) of a tensor: where it lies.
 Layout = tuple[int, tuple[int, ...], tuple[int, ...], int]
 
@@ -73,54 +73,48 @@ class RawWrite:
 
 
 class SavedRecord:
-    """What gradtrace knows of one live saved tensor, and the writes that hit it since."""
+    """What gradtrace knows of one live saved tensor, and the writes that hit it since.
+
+    Shape, strides, dtype and device are read off `tensor` (the detached alias autograd
+    keeps) only when needed: packing runs for every saved tensor and must stay cheap.
+    """
 
     __slots__ = (
         "_blocks",
         "caller",
-        "device",
-        "dtype",
         "first",
         "grad_fn",
         "hits",
-        "itemsize",
         "key",
         "last",
         "module",
         "output_nr",
         "reported",
-        "shape",
         "step",
-        "strides",
-        "type_name",
+        "tensor",
         "version",
     )
 
     def __init__(
         self,
         tensor: torch.Tensor,
-        span: tuple[str, int, int, int],
+        grad_fn: str | None,
+        output_nr: int,
+        span: tuple[SpanKey, int, int],
         version: int,
         module: str,
         step: int,
         caller: Caller | None,
     ) -> None:
-        device, base, self.first, self.last = span
-        self.key: SpanKey = (device, base)
-        self.device = device
+        self.tensor = tensor
+        self.grad_fn = grad_fn
+        self.output_nr = output_nr
+        self.key, self.first, self.last = span
         self.version = version
         self.module = module
         self.step = step
         self.caller = caller
-        self.shape = tuple(tensor.shape)
-        self.strides = tensor.stride()
-        self.itemsize = tensor.element_size()
         self._blocks: list[tuple[int, int]] | None = None
-        self.dtype = tensor.dtype
-        grad_fn = tensor.grad_fn
-        self.grad_fn = None if grad_fn is None else grad_fn.name()
-        self.output_nr = tensor.output_nr
-        self.type_name = tensor.type()
         self.hits: list[RawWrite] = []
         self.reported = False
 
@@ -137,7 +131,8 @@ class SavedRecord:
         if not (first < self.last and self.first < last):
             return False
         if self._blocks is None:
-            self._blocks = byte_blocks((self.first, self.shape, self.strides, self.itemsize))
+            t = self.tensor
+            self._blocks = byte_blocks((self.first, tuple(t.shape), t.stride(), t.element_size()))
         return blocks_overlap(self._blocks, byte_blocks(write))
 
 
@@ -170,6 +165,9 @@ class LiveSaved:
 
     def on_storage(self, key: SpanKey) -> list[SavedRecord] | None:
         return self._by_storage.get(key)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_storage)
 
     def __len__(self) -> int:
         return sum(len(records) for records in self._by_storage.values())
@@ -220,8 +218,11 @@ class SavedTensorProbe:
         version = _torch_compat.version_of(tensor)
         if span is None or version is None:
             return detached
+        grad_fn = tensor.grad_fn
         record = SavedRecord(
-            tensor,
+            detached,
+            None if grad_fn is None else grad_fn.name(),
+            tensor.output_nr,
             span,
             version,
             self._modules.current() or LOOP_OWNER,
@@ -259,18 +260,19 @@ class SavedTensorProbe:
             raise RuntimeError(f"{message}\n\n{explain(finding)}")
 
     def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
+        tensor = record.tensor
         return SavedTensor(
-            shape=record.shape,
-            dtype=str(record.dtype).removeprefix("torch."),
-            device=record.device,
-            type_name=record.type_name,
+            shape=tuple(tensor.shape),
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            device=str(tensor.device),
+            type_name=tensor.type(),
             version_saved=record.version,
             step=record.step,
             module=record.module,
             source=source_line(record.caller),
             grad_fn=record.grad_fn,
             output_nr=record.output_nr,
-            parameter=self._modules.parameter_name(*record.key),
+            parameter=self._modules.parameter_name(record.key),
         )
 
 

@@ -22,13 +22,12 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
-from gradtrace.probes.saved import LiveSaved, RawWrite, record_hits
+from gradtrace.probes.saved import Layout, LiveSaved, RawWrite, record_hits
 from gradtrace.probes.steps import StepProbe
 
 # (op name, positions of written arguments); op name is empty for ops that write nothing.
@@ -88,20 +87,25 @@ class WriteLogProbe:
         owner, phase = self.owner_and_phase()
         self.counts[owner, op, phase] += 1
         live = self._live
+        if not live:
+            return
         for position, name in written:
             value = args[position] if position < len(args) else kwargs.get(name)
             tensors = value if isinstance(value, (list, tuple)) else (value,)
             for tensor in tensors:
                 if not isinstance(tensor, torch.Tensor):
                     continue
-                span = _torch_compat.memory_span(tensor)
-                if span is None:
-                    continue
-                records = live.on_storage((span[0], span[1]))
+                key = _torch_compat.storage_key(tensor)
+                records = None if key is None else live.on_storage(key)
                 if records:
                     record_hits(
                         records,
-                        (span[2], tuple(tensor.shape), tensor.stride(), tensor.element_size()),
+                        (
+                            tensor.data_ptr(),
+                            tuple(tensor.shape),
+                            tensor.stride(),
+                            tensor.element_size(),
+                        ),
                         lambda: RawWrite(
                             next(self._seq),
                             op,
@@ -113,18 +117,22 @@ class WriteLogProbe:
                     )
 
 
-class _WriteLogMode(TorchDispatchMode):
+def _layout(tensor: torch.Tensor) -> Layout:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.element_size()
+
+
+class _WriteLogMode(_torch_compat.UntracedDynamoMode):
     def __init__(self, probe: WriteLogProbe) -> None:
         super().__init__()
         self._probe = probe
-        self._ops: dict[torch._ops.OpOverload, _OpInfo] = {}
+        # Keyed by id(op): OpOverload.__hash__ is Python code, and ops live for the process.
+        self._ops: dict[int, _OpInfo] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        info = self._ops.get(func)
+        result = func(*args, **(kwargs or {}))
+        info = self._ops.get(id(func))
         if info is None:
-            info = self._ops[func] = _op_info(func)
+            info = self._ops[id(func)] = _op_info(func)
         if info[1]:
-            self._probe.record(info[0], info[1], args, kwargs)
+            self._probe.record(info[0], info[1], args, kwargs or {})
         return result
