@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent CUDA machine: CUDA tests, the examples, and the overhead
-# benchmark. Writes everything under $OUT (default ./gpu-out). Uses the torch already
-# installed there; gradtrace is taken from this checkout via PYTHONPATH (no network needed).
+# One-shot check on a lent CUDA machine: CUDA tests, the corpus on this torch, the example,
+# and the overhead benchmark. Everything goes under $OUT (default ./gpu-out). Uses the torch
+# installed there; gradtrace comes from this checkout via PYTHONPATH (no network needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -11,19 +11,24 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+  git log --oneline -1 2>/dev/null || true
 } > "$out/device.txt" 2>&1
 
-python -m pytest -q -m cuda tests/test_cuda.py -rA > "$out/cuda_tests.txt" 2>&1
+timeout 120 python -m pytest -q -m cuda tests/test_cuda.py -rA -p no:cacheprovider \
+  > "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"
 
-python -m pytest -q -x tests/test_corpus.py tests/test_cli.py > "$out/cpu_tests_on_gpu_box.txt" 2>&1
-echo "cpu tests exit $?" >> "$out/cpu_tests_on_gpu_box.txt"
-
-COLUMNS=110 python -m gradtrace run --out "$out/example-run" examples/inplace_bug.py \
+COLUMNS=110 timeout 60 python -m gradtrace run --out "$out/example-run" examples/inplace_bug.py \
   > "$out/example.txt" 2>&1
 echo "example exit $?" >> "$out/example.txt"
 
-timeout 300 python scripts/bench_overhead.py --device cuda --json "$out/bench.json" \
-  > "$out/bench.md" 2>&1
+timeout 280 python scripts/bench_overhead.py --device cuda --steps 20 --rounds 5 \
+  --json "$out/bench.json" > "$out/bench.md" 2>&1
 echo "bench exit $?" >> "$out/bench.md"
-cat "$out"/device.txt "$out"/cuda_tests.txt "$out"/bench.md | tail -n 80
+
+timeout 150 python -m pytest -q -x tests/test_corpus.py tests/test_grads.py -p no:cacheprovider \
+  > "$out/corpus_on_this_torch.txt" 2>&1
+echo "corpus exit $?" >> "$out/corpus_on_this_torch.txt"
+
+tail -n 3 "$out"/cuda_tests.txt "$out"/corpus_on_this_torch.txt
+tail -n 25 "$out"/bench.md
