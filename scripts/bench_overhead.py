@@ -633,12 +633,14 @@ def detail_table(models: list[dict[str, Any]], configs: tuple[str, ...], cuda: b
 # Profile mode
 
 
-def profile_full(device: torch.device, steps: int, top: int, tmp: Path) -> str:
-    work = build_workload("gpt", device)
+def profile_level(
+    device: torch.device, model: str, level: str, steps: int, top: int, tmp: Path
+) -> str:
+    work = build_workload(model, device)
     for _ in range(2):
         work.step()
     profiler = cProfile.Profile()
-    with Session(tmp / "profile-full", level="full"):
+    with Session(tmp / f"profile-{model}-{level}", level=level):
         work.step()  # fill the session's per-op caches outside the profile
         profiler.enable()
         for _ in range(steps):
@@ -691,7 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-retries", type=int, default=None, help="rerun rounds per model at most this often"
     )
-    parser.add_argument("--profile", action="store_true", help="cProfile full-level GPT steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile gradtrace steps (see --profile-level)"
+    )
+    parser.add_argument("--profile-level", choices=("light", "full"), default="full")
+    parser.add_argument("--profile-model", choices=MODELS, default="gpt")
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -735,11 +741,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if args.profile:
-            print(f"# gradtrace full-level profile: GPT, {args.profile_steps} steps")
+            print(
+                f"# gradtrace {args.profile_level}-level profile: {args.profile_model}, "
+                f"{args.profile_steps} steps"
+            )
             print(f"device: {header['device']}; torch {header['torch']}; python {header['python']}")
             print(f"gradtrace: {header['gradtrace']}")
             print(f"shape: {SHAPES[device.type]['gpt']}\n")
-            print(profile_full(device, args.profile_steps, args.profile_top, tmp))
+            print(
+                profile_level(
+                    device,
+                    args.profile_model,
+                    args.profile_level,
+                    args.profile_steps,
+                    args.profile_top,
+                    tmp,
+                )
+            )
             return 0
 
         clean = global_state()

@@ -217,3 +217,22 @@ def test_loss_logged_after_the_step_belongs_to_that_step(tmp_path: Path) -> None
     scalars = load_run(tmp_path / "run").scalars
     assert [step for step, _ in scalars["loss"]] == [0, 1, 2]
     assert [step for step, _ in scalars["lr"]] == [0, 1, 2]
+
+
+def test_vanishing_is_relative_to_the_rest_of_the_model() -> None:
+    from gradtrace.analysis.grad_health import diagnose_gradients
+    from gradtrace.events import ParamStat, StepGradStats
+
+    def step(i: int, early: float, late: float) -> StepGradStats:
+        params = (
+            ParamStat("early.weight", "early", 10, early, 1.0, 0.0, 1),
+            ParamStat("mid.weight", "mid", 10, late, 1.0, 0.0, 0),
+            ParamStat("late.weight", "late", 10, late, 1.0, 0.0, 0),
+        )
+        return StepGradStats(i, "SGD.step", params, (), (), (), ())
+
+    starved = [step(i, 1e-12, 1e-2) for i in range(4)]
+    [finding] = diagnose_gradients(starved, {})
+    assert (finding.kind, finding.module) == ("vanishing", "early")
+    converged = [step(i, 1e-12, 1e-11) for i in range(4)]  # loss ~ 0 everywhere: not vanishing
+    assert diagnose_gradients(converged, {}) == []

@@ -28,6 +28,8 @@ class Thresholds:
     explode_history: int = 10
     # A module whose gradient norm stays below this fraction of its parameter norm vanishes.
     vanish_ratio: float = 1e-7
+    # ...and below this fraction of the median ratio over all modules at the same step.
+    vanish_relative: float = 1e-3
     # Recorded steps a parameter needs before "never gets a gradient" or "vanishing" is said.
     min_steps: int = 2
     # GradScaler skipping this many iterations in a row is a bug, not loss-scale calibration.
@@ -197,26 +199,42 @@ def _exploding(
 def _vanishing(
     norms: ModuleNorms, sites: dict[str, SourceLine | None], limits: Thresholds
 ) -> list[Finding]:
-    findings = []
+    """Modules whose updates are vanishingly small *compared with the rest of the model*.
+
+    Tiny gradients everywhere mean the loss is (near) zero, e.g. a memorised batch, not a
+    vanishing-gradient problem; only modules far below the model's own median ratio count.
+    """
+    ratios: dict[str, dict[int, float]] = {}
     for module, series in norms.grad.items():
         params = dict(norms.param[module])
-        ratios = [value / params[step] for step, value in series if params.get(step)]
-        if len(ratios) < limits.min_steps:
+        ratios[module] = {step: v / params[step] for step, v in series if params.get(step)}
+    medians: dict[int, float] = {}
+    for step in {step for by_step in ratios.values() for step in by_step}:
+        values = [r[step] for r in ratios.values() if step in r and math.isfinite(r[step])]
+        medians[step] = statistics.median(values) if values else math.nan
+    findings = []
+    for module, by_step in ratios.items():
+        if len(by_step) < limits.min_steps:
             continue
-        if all(0 < r < limits.vanish_ratio for r in ratios):
+        if all(
+            0 < r < limits.vanish_ratio and r < limits.vanish_relative * medians[step]
+            for step, r in by_step.items()
+        ):
+            last_step, last = max(by_step.items())
             findings.append(
                 _finding(
                     VANISHING,
                     f"Gradients of {module} vanish: ‖grad‖/‖param‖ stayed below "
-                    f"{limits.vanish_ratio:g} for all {len(ratios)} recorded steps "
-                    f"(last {ratios[-1]:.2g}).",
+                    f"{limits.vanish_ratio:g} and {limits.vanish_relative:g}× the model's "
+                    f"median for all {len(by_step)} recorded steps (last {last:.2g}, median "
+                    f"{medians[last_step]:.2g}).",
                     "Check saturating activations (sigmoid/tanh), initialisation and "
                     "normalisation before this module, or residual paths around it.",
-                    step=series[-1][0],
+                    step=last_step,
                     module=module,
                     parameter=None,
                     site=sites.get(module),
-                    details={"ratio": ratios[-1]},
+                    details={"ratio": last, "median_ratio": medians[last_step]},
                 )
             )
     return findings
