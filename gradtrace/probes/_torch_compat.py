@@ -77,25 +77,6 @@ def storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
     return tensor.get_device(), first - tensor.storage_offset() * tensor.element_size()
 
 
-def memory_span(tensor: torch.Tensor) -> tuple[tuple[int, int], int, int] | None:
-    """(storage key, first byte, one past the last byte) of the memory the tensor covers.
-
-    Two tensors on one device touch the same memory only if these ranges overlap, whatever
-    views or `.data` aliases lead to them. None where `storage_key` is None, and for
-    empty tensors.
-    """
-    key = storage_key(tensor)
-    if key is None:
-        return None
-    numel_extent = 1
-    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
-        if size == 0:
-            return None
-        numel_extent += (size - 1) * stride
-    first = tensor.data_ptr()
-    return key, first, first + numel_extent * tensor.element_size()
-
-
 class UntracedDynamoMode(TorchDispatchMode):
     """Base for dispatch modes whose `__torch_dispatch__` runs as plain Python.
 

@@ -2,8 +2,9 @@
 
 At every recorded `optimizer.step()`, once its gradients are final (before the update, after
 the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
-launches three batched reductions over the optimizer's parameters: gradient L2 norms,
-parameter L2 norms and non-zero counts (`torch._foreach_norm` with ord 2 and 0). The
+launches batched reductions over the optimizer's parameters: gradient L2 norms, parameter
+L2 norms and, every ZERO_COUNT_EVERY recorded steps, non-zero counts (`torch._foreach_norm`
+with ord 2 and 0). The
 results are queued on the session's deferred queue; nothing is read back until the next
 step ends.
 
@@ -36,6 +37,10 @@ from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_l
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.steps import StepProbe
 
+# Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
+# parameter. They are taken on every tenth recorded step; other steps store NaN (unknown).
+ZERO_COUNT_EVERY = 10
+
 
 class GradStatsProbe:
     def __init__(
@@ -56,6 +61,7 @@ class GradStatsProbe:
         self._every = max(1, every)
         self._arrival = itertools.count()
         self._arrived: dict[int, int] = {}
+        self._recorded = itertools.count()
         # id(parameter) -> weakref, for parameters whose arrival hook is installed.
         self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
         self._stack: ExitStack | None = None
@@ -63,6 +69,7 @@ class GradStatsProbe:
         # Keyed by module so a step that never comes (AMP skips) cannot grow it.
         self._outputs: dict[str, torch.Tensor] = {}
         self._cut: dict[str, None] = {}
+        self._last_summed: weakref.ref[torch.Tensor] | None = None
         self._seen: set[str] = set()
         self._new_sites: list[tuple[str, Caller | None]] = []
 
@@ -86,9 +93,12 @@ class GradStatsProbe:
             self._new_sites.append((name, self._site_of(module)))
         if tensor.grad_fn is None and any(p.requires_grad for p in module.parameters()):
             self._cut.setdefault(name)
-        if tensor.is_floating_point() and name not in self._outputs:
+        # A container returning its last child's output would only repeat that child's sum.
+        repeat = self._last_summed is not None and self._last_summed() is tensor
+        if tensor.is_floating_point() and name not in self._outputs and not repeat:
             with torch.no_grad():
                 self._outputs[name] = tensor.sum(dtype=torch.float32)
+            self._last_summed = weakref.ref(tensor)
 
     def _site_of(self, module: nn.Module) -> Caller | None:
         """The user's `forward` of this module if it has one, else the line that called it."""
@@ -111,13 +121,15 @@ class GradStatsProbe:
             if p.requires_grad and p.grad is None
         )
         outputs, self._outputs = self._outputs, {}
+        count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
         values: list[torch.Tensor] = []
         if with_grad:
             with torch.no_grad():
                 grads = [p.grad for p in with_grad]
                 values += _torch_compat.foreach_norm(grads, 2)
                 values += _torch_compat.foreach_norm(with_grad, 2)
-                values += _torch_compat.foreach_norm(grads, 0)
+                if count_zeros:
+                    values += _torch_compat.foreach_norm(grads, 0)
         values += outputs.values()
         arrived = self._arrived
         described = [
@@ -134,14 +146,15 @@ class GradStatsProbe:
 
         def on_ready(read: list[float]) -> None:
             n = len(described)
-            grad, norm, nonzero = read[:n], read[n : 2 * n], read[2 * n : 3 * n]
-            finite = read[3 * n :]
+            grad, norm = read[:n], read[n : 2 * n]
+            nonzero = read[2 * n : 3 * n] if count_zeros else [math.nan] * n
+            finite = read[(3 if count_zeros else 2) * n :]
             self._on_stats(
                 StepGradStats(
                     step=step,
                     optimizer=label,
                     params=tuple(
-                        ParamStat(name, module, numel, g, p, 1.0 - nz / numel if numel else 0.0, a)
+                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a)
                         for (name, module, numel, a), g, p, nz in zip(
                             described, grad, norm, nonzero, strict=True
                         )

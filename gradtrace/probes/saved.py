@@ -81,12 +81,12 @@ class SavedRecord:
 
     __slots__ = (
         "_blocks",
+        "_last",
         "caller",
         "first",
         "grad_fn",
         "hits",
         "key",
-        "last",
         "module",
         "output_nr",
         "reported",
@@ -100,7 +100,7 @@ class SavedRecord:
         tensor: torch.Tensor,
         grad_fn: str | None,
         output_nr: int,
-        span: tuple[SpanKey, int, int],
+        key: SpanKey,
         version: int,
         module: str,
         step: int,
@@ -109,7 +109,9 @@ class SavedRecord:
         self.tensor = tensor
         self.grad_fn = grad_fn
         self.output_nr = output_nr
-        self.key, self.first, self.last = span
+        self.key = key
+        self.first = tensor.data_ptr()
+        self._last: int | None = None
         self.version = version
         self.module = module
         self.step = step
@@ -128,12 +130,17 @@ class SavedRecord:
         """
         first = write[0]
         last = first + _extent_bytes(write)
-        if not (first < self.last and self.first < last):
+        if self._last is None:
+            self._last = self.first + _extent_bytes(self._layout())
+        if not (first < self._last and self.first < last):
             return False
         if self._blocks is None:
-            t = self.tensor
-            self._blocks = byte_blocks((self.first, tuple(t.shape), t.stride(), t.element_size()))
+            self._blocks = byte_blocks(self._layout())
         return blocks_overlap(self._blocks, byte_blocks(write))
+
+    def _layout(self) -> Layout:
+        t = self.tensor
+        return self.first, tuple(t.shape), t.stride(), t.element_size()
 
 
 class LiveSaved:
@@ -214,16 +221,16 @@ class SavedTensorProbe:
 
     def _pack(self, tensor: torch.Tensor) -> object:
         detached = tensor.detach()
-        span = _torch_compat.memory_span(tensor)
+        key = _torch_compat.storage_key(tensor)
         version = _torch_compat.version_of(tensor)
-        if span is None or version is None:
+        if key is None or version is None or tensor.numel() == 0:
             return detached
         grad_fn = tensor.grad_fn
         record = SavedRecord(
             detached,
             None if grad_fn is None else grad_fn.name(),
             tensor.output_nr,
-            span,
+            key,
             version,
             self._modules.current() or LOOP_OWNER,
             self._steps.step,
