@@ -42,6 +42,48 @@ from gradtrace.probes.steps import StepProbe
 ZERO_COUNT_EVERY = 10
 
 
+class OutputSums:
+    """Each module's output reduced to one float32 in preallocated device slots.
+
+    NOTE [no extra peak memory]: a fresh 0-d tensor per module would hold one allocator block
+    (512 bytes) per module from forward until the step, through backward, where the peak
+    usually is. Slots come in chunks of SLOTS_PER_CHUNK per device, allocated once per
+    session and reused every step (stream order keeps last step's copy safe).
+    """
+
+    SLOTS_PER_CHUNK = 128
+
+    def __init__(self) -> None:
+        self._slots: dict[torch.device, list[torch.Tensor]] = {}
+        self._used: dict[torch.device, int] = {}
+        self._names: list[str] = []
+        self._seen: set[str] = set()
+        self._views: list[torch.Tensor] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        device = tensor.device
+        slots = self._slots.setdefault(device, [])
+        used = self._used.get(device, 0)
+        if used == len(slots):
+            chunk = torch.empty(self.SLOTS_PER_CHUNK, dtype=torch.float32, device=device)
+            slots.extend(chunk.unbind())
+        slot = slots[used]
+        self._used[device] = used + 1
+        torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+        self._names.append(name)
+        self._seen.add(name)
+        self._views.append(slot)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._seen
+
+    def take(self) -> tuple[list[str], list[torch.Tensor]]:
+        """This step's names and slot views, in completion order; slots free for reuse."""
+        names, views = self._names, self._views
+        self._names, self._views, self._used, self._seen = [], [], {}, set()
+        return names, views
+
+
 class GradStatsProbe:
     def __init__(
         self,
@@ -65,9 +107,9 @@ class GradStatsProbe:
         # id(parameter) -> weakref, for parameters whose arrival hook is installed.
         self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
         self._stack: ExitStack | None = None
-        # Module path -> its output's float32 sum, first call per step, in completion order.
-        # Keyed by module so a step that never comes (AMP skips) cannot grow it.
-        self._outputs: dict[str, torch.Tensor] = {}
+        # Each module's output sum, first call per step, in completion order; bounded by the
+        # module count, so a step that never comes (AMP skips) cannot grow it.
+        self._outputs = OutputSums()
         self._cut: dict[str, None] = {}
         self._last_summed: weakref.ref[torch.Tensor] | None = None
         self._seen: set[str] = set()
@@ -97,7 +139,7 @@ class GradStatsProbe:
         repeat = self._last_summed is not None and self._last_summed() is tensor
         if tensor.is_floating_point() and name not in self._outputs and not repeat:
             with torch.no_grad():
-                self._outputs[name] = tensor.sum(dtype=torch.float32)
+                self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
 
     def _site_of(self, module: nn.Module) -> Caller | None:
@@ -120,7 +162,7 @@ class GradStatsProbe:
             for p in params
             if p.requires_grad and p.grad is None
         )
-        outputs, self._outputs = self._outputs, {}
+        output_names, output_sums = self._outputs.take()
         count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
         values: list[torch.Tensor] = []
         if with_grad:
@@ -130,7 +172,7 @@ class GradStatsProbe:
                 values += _torch_compat.foreach_norm(with_grad, 2)
                 if count_zeros:
                     values += _torch_compat.foreach_norm(grads, 0)
-        values += outputs.values()
+        values += output_sums
         arrived = self._arrived
         described = [
             (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
@@ -142,7 +184,6 @@ class GradStatsProbe:
         self._arrived.clear()
         self._arrival = itertools.count()
         label = f"{type(optimizer).__name__}.step"
-        output_names = list(outputs)
 
         def on_ready(read: list[float]) -> None:
             n = len(described)
@@ -180,7 +221,7 @@ class GradStatsProbe:
         self._forget_step()
 
     def _forget_step(self) -> None:
-        self._outputs.clear()
+        self._outputs.take()
         self._cut.clear()
         self._arrived.clear()
 
