@@ -176,17 +176,13 @@ class LiveSaved:
     def __bool__(self) -> bool:
         return bool(self._by_storage)
 
-    def __len__(self) -> int:
-        return sum(len(records) for records in self._by_storage.values())
-
 
 class _Packed:
-    """The value autograd keeps for a saved tensor while gradtrace watches it."""
+    """The value autograd keeps for a saved tensor (`record.tensor`) while gradtrace watches."""
 
-    __slots__ = ("live", "record", "tensor")
+    __slots__ = ("live", "record")
 
-    def __init__(self, tensor: torch.Tensor, record: SavedRecord, live: LiveSaved) -> None:
-        self.tensor = tensor
+    def __init__(self, record: SavedRecord, live: LiveSaved) -> None:
         self.record = record
         self.live = live
         live.add(record)
@@ -236,16 +232,16 @@ class SavedTensorProbe:
             self._steps.step,
             self._callers.caller(),
         )
-        return _Packed(detached, record, self.live)
+        return _Packed(record, self.live)
 
     def _unpack(self, packed: object) -> torch.Tensor:
         if not isinstance(packed, _Packed):
             return packed  # type: ignore[return-value]
         record = packed.record
-        version_now = packed.tensor._version
+        version_now = record.tensor._version
         if version_now != record.version or (record.hits and not record.reported):
             self._check(record, version_now)
-        return packed.tensor
+        return record.tensor
 
     def _check(self, record: SavedRecord, version_now: int) -> None:
         evidence = CorruptionEvidence(
