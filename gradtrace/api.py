@@ -22,7 +22,7 @@ from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.reporters.terminal import TerminalReporter
-from gradtrace.session import DEFAULT_LEVEL, Session, default_run_dir, describe_exception
+from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
 from gradtrace.store.reader import load_run
 
@@ -233,3 +233,29 @@ def _default_name(model: nn.Module | None) -> str:
         return type(model).__name__
     script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
     return script or "trace"
+
+
+class CallbackTrace:
+    """What the framework callbacks share: their options and the trace of the latest run."""
+
+    out: Path | None
+    level: str
+    summary: bool
+    trace: Trace | None
+
+    def _set_options(self, out: str | Path | None, level: str, summary: bool) -> None:
+        if level not in LEVELS:
+            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        self.out = None if out is None else Path(out)
+        self.level = level
+        self.summary = summary
+        self.trace = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The latest run's directory (None before training starts)."""
+        return None if self.trace is None else self.trace.run_dir
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [] if self.trace is None else self.trace.findings

@@ -17,10 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gradtrace.api import Trace, print_summary
-from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding
-from gradtrace.session import DEFAULT_LEVEL, LEVELS
+from gradtrace.api import CallbackTrace, Trace, print_summary
+from gradtrace.session import DEFAULT_LEVEL
 from gradtrace.store.format import FAILED
 
 try:
@@ -32,7 +30,7 @@ except ImportError as error:
     ) from error
 
 
-class GradTraceCallback(TrainerCallback):
+class GradTraceCallback(CallbackTrace, TrainerCallback):
     """Trace training: the run starts at `on_train_begin` and ends at `on_train_end`.
 
     `out` is the run directory (default `./gradtrace-runs/<time>-<model class>`), `level`
@@ -47,21 +45,7 @@ class GradTraceCallback(TrainerCallback):
         level: str = DEFAULT_LEVEL,
         summary: bool = True,
     ) -> None:
-        if level not in LEVELS:
-            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
-        self.out = None if out is None else Path(out)
-        self.level = level
-        self.summary = summary
-        self.trace: Trace | None = None
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The latest run's directory (None before training starts)."""
-        return None if self.trace is None else self.trace.run_dir
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [] if self.trace is None else self.trace.findings
+        self._set_options(out, level, summary)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace import session
-from gradtrace.api import Trace, print_summary
+from gradtrace.api import CallbackTrace, Trace, print_summary
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding
-from gradtrace.session import DEFAULT_LEVEL, LEVELS
+from gradtrace.session import DEFAULT_LEVEL
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -33,7 +32,7 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-class GradTraceCallback(*_callback_bases()):  # type: ignore[misc]
+class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc]
     """Trace training: the run starts at `on_train_start` and ends with the fit.
 
     `out` is the run directory (default `./gradtrace-runs/<time>-<LightningModule class>`),
@@ -51,21 +50,7 @@ class GradTraceCallback(*_callback_bases()):  # type: ignore[misc]
         summary: bool = True,
     ) -> None:
         super().__init__()
-        if level not in LEVELS:
-            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
-        self.out = None if out is None else Path(out)
-        self.level = level
-        self.summary = summary
-        self.trace: Trace | None = None
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The latest run's directory (None before training starts)."""
-        return None if self.trace is None else self.trace.run_dir
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [] if self.trace is None else self.trace.findings
+        self._set_options(out, level, summary)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Fail before any training work (sanity checks included) when tracing cannot start.
