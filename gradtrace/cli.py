@@ -12,6 +12,7 @@ from rich.console import Console
 
 from gradtrace.errors import GradtraceError
 from gradtrace.reporters.json_report import render_json
+from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
 from gradtrace.session import DEFAULT_LEVEL, DEFAULT_RUNS_DIR, LEVELS, Session, default_run_dir
@@ -47,8 +48,28 @@ def cli() -> None:
     show_default=True,
     help="Record gradient statistics every N optimizer steps.",
 )
+@click.option(
+    "--tensorboard",
+    "tensorboard",
+    is_flag=True,
+    help="Write TensorBoard events while training, into RUN_DIR/tensorboard.",
+)
+@click.option(
+    "--tensorboard-logdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write TensorBoard events while training into this logdir, as the sub-run "
+    "gradtrace/<run name> (implies --tensorboard).",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(module: str | None, out: Path | None, level: str, every: int, args: tuple[str, ...]) -> int:
+def run(
+    module: str | None,
+    out: Path | None,
+    level: str,
+    every: int,
+    tensorboard: bool,
+    tensorboard_logdir: Path | None,
+    args: tuple[str, ...],
+) -> int:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) as python would, with tracing on."""
     if module is not None:
         target = Target(module, args, module=True)
@@ -58,7 +79,10 @@ def run(module: str | None, out: Path | None, level: str, every: int, args: tupl
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
     target.check()
     run_dir = out or default_run_dir(Path(target.label).stem)
-    session = Session(run_dir, level=level, every=every, argv=[target.name, *target.args])
+    live: bool | Path = tensorboard_logdir or tensorboard
+    session = Session(
+        run_dir, level=level, every=every, tensorboard=live, argv=[target.name, *target.args]
+    )
     exit_code = run_target(target, session)
     sys.stdout.flush()
     TerminalReporter(Console(stderr=True)).render(load_run(run_dir))
@@ -75,6 +99,23 @@ def report(run_dir: Path, as_json: bool) -> int:
         click.echo(json.dumps(render_json(run), indent=2))
     else:
         TerminalReporter(Console()).render(run)
+    return 0
+
+
+@cli.command(name="tensorboard")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--logdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write into this TensorBoard logdir as the sub-run gradtrace/<run name> "
+    "(default: RUN_DIR/tensorboard).",
+)
+def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
+    """Regenerate a run's TensorBoard events from the run directory alone."""
+    run = load_run(run_dir)
+    written = write_tensorboard(run, tensorboard_dir(run_dir, logdir))
+    click.echo(f"TensorBoard events in {written}")
+    click.echo(f"  view: tensorboard --logdir {logdir if logdir is not None else written}")
     return 0
 
 

@@ -6,6 +6,7 @@ import functools
 import platform
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,11 @@ from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.saved import SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.writes import WriteLogProbe
+from gradtrace.reporters.tensorboard import (
+    LiveTensorBoard,
+    require_tensorboard,
+    tensorboard_dir,
+)
 from gradtrace.store.format import FAILED, OK, RUNNING
 from gradtrace.store.reader import load_run
 from gradtrace.store.writer import RunWriter
@@ -68,6 +74,7 @@ class Session:
         level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
         every: int = 1,
+        tensorboard: bool | str | Path = False,
         **meta: Any,
     ) -> None:
         if level not in LEVELS:
@@ -87,6 +94,9 @@ class Session:
         self._logged: dict[int, dict[str, float | torch.Tensor]] = {}
         self._modules = ModuleStackProbe()
         self._forwards_at_step_end = 0
+        # TensorBoard: True writes into the run directory, a path into that logdir.
+        self._tensorboard = tensorboard
+        self._live: LiveTensorBoard | None = None
 
     @property
     def step(self) -> int:
@@ -100,6 +110,8 @@ class Session:
                 f"A gradtrace session is already tracing into '{_active.run_dir}'; "
                 "stop it before starting another."
             )
+        if self._tensorboard is not False:
+            require_tensorboard()  # before the run directory exists: fail with nothing made
         writer = RunWriter(self.run_dir)
         writer.set_meta(
             status=RUNNING,
@@ -112,6 +124,9 @@ class Session:
         )
         with ExitStack() as stack:
             stack.callback(writer.close)
+            if self._tensorboard is not False:
+                logdir = None if self._tensorboard is True else Path(self._tensorboard)
+                self._live = LiveTensorBoard(tensorboard_dir(self.run_dir, logdir))
             self._install(stack)
             self._stack = stack.pop_all()
         self._writer = writer
@@ -183,7 +198,10 @@ class Session:
             stack.close()
         if writer is not None:
             run = load_run(self.run_dir)
-            self.findings = [stored.finding for stored in run_findings(run)]
+            findings = run_findings(run)
+            self.findings = [stored.finding for stored in findings]
+            if self._live is not None:
+                self._live.close(findings, step=self.step)
 
     def __enter__(self) -> Session:
         return self.start()
@@ -214,35 +232,48 @@ class Session:
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
             writer.write_step(step, counts.items(), finished=finished)
+            if self._live is not None:
+                self._live.step(step, counts.items(), finished=finished)
 
     def _queue_logged(self, writer: RunWriter) -> None:
         logged, self._logged = self._logged, {}
         for step, values in logged.items():
             plain = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
             if plain:
-                writer.write_scalars(step, plain)
+                self._store_scalars(step, plain)
             names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
             if names:
                 self._deferred.push(
                     stack_scalars([values[name] for name in names]),
-                    functools.partial(_write_named, writer, step, names),
+                    functools.partial(_write_named, self._store_scalars, step, names),
                 )
 
     def _store_scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
             self._writer.write_scalars(step, values)
+            if self._live is not None:
+                self._live.scalars(step, values)
 
     def _store_grad_stats(self, stats: StepGradStats) -> None:
         if self._writer is not None:
             self._writer.write_grad_stats(stats)
+            if self._live is not None:
+                self._live.grad_stats(stats)
 
     def _add_finding(self, finding: Finding) -> None:
         if self._writer is not None and self._writer.add_finding(finding):
             self.findings.append(finding)
+            if self._live is not None:
+                self._live.finding(finding)
 
 
-def _write_named(writer: RunWriter, step: int, names: list[str], values: list[float]) -> None:
-    writer.write_scalars(step, dict(zip(names, values, strict=True)))
+def _write_named(
+    store: Callable[[int, dict[str, float]], None],
+    step: int,
+    names: list[str],
+    values: list[float],
+) -> None:
+    store(step, dict(zip(names, values, strict=True)))
 
 
 def active() -> Session | None:

@@ -36,6 +36,10 @@ class Run:
     grad_steps: list[StepGradStats] = field(default_factory=list)
     # Module path -> where it is called from.
     module_sites: dict[str, SourceLine | None] = field(default_factory=dict)
+    # (step, owner, op, phase, count): in-place writes per step, in step order.
+    step_write_counts: list[tuple[int, str, str, str, int]] = field(default_factory=list)
+    # Finished step -> wall clock (ns) when it ended, in step order.
+    step_end_ns: dict[int, int] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -93,6 +97,13 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
             "GROUP BY owner, op, phase ORDER BY n DESC"
         )
     ]
+    step_write_counts = [
+        tuple(row)
+        for row in db.execute(
+            "SELECT step, owner, op, phase, SUM(count) FROM write_counts "
+            "GROUP BY step, owner, op, phase ORDER BY step, MIN(rowid)"
+        )
+    ]
     scalars: dict[str, list[tuple[int, float]]] = {}
     for step, name, value in db.execute("SELECT step, name, value FROM scalars ORDER BY step"):
         scalars.setdefault(name, []).append((step, _real(value)))
@@ -108,6 +119,8 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         findings=findings,
         steps=steps,
         write_counts=write_counts,
+        step_write_counts=step_write_counts,
+        step_end_ns=dict(db.execute("SELECT step, end_ns FROM steps ORDER BY step")),
     )
 
 

@@ -1,0 +1,357 @@
+"""TensorBoard event files: written live while a run trains, or regenerated from the store.
+
+One class does both. `TensorBoardReporter` is told what the store is told, in the order the
+store gets it (a live session calls it from the same places it writes the store; the
+regenerator replays a stored run through it), so a live logdir and a regenerated one hold
+the same series. It writes with tensorboard's own event-file writer and summary protos
+(no hand-written records), imported lazily: `import gradtrace` never needs tensorboard.
+
+Tags (module paths become tag trees: `encoder.layers.3.attn` -> `encoder/layers.3/attn`):
+
+- `global/grad_norm`, `global/inplace_writes`, `global/findings` (findings so far)
+- `grad_norm/<module>`, `grad_to_param/<module>` (‖grad‖/‖param‖), `inplace_writes/<owner>`
+- the run's own scalars under their names (`loss`, `amp/scale`, `amp/found_inf`)
+- histograms `param_grad_norm/all` and `param_grad_norm/log10` (one value per parameter)
+- text `findings/<NN>-<kind>`: each finding as markdown, at the step it was seen
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.grad_health import module_norms
+from gradtrace.errors import GradtraceError
+from gradtrace.events import Finding, StepGradStats
+from gradtrace.reporters.terminal import _TITLES
+from gradtrace.store.reader import Run, StoredFinding
+
+# Subdirectory of the run directory, and of a user's logdir, that gradtrace writes into.
+RUN_SUBDIR = "tensorboard"
+LOGDIR_SUBDIR = "gradtrace"
+# Event files gradtrace writes end with this, so regenerating replaces only its own files.
+EVENT_SUFFIX = ".gradtrace"
+HISTOGRAM_BUCKETS = 30
+INSTALL_HINT = (
+    "TensorBoard output needs the 'tensorboard' package: "
+    "pip install 'gradtrace[tensorboard]' (or pip install tensorboard)."
+)
+
+
+def tensorboard_dir(run_dir: Path, logdir: Path | None = None) -> Path:
+    """`RUN_DIR/tensorboard`, or `LOGDIR/gradtrace/<run name>` inside a user's logdir.
+
+    The run's name keeps two traced runs in one logdir apart; TensorBoard lists it as the
+    sub-run `gradtrace/<run name>`, next to the user's own runs.
+    """
+    if logdir is None:
+        return run_dir / RUN_SUBDIR
+    return logdir / LOGDIR_SUBDIR / run_dir.resolve().name
+
+
+def module_tag(path: str) -> str:
+    """`encoder.layers.3.attn` -> `encoder/layers.3/attn`: indices stay with their list."""
+    parts: list[str] = []
+    for part in path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}.{part}"
+        else:
+            parts.append(part)
+    return "/".join(p for p in parts if p) or "(root)"
+
+
+def finding_markdown(stored: StoredFinding) -> str:
+    """One finding as markdown: what, where, the code, and the fix."""
+    finding = stored.finding
+    title = _TITLES.get(finding.kind, finding.kind)
+    seen = f" (seen {stored.count}×)" if stored.count > 1 else ""
+    lines = [f"### {title}{seen}", "", f"**{_escape(finding.message)}**", ""]
+    if finding.module is not None:
+        where = f"- module `{finding.module}`"
+        if finding.parameter:
+            where += f" · parameter `{finding.parameter}`"
+        if finding.op:
+            where += f" · op `{finding.op}`"
+        phase = f"{finding.phase} of " if finding.phase else ""
+        lines.append(f"{where} · {phase}step {finding.step}")
+    if finding.file is not None:
+        lines.append(f"- at `{finding.file}:{finding.line}` in `{finding.function}`")
+    saved = finding.saved_by
+    if saved:
+        at = f" at `{saved.get('file')}:{saved.get('line')}`" if saved.get("file") else ""
+        lines.append(
+            f"- corrupted: tensor saved by `{saved.get('node')}` in module "
+            f"`{saved.get('module')}`{at} (version {saved.get('version_saved')} → "
+            f"{saved.get('version_now')})"
+        )
+    for other in finding.other_writes:
+        lines.append(
+            f"- also wrote: `{other.get('file')}:{other.get('line')}` "
+            f"(`{other.get('op')}` in `{other.get('module')}`)"
+        )
+    excerpt = code_excerpt(finding)
+    if excerpt:
+        lines += ["", "```python", *excerpt, "```"]
+    lines += ["", f"**fix:** {_escape(finding.hint)}"]
+    return "\n".join(lines)
+
+
+def code_excerpt(finding: Finding) -> list[str]:
+    """Numbered source lines around the finding, the culprit line marked with `>`."""
+    if not finding.context:
+        return [f"> {finding.line} | {finding.code}"] if finding.code else []
+    width = len(str(finding.context_start + len(finding.context)))
+    return [
+        f"{'>' if n == finding.line else ' '} {n:>{width}} | {text}"
+        for n, text in enumerate(finding.context, start=finding.context_start)
+    ]
+
+
+class TensorBoardReporter:
+    """Writes a run's series as TensorBoard events, step by step, as the store gets them.
+
+    Methods mirror the store writer's: `grad_stats`, `scalars`, `step`, `finding`, then
+    `close` with every finding of the run (gradient findings are only known then). A
+    step's gradient statistics are written once the next step's (or the close) arrive, so
+    several optimizers stepping in one step make one global norm. Thread-safe: findings
+    arrive from autograd's backward threads.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        writer_class, self._protos = _tensorboard()
+        self.logdir = logdir
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = writer_class(str(logdir), filename_suffix=EVENT_SUFFIX)
+        self._lock = threading.Lock()
+        self._pending: list[StepGradStats] = []
+        self._findings = 0
+        self._closed = False
+        # Wall time (seconds) for the events: now when live, the stored step's when replayed.
+        self.wall_time: float | None = None
+
+    def grad_stats(self, stats: StepGradStats) -> None:
+        with self._lock:
+            if self._pending and self._pending[0].step != stats.step:
+                self._write_grads(self._pending)
+                self._pending = []
+            self._pending.append(stats)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        with self._lock:
+            for name, value in values.items():
+                self._scalar(name, value, step)
+
+    def step(
+        self, step: int, counts: Iterable[tuple[tuple[str, str, str], int]], *, finished: bool
+    ) -> None:
+        """A step's in-place write counts; `finished` marks the step done (and flushes)."""
+        per_owner: dict[str, int] = {}
+        for (owner, _op, _phase), count in counts:
+            per_owner[owner] = per_owner.get(owner, 0) + count
+        with self._lock:
+            for owner, count in per_owner.items():
+                self._scalar(f"inplace_writes/{module_tag(owner)}", count, step)
+            if finished:
+                self._scalar("global/inplace_writes", sum(per_owner.values()), step)
+                self._scalar("global/findings", self._findings, step)
+                self._writer.flush()
+
+    def finding(self, finding: Finding, count: int = 1) -> None:
+        """A new finding, as it is stored (live: seen once so far)."""
+        with self._lock:
+            self._text_finding(StoredFinding(finding, count))
+
+    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
+        """Write what is pending and the findings not seen yet; `step` is the run's tail."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._pending:
+                self._write_grads(self._pending)
+                self._pending = []
+            new = list(findings)[self._findings :]
+            for stored in new:
+                self._text_finding(stored)
+            if new and step is not None:
+                self._scalar("global/findings", self._findings, step)
+            self._writer.close()
+
+    def _write_grads(self, records: Sequence[StepGradStats]) -> None:
+        step = records[0].step
+        # One record per optimizer that stepped: together they are the step's model.
+        merged = replace(records[0], params=tuple(p for stats in records for p in stats.params))
+        norms = module_norms([merged])
+        for _, value in norms.global_grad:
+            self._scalar("global/grad_norm", value, step)
+        for module, series in norms.grad.items():
+            grad = series[-1][1]
+            param = norms.param[module][-1][1]
+            tag = module_tag(module)
+            self._scalar(f"grad_norm/{tag}", grad, step)
+            self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
+        values = [p.grad_norm for stats in records for p in stats.params]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            self._histogram("param_grad_norm/all", finite, step)
+        logs = [math.log10(v) for v in finite if v > 0]
+        if logs:
+            self._histogram("param_grad_norm/log10", logs, step)
+
+    def _text_finding(self, stored: StoredFinding) -> None:
+        self._findings += 1
+        tag = f"findings/{self._findings:02d}-{stored.finding.kind}"
+        summary = self._protos.text_pb(tag, finding_markdown(stored))
+        self._event(summary, stored.finding.step)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        summary = self._protos.Summary(
+            value=[self._protos.Summary.Value(tag=tag, simple_value=float(value))]
+        )
+        self._event(summary, step)
+
+    def _histogram(self, tag: str, values: list[float], step: int) -> None:
+        self._event(self._protos.histogram_pb(tag, values, buckets=HISTOGRAM_BUCKETS), step)
+
+    def _event(self, summary: Any, step: int) -> None:
+        wall_time = time.time() if self.wall_time is None else self.wall_time
+        self._writer.add_event(self._protos.Event(wall_time=wall_time, step=step, summary=summary))
+
+
+class LiveTensorBoard:
+    """The session's observer: a `TensorBoardReporter` that never breaks training.
+
+    The first error (disk full, a bad value) is reported once on stderr and turns the
+    observer off; the store, and so `gradtrace tensorboard RUN_DIR`, still has everything.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self._reporter: TensorBoardReporter | None = TensorBoardReporter(logdir)
+
+    def grad_stats(self, stats: StepGradStats) -> None:
+        self._guarded(lambda reporter: reporter.grad_stats(stats))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._guarded(lambda reporter: reporter.scalars(step, values))
+
+    def step(
+        self, step: int, counts: Iterable[tuple[tuple[str, str, str], int]], *, finished: bool
+    ) -> None:
+        self._guarded(lambda reporter: reporter.step(step, counts, finished=finished))
+
+    def finding(self, finding: Finding) -> None:
+        self._guarded(lambda reporter: reporter.finding(finding))
+
+    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
+        self._guarded(lambda reporter: reporter.close(findings, step=step))
+        self._reporter = None
+
+    def _guarded(self, call: Callable[[TensorBoardReporter], None]) -> None:
+        reporter = self._reporter
+        if reporter is None:
+            return
+        try:
+            call(reporter)
+        except Exception as error:
+            self._reporter = None
+            print(
+                f"gradtrace: TensorBoard output to '{self.logdir}' stopped ({error!r}); "
+                "the run directory still records everything: regenerate it with "
+                "'gradtrace tensorboard RUN_DIR'.",
+                file=sys.stderr,
+            )
+
+
+def write_tensorboard(run: Run, logdir: Path) -> Path:
+    """Regenerate a run's TensorBoard events from the store alone; returns the directory.
+
+    Event files gradtrace wrote there before (live or regenerated) are replaced; anything
+    else in the directory is left alone.
+    """
+    if logdir.exists() and not logdir.is_dir():
+        raise GradtraceError(f"'{logdir}' is not a directory; choose another --logdir.")
+    for old in logdir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):
+        old.unlink()
+    reporter = TensorBoardReporter(logdir)
+    grads: dict[int, list[StepGradStats]] = {}
+    for stats in run.grad_steps:
+        grads.setdefault(stats.step, []).append(stats)
+    scalars: dict[int, dict[str, float]] = {}
+    for name, series in run.scalars.items():
+        for step, value in series:
+            scalars.setdefault(step, {})[name] = value
+    writes: dict[int, list[tuple[tuple[str, str, str], int]]] = {}
+    for step, owner, op, phase, count in run.step_write_counts:
+        writes.setdefault(step, []).append(((owner, op, phase), count))
+    stored = run.findings
+    findings = run_findings(run)
+    steps = sorted({*grads, *scalars, *writes, *run.step_end_ns})
+    tail = max(run.step_end_ns, default=-1) + 1
+    try:
+        for step in steps:
+            end_ns = run.step_end_ns.get(step)
+            reporter.wall_time = end_ns / 1e9 if end_ns is not None else _run_time(run)
+            for stats in grads.get(step, ()):
+                reporter.grad_stats(stats)
+            if step in scalars:
+                reporter.scalars(step, scalars[step])
+            for found in stored:
+                if found.finding.step == step:
+                    reporter.finding(found.finding, found.count)
+            reporter.step(step, writes.get(step, ()), finished=step in run.step_end_ns)
+        # Findings of steps that recorded nothing else.
+        recorded = set(steps)
+        for found in stored:
+            if found.finding.step not in recorded:
+                reporter.finding(found.finding, found.count)
+        reporter.close(findings, step=tail)
+    finally:
+        reporter.close()
+    return logdir
+
+
+def _run_time(run: Run) -> float | None:
+    ended = run.meta.get("ended_ns") or run.meta.get("started_ns")
+    return ended / 1e9 if isinstance(ended, int) else None
+
+
+def _escape(text: str) -> str:
+    """Keep markdown from reading `*`, `_` or `<` in messages as formatting."""
+    return "".join(f"\\{c}" if c in "\\`*_<>[]" else c for c in text)
+
+
+class _Protos:
+    """tensorboard's summary builders, resolved once."""
+
+    def __init__(self) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self.Event = Event
+        self.Summary = Summary
+        self.histogram_pb = histogram_pb
+        self.text_pb = text_pb
+
+
+def require_tensorboard() -> None:
+    """Raise `GradtraceError` with an install hint when tensorboard is not installed."""
+    _tensorboard()
+
+
+def _tensorboard() -> tuple[Any, _Protos]:
+    try:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        return EventFileWriter, _Protos()
+    except ImportError:
+        raise GradtraceError(INSTALL_HINT) from None
