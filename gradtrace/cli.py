@@ -11,7 +11,9 @@ import click
 from rich.console import Console
 
 from gradtrace.errors import GradtraceError
+from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
+from gradtrace.reporters.runs_table import find_runs, render_runs_table
 from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
@@ -92,13 +94,42 @@ def run(
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON document.")
-def report(run_dir: Path, as_json: bool) -> int:
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML report (heat map, curves, findings) to this file.",
+)
+def report(run_dir: Path, as_json: bool, html_out: Path | None) -> int:
     """Show the summary of a saved run (post-mortem, from the run directory alone)."""
     run = load_run(run_dir)
+    if html_out is not None:
+        written = write_html(run, html_out)
+        click.echo(f"HTML report in {written}", err=as_json)
+        if not as_json:
+            return 0
     if as_json:
         click.echo(json.dumps(render_json(run), indent=2))
     else:
         TerminalReporter(Console()).render(run)
+    return 0
+
+
+@cli.command(name="ls")
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+def ls_command(directory: Path | None) -> int:
+    """List the runs in DIRECTORY (default ./gradtrace-runs): status, steps, findings."""
+    console = Console()
+    if directory is None:
+        directory = Path(DEFAULT_RUNS_DIR)
+        if not directory.exists():
+            console.print(f"No gradtrace runs in './{directory}' (it does not exist yet).")
+            return 0
+    entries = find_runs(directory)
+    if not entries:
+        console.print(f"No gradtrace runs in '{directory}'.")
+        return 0
+    console.print(render_runs_table(entries, directory))
     return 0
 
 

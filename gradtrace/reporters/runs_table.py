@@ -1,0 +1,87 @@
+"""`gradtrace ls`: one row per run directory, read from each run's store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from gradtrace.analysis.findings import run_findings
+from gradtrace.errors import GradtraceError
+from gradtrace.store.format import DATABASE, FAILED, INTERRUPTED, KILLED, OK
+from gradtrace.store.reader import Run, load_run
+
+STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red"}
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A run directory as `ls` shows it: its run, or why it could not be read."""
+
+    path: Path
+    run: Run | None
+    error: str | None = None
+
+    @property
+    def started_ns(self) -> int:
+        started = self.run.meta.get("started_ns") if self.run is not None else None
+        return started if isinstance(started, int) else 0
+
+
+def find_runs(directory: Path) -> list[RunEntry]:
+    """Every run directory directly inside `directory`, oldest first.
+
+    Directories without a run database are not runs and are skipped; a run database that
+    cannot be read is listed with the reason.
+    """
+    if not directory.is_dir():
+        raise GradtraceError(
+            f"No directory '{directory}'. Give the directory holding your runs "
+            "(default ./gradtrace-runs)."
+        )
+    entries = []
+    for child in sorted(directory.iterdir()):
+        if not (child / DATABASE).is_file():
+            continue
+        try:
+            entries.append(RunEntry(child, load_run(child)))
+        except GradtraceError as error:
+            entries.append(RunEntry(child, None, str(error)))
+    return sorted(entries, key=lambda entry: entry.started_ns)
+
+
+def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
+    table = Table(title=f"gradtrace runs in {directory}", title_justify="left")
+    table.add_column("run", style="cyan", no_wrap=True)
+    table.add_column("status")
+    table.add_column("steps", justify="right")
+    table.add_column("findings", justify="right")
+    table.add_column("started", no_wrap=True)
+    table.add_column("command")
+    for entry in entries:
+        name = entry.path.name
+        run = entry.run
+        if run is None:
+            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error or "")
+            continue
+        findings = len(run_findings(run))
+        exit_code = run.meta.get("exit_code")
+        status = run.status if exit_code in (None, 0) else f"{run.status} ({exit_code})"
+        table.add_row(
+            name,
+            Text(status, style=STATUS_STYLES.get(run.status, "")),
+            str(run.steps),
+            Text(str(findings), style="bold red" if findings else "green"),
+            _started(entry.started_ns),
+            " ".join(run.meta.get("argv") or []),
+        )
+    return table
+
+
+def _started(started_ns: int) -> str:
+    if not started_ns:
+        return "?"
+    return datetime.fromtimestamp(started_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
