@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from gradtrace.errors import GradtraceError
+from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
 from gradtrace.reporters.runs_table import find_runs, render_runs_table
@@ -147,6 +148,21 @@ def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
     written = write_tensorboard(run, tensorboard_dir(run_dir, logdir))
     click.echo(f"TensorBoard events in {written}")
     click.echo(f"  view: tensorboard --logdir {logdir if logdir is not None else written}")
+    return 0
+
+
+@cli.command(name="trace")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Trace file to write (default: RUN_DIR/{TRACE_FILE}).",
+)
+def trace_command(run_dir: Path, out: Path | None) -> int:
+    """Write a Chrome trace (steps, in-place writes, findings) for ui.perfetto.dev."""
+    run = load_run(run_dir)
+    written = write_trace(run, out if out is not None else run_dir / TRACE_FILE)
+    click.echo(f"Chrome trace in {written} (open it in https://ui.perfetto.dev)")
     return 0
 
 
