@@ -19,7 +19,8 @@ def api_snippets() -> dict[str, list[str]]:
     end = text.index("\n## ", start + 1)
     snippets: dict[str, list[str]] = {}
     heading = ""
-    for match in re.finditer(r"^### ([^\n]+)$|^```python\n(.*?)^```$", text[start:end], re.M | re.S):
+    pattern = re.compile(r"^### ([^\n]+)$|^```python\n(.*?)^```$", re.M | re.S)
+    for match in pattern.finditer(text[start:end]):
         if match.group(1) is not None:
             heading = match.group(1).strip()
         else:
