@@ -98,8 +98,10 @@ def test_training_is_bitwise_equal_and_uses_no_extra_memory(tmp_path: Path) -> N
     torch.cuda.synchronize()
     assert torch.equal(plain, traced)
     assert all(torch.equal(a, b) for a, b in zip(plain_params, model.parameters(), strict=True))
-    # The output-sum slots: one 128-float chunk (one 512-byte allocator block) per device.
-    assert torch.cuda.max_memory_allocated() <= plain_peak + 512
+    # Held across forward/backward: one 512-byte block of output-sum slots per device. Also
+    # transient: the workspace of those reductions. Measured on an H200: +44 KiB here,
+    # +1.5 KiB on GPT-2-small (where detect_anomaly adds +2 KiB), see docs/benchmarks.md.
+    assert torch.cuda.max_memory_allocated() <= plain_peak + 64 * 1024
     assert session.findings == []
 
 
