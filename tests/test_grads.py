@@ -236,3 +236,20 @@ def test_vanishing_is_relative_to_the_rest_of_the_model() -> None:
     assert (finding.kind, finding.module) == ("vanishing", "early")
     converged = [step(i, 1e-12, 1e-11) for i in range(4)]  # loss ~ 0 everywhere: not vanishing
     assert diagnose_gradients(converged, {}) == []
+
+
+def test_gradtraces_own_ops_are_not_counted_as_writes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Session(tmp_path / "run", level="full") as session:
+        for _ in range(3):
+            loss = model(torch.randn(8, 4)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            session.log(loss=loss)
+            optimizer.step()
+    counts = {
+        (owner, op, phase): n for owner, op, phase, n in load_run(tmp_path / "run").write_counts
+    }
+    assert counts == {("SGD.step", "add_", "optimizer"): 3 * 6}

@@ -21,6 +21,7 @@ from torch.amp import GradScaler
 from gradtrace.analysis.grad_health import FOUND_INF
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue
+from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import StepProbe
 
 SCALE = "amp/scale"
@@ -58,7 +59,7 @@ class GradScalerProbe:
         if state is None:
             return
         found, scale = state
-        with torch.no_grad():
+        with own_ops():
             device = scale.device
             found_any = torch.stack([f.to(device, non_blocking=True) for f in found]).sum()
             values = torch.stack([scale.reshape(()), found_any.to(scale.dtype)])

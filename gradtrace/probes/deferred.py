@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from gradtrace.probes.own_ops import own_ops
+
 
 class DeferredValues:
     """A 1-D tensor of results, readable later as Python floats."""
@@ -22,7 +24,8 @@ class DeferredValues:
     def __init__(self, values: torch.Tensor) -> None:
         if values.device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
+            with own_ops():
+                self._host.copy_(values, non_blocking=True)
             self._event: torch.cuda.Event | None = torch.cuda.Event()
             self._event.record()
         else:
@@ -42,7 +45,7 @@ def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
     next to CUDA norms) are moved there: moving a CPU value to a device is an asynchronous
     copy, while moving a device value to the CPU would synchronise.
     """
-    with torch.no_grad():
+    with own_ops():
         device = values[0].device
         if any(v.device != device for v in values):
             device = next(v.device for v in values if v.device.type != "cpu")

@@ -35,6 +35,7 @@ from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
 from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
@@ -138,7 +139,7 @@ class GradStatsProbe:
         # A container returning its last child's output would only repeat that child's sum.
         repeat = self._last_summed is not None and self._last_summed() is tensor
         if tensor.is_floating_point() and name not in self._outputs and not repeat:
-            with torch.no_grad():
+            with own_ops():
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
 
@@ -166,7 +167,7 @@ class GradStatsProbe:
         count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
         values: list[torch.Tensor] = []
         if with_grad:
-            with torch.no_grad():
+            with own_ops():
                 grads = [p.grad for p in with_grad]
                 values += _torch_compat.foreach_norm(grads, 2)
                 values += _torch_compat.foreach_norm(with_grad, 2)

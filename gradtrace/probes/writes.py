@@ -27,6 +27,7 @@ from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
+from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import Layout, LiveSaved, RawWrite, record_hits
 from gradtrace.probes.steps import StepProbe
 
@@ -84,6 +85,8 @@ class WriteLogProbe:
         return LOOP_OWNER, LOOP
 
     def record(self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any) -> None:
+        if in_own_ops():
+            return
         owner, phase = self.owner_and_phase()
         self.counts[owner, op, phase] += 1
         live = self._live
