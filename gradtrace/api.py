@@ -49,10 +49,14 @@ class Trace:
         level: str = DEFAULT_LEVEL,
         name: str | None = None,
         front_end: str = "trace",
+        every: int = 1,
+        tensorboard: bool | str | Path = False,
     ) -> None:
         self.model = model
         self.out = None if out is None else Path(out)
         self.level = level
+        self.every = every
+        self.tensorboard = tensorboard
         self.name = name or _default_name(model)
         self.front_end = front_end
         self._session: Session | None = None
@@ -87,7 +91,13 @@ class Trace:
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
-            run_dir, level=self.level, model=self.model, argv=sys.argv[:], front_end=self.front_end
+            run_dir,
+            level=self.level,
+            model=self.model,
+            every=self.every,
+            tensorboard=self.tensorboard,
+            argv=sys.argv[:],
+            front_end=self.front_end,
         )
         session.start()
         self._session = session
@@ -148,7 +158,13 @@ class Trace:
         """
         if self._session is not None:
             raise GradtraceError("A trace that already started cannot decorate a function.")
-        options = {"out": self.out, "level": self.level, "front_end": self.front_end}
+        options = {
+            "out": self.out,
+            "level": self.level,
+            "front_end": self.front_end,
+            "every": self.every,
+            "tensorboard": self.tensorboard,
+        }
         name = self.name if self.model is not None else func.__name__
 
         @functools.wraps(func)
@@ -174,22 +190,35 @@ def trace(
     *,
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
+    every: int = 1,
+    tensorboard: bool | str | Path = False,
 ) -> Trace: ...
 def trace(
     model: nn.Module | Callable[..., Any] | None = None,
     *,
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
+    every: int = 1,
+    tensorboard: bool | str | Path = False,
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
     `model` is optional: it names module paths from your root module (otherwise each
     top-level module called is a root). `level` is "full" (names the writing line) or
-    "light". Only one trace may run at a time; starting a second raises GradtraceError.
+    "light". `every` records gradient statistics every N optimizer steps. `tensorboard`
+    writes TensorBoard events live: True into the run directory, a path into that logdir
+    (under a `gradtrace` sub-run). Only one trace may run at a time; starting a second
+    raises GradtraceError.
     """
+    options: dict[str, Any] = {
+        "out": out,
+        "level": level,
+        "every": every,
+        "tensorboard": tensorboard,
+    }
     if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
-        return Trace(out=out, level=level)(model)  # bare @gradtrace.trace
-    return Trace(model, out=out, level=level)  # type: ignore[arg-type]
+        return Trace(**options)(model)  # bare @gradtrace.trace
+    return Trace(model, **options)  # type: ignore[arg-type]
 
 
 def start(
@@ -197,9 +226,11 @@ def start(
     *,
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
+    every: int = 1,
+    tensorboard: bool | str | Path = False,
 ) -> Trace:
-    """Start tracing now; call `.stop()` on the result to finish the run."""
-    return Trace(model, out=out, level=level).start()
+    """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
+    return Trace(model, out=out, level=level, every=every, tensorboard=tensorboard).start()
 
 
 def annotate(exception: BaseException, findings: list[Finding]) -> None:

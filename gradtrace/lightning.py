@@ -40,6 +40,10 @@ class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc
     fails, the run is closed as failed with the exception, and the exception (re-raised by
     Lightning unchanged) gets the culprit finding as a note. With `summary=True` the terminal
     summary is printed to stderr when the run ends.
+
+    `tensorboard=None` (the default) writes TensorBoard events next to the user's own curves
+    when the trainer has a TensorBoardLogger: into its log dir, under a `gradtrace` sub-run.
+    True writes them into the run directory, a path into that logdir, False nowhere.
     """
 
     def __init__(
@@ -48,9 +52,13 @@ class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc
         *,
         level: str = DEFAULT_LEVEL,
         summary: bool = True,
+        tensorboard: bool | str | Path | None = None,
     ) -> None:
         super().__init__()
         self._set_options(out, level, summary)
+        self.tensorboard = tensorboard
+        # The run directory a resumed checkpoint was recorded in, if any.
+        self.resumed_from: str | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Fail before any training work (sanity checks included) when tracing cannot start.
@@ -64,9 +72,30 @@ class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        trace = Trace(pl_module, out=self.out, level=self.level, front_end="lightning")
+        trace = Trace(
+            pl_module,
+            out=self.out,
+            level=self.level,
+            front_end="lightning",
+            tensorboard=self._tensorboard_target(trainer),
+        )
         trace.start()
         self.trace = trace
+
+    def _tensorboard_target(self, trainer: Any) -> bool | str | Path:
+        if self.tensorboard is not None:
+            return self.tensorboard
+        for logger in getattr(trainer, "loggers", ()):
+            if type(logger).__name__ == "TensorBoardLogger":
+                return logger.log_dir
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where the run that wrote them was recorded."""
+        return {"run_dir": None if self.run_dir is None else str(self.run_dir)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resumed_from = state_dict.get("run_dir")
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.trace is not None and self.trace.active:

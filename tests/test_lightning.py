@@ -56,6 +56,8 @@ def fit(
     inplace_bug: bool = False,
     callback: GradTraceCallback | None = None,
     detect_anomaly: bool = False,
+    logger: object = False,
+    checkpoints: bool = False,
 ) -> TinyModule:
     pl.seed_everything(0, verbose=False)
     module = TinyModule(inplace_bug)
@@ -64,8 +66,8 @@ def fit(
         max_epochs=2,
         accelerator="cpu",
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
+        logger=logger,
+        enable_checkpointing=checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
         detect_anomaly=detect_anomaly,
@@ -183,3 +185,28 @@ def test_pytorch_lightning_trainer_accepts_the_callback(tmp_path: Path) -> None:
     data = TensorDataset(torch.randn(16, 8), torch.randn(16, 1))
     trainer.fit(Module(), DataLoader(data, batch_size=8))
     assert gradtrace.load_run(tmp_path / "run").steps == 2
+
+
+def test_tensorboard_lands_in_the_loggers_directory(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = pl.loggers.TensorBoardLogger(tmp_path / "logs", name="exp")
+    callback = GradTraceCallback(out=tmp_path / "run", summary=False)
+    fit(tmp_path, callback=callback, logger=logger)
+    runs = list((Path(logger.log_dir) / "gradtrace").iterdir())
+    assert len(runs) == 1
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "loss" in tags
+    assert "global/grad_norm" in tags
+    assert [e.step for e in events.Scalars("loss")] == list(range(8))
+
+
+def test_checkpoint_records_the_run_directory(tmp_path: Path) -> None:
+    callback = GradTraceCallback(out=tmp_path / "run", summary=False)
+    fit(tmp_path, callback=callback, checkpoints=True)
+    [checkpoint] = list(tmp_path.rglob("*.ckpt"))
+    state = torch.load(checkpoint, weights_only=False)["callbacks"]
+    [saved] = [v for k, v in state.items() if "GradTraceCallback" in k]
+    assert saved == {"run_dir": str(tmp_path / "run")}
