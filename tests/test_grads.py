@@ -253,3 +253,20 @@ def test_gradtraces_own_ops_are_not_counted_as_writes(tmp_path: Path) -> None:
         (owner, op, phase): n for owner, op, phase, n in load_run(tmp_path / "run").write_counts
     }
     assert counts == {("SGD.step", "add_", "optimizer"): 3 * 6}
+
+
+def test_exactly_zero_gradients_are_not_called_a_cut() -> None:
+    from gradtrace.analysis.grad_health import diagnose_gradients
+    from gradtrace.events import ParamStat, StepGradStats
+
+    def step(i: int) -> StepGradStats:
+        params = (
+            ParamStat("critic.weight", "critic", 8, 0.5, 1.0, 0.0, 0),
+            ParamStat("critic.bias", "critic", 1, 0.0, 1.0, 1.0, 1),  # cancels every step
+        )
+        return StepGradStats(i, "SGD.step", params, (("stem.weight", "stem"),), (), (), ())
+
+    cut, zero = diagnose_gradients([step(i) for i in range(3)], {})
+    assert (cut.kind, cut.parameter, cut.details["grad"]) == ("no-grad", "stem.weight", None)
+    assert (zero.kind, zero.parameter, zero.details["grad"]) == ("no-grad", "critic.bias", "zero")
+    assert "exactly-zero" in zero.message and "never got a gradient" in cut.message

@@ -243,27 +243,48 @@ def _vanishing(
 def _no_grad(
     steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None], limits: Thresholds
 ) -> list[Finding]:
-    """Parameters that never got a gradient, as one finding at the point the graph was cut.
+    """Parameters that never got a gradient while others did.
 
-    Everything upstream of a cut starves, so the starved module that ran *last* in forward
-    order is where the path to the loss ends: the cut is in or right after its call.
+    `.grad` None on every recorded step means the graph to them is cut; one finding points
+    at the starved module that ran *last* in forward order (everything upstream of a cut
+    starves, so the path to the loss ends in or right after its call). A `.grad` that exists
+    but is exactly zero every time can also be a gradient that cancels (a bias before a
+    normalisation or a mean-difference loss, a dead ReLU): that is a separate finding.
     """
     recorded = len({stats.step for stats in steps})
     if recorded < limits.min_steps:
         return []
-    starved: dict[tuple[str, str], int] = {}
+    missing: dict[tuple[str, str], int] = {}
+    zero: dict[tuple[str, str], int] = {}
     updated = False
     for stats in steps:
         for name, module in stats.missing:
-            starved[name, module] = starved.get((name, module), 0) + 1
+            missing[name, module] = missing.get((name, module), 0) + 1
         for p in stats.params:
             if p.grad_norm == 0.0:
-                starved[p.name, p.module] = starved.get((p.name, p.module), 0) + 1
+                zero[p.name, p.module] = zero.get((p.name, p.module), 0) + 1
             else:
                 updated = True
-    never = [(name, module) for (name, module), count in starved.items() if count >= recorded]
-    if not never or not updated:
+    if not updated:
         return []
+    never = [key for key, count in missing.items() if count >= recorded]
+    only_zero = [
+        key for key in zero if key not in never and missing.get(key, 0) + zero[key] >= recorded
+    ]
+    findings = []
+    if never:
+        findings.append(_cut_finding(never, steps, sites, recorded))
+    if only_zero:
+        findings.append(_zero_finding(only_zero, steps, sites, recorded))
+    return findings
+
+
+def _cut_finding(
+    never: list[tuple[str, str]],
+    steps: Sequence[StepGradStats],
+    sites: dict[str, SourceLine | None],
+    recorded: int,
+) -> Finding:
     forward_order = {module: i for i, module in enumerate(sites)}
     modules = {module for _, module in never}
     cuts = [c for stats in steps for c in stats.cut if c in modules]
@@ -275,21 +296,50 @@ def _no_grad(
         else f"the last of them in forward order is {last}: the path to the loss ends at or "
         "right after the line that calls it"
     )
-    return [
-        _finding(
-            NO_GRAD,
-            f"{len(names)} parameter{'s' if len(names) > 1 else ''} never got a gradient in "
-            f"{recorded} recorded steps while others did ({', '.join(names[:6])}"
-            f"{', …' if len(names) > 6 else ''}): {how}.",
-            "Remove the .detach()/.data/torch.no_grad()/torch.tensor(x.item()) on the path "
-            "from this module to the loss, or freeze it on purpose with requires_grad_(False).",
-            step=steps[-1].step,
-            module=last,
-            parameter=names[0],
-            site=sites.get(last),
-            details={"parameters": names, "graph_cut_at": last if cuts else None},
-        )
-    ]
+    return _finding(
+        NO_GRAD,
+        f"{_count(names)} never got a gradient in {recorded} recorded steps while others did "
+        f"({_listed(names)}): {how}.",
+        "Remove the .detach()/.data/torch.no_grad()/torch.tensor(x.item()) on the path "
+        "from this module to the loss, or freeze it on purpose with requires_grad_(False).",
+        step=steps[-1].step,
+        module=last,
+        parameter=names[0],
+        site=sites.get(last),
+        details={"parameters": names, "graph_cut_at": last if cuts else None, "grad": None},
+    )
+
+
+def _zero_finding(
+    only_zero: list[tuple[str, str]],
+    steps: Sequence[StepGradStats],
+    sites: dict[str, SourceLine | None],
+    recorded: int,
+) -> Finding:
+    names = [name for name, _ in only_zero]
+    module = only_zero[0][1]
+    return _finding(
+        NO_GRAD,
+        f"{_count(names)} got only exactly-zero gradients in {recorded} recorded steps while "
+        f"others learned ({_listed(names)}): either the graph to them is cut (a zero .grad "
+        "survives zero_grad(set_to_none=False)) or their gradient cancels exactly.",
+        "A bias right before BatchNorm/LayerNorm or a loss that subtracts means gets an exactly "
+        "zero gradient and can go; otherwise look for a cut (.detach(), .data, no_grad) or a "
+        "dead ReLU on the path from this module to the loss.",
+        step=steps[-1].step,
+        module=module,
+        parameter=names[0],
+        site=sites.get(module),
+        details={"parameters": names, "graph_cut_at": None, "grad": "zero"},
+    )
+
+
+def _count(names: list[str]) -> str:
+    return f"{len(names)} parameter{'s' if len(names) > 1 else ''}"
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
 
 
 def _finding(
