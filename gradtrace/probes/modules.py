@@ -29,14 +29,19 @@ class ModuleStackProbe:
     """Knows the module path (as `named_modules()` spells it from the root) of the running forward.
 
     A module called with no module around it is a root, labelled by its class name. Names are
-    computed once per root from its `named_modules()`; when a bigger root later runs, its tree
-    is named from it, so a model whose parts were first called alone still gets full paths.
+    computed once per root from its `named_modules()`. A new root renames a module only if the
+    module's current root is gone or lies inside the new root's tree: a model whose parts
+    were first called alone gets full paths once it runs whole, while a throwaway container
+    (`model[:2]`, a new `nn.Sequential` each step) never clobbers the model's own paths.
     """
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # Module -> its path from its root ("" for a root) and that root.
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._root_of: weakref.WeakKeyDictionary[nn.Module, weakref.ref[nn.Module]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Forward calls of root modules so far (on any thread): "has a forward run since?"
         self.forwards = 0
         # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
@@ -74,25 +79,26 @@ class ModuleStackProbe:
         self._name_tree(root)
 
     def _name_tree(self, root: nn.Module) -> None:
-        label = type(root).__name__
-        for path, module in root.named_modules(remove_duplicate=False):
-            self._names[module] = path or label
-            self._roots.discard(module)
-        self._roots.add(root)
+        tree = list(root.named_modules(remove_duplicate=False))
+        members = {id(module) for _, module in tree}
+        for path, module in tree:
+            owner = self._root_of.get(module)
+            current_root = None if owner is None else owner()
+            if current_root is None or current_root is module or id(current_root) in members:
+                self._names[module] = path
+                self._root_of[module] = weakref.ref(root)
         self._params.clear()
 
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""
         stack = self._stack()
-        if not stack:
-            return None
-        return self._names.get(stack[-1], type(stack[-1]).__name__)
+        return self.name_of(stack[-1]) if stack else None
 
     def name_of(self, module: nn.Module) -> str:
-        return self._names.get(module, type(module).__name__)
+        return self._names.get(module) or type(module).__name__
 
     def parameter_path(self, param: torch.Tensor) -> str | None:
-        """`encoder.0.weight` for a parameter of a known root, else None."""
+        """`encoder.0.weight` for a parameter of a named module, else None."""
         entry = self._param_entry(param)
         return None if entry is None else entry[0]
 
@@ -104,25 +110,28 @@ class ModuleStackProbe:
     def _param_entry(self, param: torch.Tensor) -> tuple[str, str] | None:
         entry = self._params.get(id(param))
         if entry is None and not self._params:
-            for root in self.roots():
-                for module_path, module in root.named_modules(remove_duplicate=False):
-                    owner = module_path or type(root).__name__
-                    for name, p in module.named_parameters(recurse=False):
-                        full = f"{module_path}.{name}" if module_path else name
-                        self._params.setdefault(id(p), (weakref.ref(p), full, owner))
+            for _, path, name, tensor in self._named_tensors(buffers=False):
+                self._params.setdefault(id(tensor), (weakref.ref(tensor), name, path))
             entry = self._params.get(id(param))
         if entry is None or entry[0]() is not param:
             return None
         return entry[1], entry[2]
 
-    def roots(self) -> Iterator[nn.Module]:
-        return iter(list(self._roots))
-
     def parameter_name(self, key: tuple[int, int]) -> str | None:
         """Name of the parameter or buffer stored at this storage key, if any."""
-        for root in self.roots():
-            named = [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]
-            for name, tensor in named:
-                if _torch_compat.storage_key(tensor) == key:
-                    return name
+        for _, _, name, tensor in self._named_tensors(buffers=True):
+            if _torch_compat.storage_key(tensor) == key:
+                return name
         return None
+
+    def _named_tensors(
+        self, *, buffers: bool
+    ) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
+        """(module, module label, full name, tensor) for the direct tensors of named modules."""
+        for module, path in list(self._names.items()):
+            label = path or type(module).__name__
+            tensors = list(module.named_parameters(recurse=False))
+            if buffers:
+                tensors += module.named_buffers(recurse=False)
+            for name, tensor in tensors:
+                yield module, label, f"{path}.{name}" if path else name, tensor
