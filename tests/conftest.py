@@ -10,6 +10,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from gradtrace import session
 
+# GradScaler.update as torch ships it: gradtrace wraps it while a session runs.
+_SCALER_UPDATE = torch.amp.GradScaler.update
+
 
 def attached_hooks() -> list[str]:
     """Names of the global hooks and modes that are attached right now (empty when clean)."""
@@ -29,8 +32,10 @@ def attached_hooks() -> list[str]:
         attached.append("torch dispatch mode")
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         attached.append("saved-tensor hooks")
-    if session._active is not None:
+    if session.active() is not None:
         attached.append("active gradtrace session")
+    if torch.amp.GradScaler.update is not _SCALER_UPDATE:
+        attached.append("GradScaler.update wrapper")
     return attached
 
 
