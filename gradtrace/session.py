@@ -192,6 +192,7 @@ class Session:
                     exception=exception,
                     ended_ns=time.time_ns(),
                     cuda_device=_cuda_device_name(),
+                    notices=self._notices(),
                 )
         finally:
             _active = None
@@ -202,6 +203,16 @@ class Session:
             self.findings = [stored.finding for stored in findings]
             if self._live is not None:
                 self._live.close(findings, step=self.step)
+
+    def _notices(self) -> list[str]:
+        """Things the user must know about how this run differed from an untraced one."""
+        if self._modules.saw_compiled and self.level == "full":
+            return [
+                "torch.compile'd modules ran eagerly: the write log (--level full) needs to "
+                "see every op. Rerun with --level light to keep compilation (compiled regions "
+                "are then untraced, the saved-tensor check still runs)."
+            ]
+        return []
 
     def __enter__(self) -> Session:
         return self.start()

@@ -7,6 +7,7 @@ If a future torch renames one, only this module changes.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradtrace.errors import GradtraceError
@@ -138,3 +139,26 @@ def version_error_message() -> str | None:
         except RuntimeError as error:
             return str(error)
     return None
+
+
+def compiling() -> bool:
+    """True while torch.compile traces the calling code (the caller's hook then does nothing).
+
+    NOTE [compile and global hooks]: Dynamo inlines global module hooks into the graphs it
+    compiles. Tracing gradtrace's module stack (thread-local lists, weak dictionaries of
+    modules) made Dynamo fail with "already tracked for mutation" (torch 2.13, aot_eager and
+    inductor). A hook that returns at once when this is True is traced as a no-op, so
+    compiled regions run at full speed, untraced; `torch.compiler.is_compiling` is the
+    documented way to do that.
+    """
+    return torch.compiler.is_compiling()
+
+
+def compiled_original(module: nn.Module) -> nn.Module | None:
+    """The module a `torch.compile(module)` wrapper (OptimizedModule) wraps, else None.
+
+    NOTE: global forward hooks fire for the OptimizedModule too, and its `named_modules()`
+    prefixes every path with `_orig_mod.`; gradtrace names the wrapped module instead.
+    """
+    original = getattr(module, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else None

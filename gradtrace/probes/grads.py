@@ -125,7 +125,7 @@ class GradStatsProbe:
         return self._steps.step % self._every == 0
 
     def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
-        if not torch.is_grad_enabled() or not self._recording():
+        if _torch_compat.compiling() or not torch.is_grad_enabled() or not self._recording():
             return
         tensor = _first_tensor(output)
         if tensor is None:

@@ -44,6 +44,8 @@ class ModuleStackProbe:
         )
         # Forward calls of root modules so far (on any thread): "has a forward run since?"
         self.forwards = 0
+        # A torch.compile'd module ran (under the write log it runs eagerly).
+        self.saw_compiled = False
         # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
         # Keyed by id: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.
         self._params: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
@@ -60,6 +62,8 @@ class ModuleStackProbe:
             return self._local.stack
 
     def _enter(self, module: nn.Module, args: object) -> None:
+        if _torch_compat.compiling():
+            return
         stack = self._stack()
         if not stack:
             self.forwards += 1
@@ -68,6 +72,8 @@ class ModuleStackProbe:
         stack.append(module)
 
     def _leave(self, module: nn.Module, args: object, output: object) -> None:
+        if _torch_compat.compiling():
+            return
         stack = self._stack()
         # Pop down to this module: a forward that raised may have left inner ones behind.
         while stack:
@@ -79,6 +85,12 @@ class ModuleStackProbe:
         self._name_tree(root)
 
     def _name_tree(self, root: nn.Module) -> None:
+        original = _torch_compat.compiled_original(root)
+        if original is not None:
+            self.saw_compiled = True
+            self._names[root] = ""
+            self._root_of[root] = weakref.ref(original)
+            root = original
         tree = list(root.named_modules(remove_duplicate=False))
         members = {id(module) for _, module in tree}
         for path, module in tree:
@@ -95,7 +107,11 @@ class ModuleStackProbe:
         return self.name_of(stack[-1]) if stack else None
 
     def name_of(self, module: nn.Module) -> str:
-        return self._names.get(module) or type(module).__name__
+        path = self._names.get(module)
+        if path:
+            return path
+        original = _torch_compat.compiled_original(module)
+        return type(original if original is not None else module).__name__
 
     def parameter_path(self, param: torch.Tensor) -> str | None:
         """`encoder.0.weight` for a parameter of a named module, else None."""

@@ -30,6 +30,7 @@ def render_json(run: Run) -> dict[str, Any]:
             "started_ns": meta.get("started_ns"),
             "ended_ns": meta.get("ended_ns"),
             "exception": meta.get("exception"),
+            "notices": meta.get("notices") or [],
             "steps": run.steps,
             "writes": run.writes,
         },

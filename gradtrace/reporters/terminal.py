@@ -43,6 +43,8 @@ class TerminalReporter:
         console = self._console
         findings = run_findings(run)
         console.print(_headline(run, len(findings)))
+        for notice in run.meta.get("notices") or []:
+            console.print(Text.assemble(("note: ", "bold yellow"), notice))
         for stored in findings:
             console.print(_finding_panel(stored))
         if any(stats.params for stats in run.grad_steps):
