@@ -1,0 +1,38 @@
+"""Sessions must not keep the user's tensors or graphs alive, nor grow without bound."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradtrace.session import Session
+
+
+def test_graph_without_backward_is_freed(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    with Session(tmp_path / "run"):
+        hidden = model[1](model[0](torch.randn(4, 8)))  # sigmoid saves its output
+        loss = model[2](hidden).sum()  # ...and backward never runs
+        watched = weakref.ref(hidden)
+        del hidden, loss
+        gc.collect()
+        assert watched() is None
+
+
+def test_live_registry_empties_after_each_backward(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = Session(tmp_path / "run")
+    with session:
+        for _ in range(50):
+            loss = model(torch.randn(4, 8)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        # Private on purpose: between steps no saved tensor may stay registered.
+        assert not session._writes._live  # type: ignore[union-attr]
+    assert session.step == 50
