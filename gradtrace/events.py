@@ -104,6 +104,8 @@ class StepGradStats:
     cut: tuple[str, ...]
     # Where modules first seen since the last record were called from: (path, line).
     new_sites: tuple[tuple[str, SourceLine | None], ...]
+    # Parameter-free modules: L2 norm of the gradient that reached their output.
+    output_grad_norms: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,25 @@ def test_exactly_zero_gradients_are_not_called_a_cut() -> None:
     assert (cut.kind, cut.parameter, cut.details["grad"]) == ("no-grad", "stem.weight", None)
     assert (zero.kind, zero.parameter, zero.details["grad"]) == ("no-grad", "critic.bias", "zero")
     assert "exactly-zero" in zero.message and "never got a gradient" in cut.message
+
+
+def test_gradient_at_parameter_free_module_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.0), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    grads: dict[str, torch.Tensor] = {}
+    with Session(tmp_path / "run", model=model):
+        for _ in range(2):
+            hidden = model[0](torch.randn(16, 4))
+            act = model[1](hidden)
+            act.register_hook(lambda g: grads.__setitem__("1", g))
+            dropped = model[2](act)
+            dropped.register_hook(lambda g: grads.__setitem__("2", g))
+            loss = model[3](dropped).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    last = dict(load_run(tmp_path / "run").grad_steps[-1].output_grad_norms)
+    assert set(last) == {"1", "2"}  # Tanh and Dropout: the parameter-free modules
+    for name, grad in grads.items():
+        assert last[name] == pytest.approx(torch.linalg.vector_norm(grad).item(), rel=1e-6)

@@ -19,6 +19,7 @@ modules.py); post-accumulate-grad hooks on parameters and forward hooks are safe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -44,7 +45,7 @@ ZERO_COUNT_EVERY = 10
 
 
 class OutputSums:
-    """Each module's output reduced to one float32 in preallocated device slots.
+    """One float32 per module (its output's sum, or a gradient's L2 norm) in device slots.
 
     NOTE [no extra peak memory]: a fresh 0-d tensor per module would hold one allocator block
     (512 bytes) per module from forward until the step, through backward, where the peak
@@ -54,7 +55,8 @@ class OutputSums:
 
     SLOTS_PER_CHUNK = 128
 
-    def __init__(self) -> None:
+    def __init__(self, *, norm: bool = False) -> None:
+        self._norm = norm
         self._slots: dict[torch.device, list[torch.Tensor]] = {}
         self._used: dict[torch.device, int] = {}
         self._names: list[str] = []
@@ -70,7 +72,10 @@ class OutputSums:
             slots.extend(chunk.unbind())
         slot = slots[used]
         self._used[device] = used + 1
-        torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+        if self._norm:
+            torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
+        else:
+            torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
         self._names.append(name)
         self._seen.add(name)
         self._views.append(slot)
@@ -111,6 +116,12 @@ class GradStatsProbe:
         # Each module's output sum, first call per step, in completion order; bounded by the
         # module count, so a step that never comes (AMP skips) cannot grow it.
         self._outputs = OutputSums()
+        # L2 norm of the gradient arriving at each parameter-free module's output.
+        self._output_grads = OutputSums(norm=True)
+        self._parameter_free: weakref.WeakKeyDictionary[nn.Module, bool] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._installed = False
         self._cut: dict[str, None] = {}
         self._last_summed: weakref.ref[torch.Tensor] | None = None
         self._seen: set[str] = set()
@@ -118,6 +129,8 @@ class GradStatsProbe:
 
     def install(self, stack: ExitStack) -> None:
         self._stack = stack
+        self._installed = True
+        stack.callback(setattr, self, "_installed", False)
         self._steps.on_grads_ready(self._before_step)
         stack.enter_context(register_module_forward_hook(self._after_forward))
 
@@ -142,6 +155,21 @@ class GradStatsProbe:
             with own_ops():
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
+        if tensor.requires_grad and self._is_parameter_free(module):
+            # A tensor hook that returns None observes the gradient without changing it;
+            # it goes away with the tensor. (Never a module backward hook: see modules.py.)
+            tensor.register_hook(functools.partial(self._output_grad_arrived, name))
+
+    def _is_parameter_free(self, module: nn.Module) -> bool:
+        known = self._parameter_free.get(module)
+        if known is None:
+            known = self._parameter_free[module] = next(module.parameters(), None) is None
+        return known
+
+    def _output_grad_arrived(self, name: str, grad: torch.Tensor) -> None:
+        if self._installed and name not in self._output_grads:
+            with own_ops():
+                self._output_grads.add(name, grad)
 
     def _site_of(self, module: nn.Module) -> Caller | None:
         """The user's `forward` of this module if it has one, else the line that called it."""
@@ -164,6 +192,7 @@ class GradStatsProbe:
             if p.requires_grad and p.grad is None
         )
         output_names, output_sums = self._outputs.take()
+        grad_names, grad_norms = self._output_grads.take()
         count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
         values: list[torch.Tensor] = []
         if with_grad:
@@ -174,6 +203,7 @@ class GradStatsProbe:
                 if count_zeros:
                     values += _torch_compat.foreach_norm(grads, 0)
         values += output_sums
+        values += grad_norms
         arrived = self._arrived
         described = [
             (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
@@ -190,7 +220,9 @@ class GradStatsProbe:
             n = len(described)
             grad, norm = read[:n], read[n : 2 * n]
             nonzero = read[2 * n : 3 * n] if count_zeros else [math.nan] * n
-            finite = read[(3 if count_zeros else 2) * n :]
+            outputs_at = (3 if count_zeros else 2) * n
+            finite = read[outputs_at : outputs_at + len(output_names)]
+            output_grads = read[outputs_at + len(output_names) :]
             self._on_stats(
                 StepGradStats(
                     step=step,
@@ -209,6 +241,7 @@ class GradStatsProbe:
                     ),
                     cut=cut,
                     new_sites=new_sites,
+                    output_grad_norms=tuple(zip(grad_names, output_grads, strict=True)),
                 )
             )
 
@@ -223,6 +256,7 @@ class GradStatsProbe:
 
     def _forget_step(self) -> None:
         self._outputs.take()
+        self._output_grads.take()
         self._cut.clear()
         self._arrived.clear()
 

@@ -67,11 +67,21 @@ def _grad_stats(run: Run) -> dict[str, Any]:
             for module, series in norms.grad.items()
         },
         "params": params,
+        "output_grad_norm": _output_grads(run),
         "scalars": {
             name: [[step, _json_number(v)] for step, v in values]
             for name, values in run.scalars.items()
         },
     }
+
+
+def _output_grads(run: Run) -> dict[str, list[list[Any]]]:
+    """Parameter-free modules: gradient L2 norm at their output, per recorded step."""
+    series: dict[str, list[list[Any]]] = {}
+    for stats in run.grad_steps:
+        for module, norm in stats.output_grad_norms:
+            series.setdefault(module, []).append([stats.step, _json_number(norm)])
+    return series
 
 
 def _json_number(value: float) -> float | str:

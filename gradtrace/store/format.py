@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS graph_cuts (
     step INTEGER NOT NULL,
     module TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS output_grads (
+    step INTEGER NOT NULL,
+    optimizer TEXT NOT NULL,
+    module TEXT NOT NULL,            -- a parameter-free module (activation, dropout, ...)
+    grad_norm REAL                   -- L2 norm of the gradient at its output; NULL means NaN
+);
 CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,
     source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called

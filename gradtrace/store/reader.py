@@ -143,6 +143,11 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
         "SELECT step, module FROM nonfinite_outputs ORDER BY step, position"
     ):
         nonfinite.setdefault(step, []).append(module)
+    output_grads: dict[tuple[int, str], list[tuple[str, float]]] = {}
+    for step, optimizer, module, norm in db.execute(
+        "SELECT step, optimizer, module, grad_norm FROM output_grads ORDER BY rowid"
+    ):
+        output_grads.setdefault((step, optimizer), []).append((module, _real(norm)))
     cuts: dict[int, list[str]] = {}
     for step, module in db.execute("SELECT step, module FROM graph_cuts ORDER BY rowid"):
         cuts.setdefault(step, []).append(module)
@@ -156,6 +161,7 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
             nonfinite_outputs=tuple(nonfinite.get(step, ())),
             cut=tuple(cuts.get(step, ())),
             new_sites=(),
+            output_grad_norms=tuple(output_grads.get((step, optimizer), ())),
         )
         for step, optimizer in keys
     ]

@@ -112,6 +112,10 @@ class RunWriter:
                 [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
             )
             self._db.executemany(
+                "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
+                [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
+            )
+            self._db.executemany(
                 "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
                 [(stats.step, module) for module in stats.cut],
             )
