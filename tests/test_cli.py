@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from killing import kill_when_ready
 
 PROBE_SCRIPT = """
 import json, os, sys
@@ -129,17 +129,7 @@ def test_killed_run_keeps_every_finished_step(tmp_path: Path) -> None:
         time.sleep(60)
         """,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradtrace", "run", "--out", "r", "train.py"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == "ready"
-    time.sleep(0.2)
-    process.kill()
-    process.wait(timeout=30)
+    kill_when_ready(["run", "--out", "r", "train.py"], tmp_path)
     report = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)
     assert report["run"]["status"] == "killed"
     assert report["run"]["steps"] == 3

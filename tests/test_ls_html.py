@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from events_factory import evidence, write
+from killing import kill_when_ready
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import ParamStat, StepGradStats
@@ -184,17 +184,7 @@ def test_html_bins_long_runs_keeping_the_worst_value() -> None:
 
 def run_killed(tmp_path: Path) -> Path:
     (tmp_path / "train.py").write_text(textwrap.dedent(TRAIN))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradtrace", "run", "--out", "r", "train.py"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == "ready"
-    time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    kill_when_ready(["run", "--out", "r", "train.py"], tmp_path)
     return tmp_path / "r"
 
 

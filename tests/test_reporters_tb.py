@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from events_factory import evidence, write
+from killing import kill_when_ready
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.errors import GradtraceError
@@ -255,17 +255,7 @@ def test_cli_writes_live_into_a_users_logdir_with_the_finding(tmp_path: Path) ->
 
 def test_cli_regenerates_a_killed_run_from_its_finished_steps(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text(textwrap.dedent(TRAIN))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradtrace", "run", "--out", "r", "train.py", "3", "sleep"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == "ready"
-    time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    kill_when_ready(["run", "--out", "r", "train.py", "3", "sleep"], tmp_path)
     result = gradtrace("tensorboard", "r", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"TensorBoard events in {Path('r') / 'tensorboard'}" in result.stdout
