@@ -1,0 +1,76 @@
+"""Checkpointing, eval loops and autocast under gradtrace: same behaviour, right findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gradtrace.session import Session
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_write_to_a_checkpointed_regions_input_is_attributed(
+    tmp_path: Path, reentrant: bool
+) -> None:
+    torch.manual_seed(0)
+    stem, block = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+
+    def run() -> None:
+        h = torch.sigmoid(stem(torch.randn(2, 4)))
+        y = checkpoint(block, h, use_reentrant=reentrant)
+        h.mul_(2)  # the region's input, needed to recompute it in backward
+        y.sum().backward()
+
+    with pytest.raises(RuntimeError) as plain:
+        run()
+    session = Session(tmp_path / "run")
+    with pytest.raises(RuntimeError) as traced, session:
+        run()
+    prefix = "one of the variables needed for gradient computation has been modified"
+    assert str(plain.value).startswith(prefix) and str(traced.value).startswith(prefix)
+    [finding] = session.findings
+    assert (finding.op, finding.line, finding.file) == (
+        "mul_",
+        run.__code__.co_firstlineno + 3,
+        __file__,
+    )
+
+
+def test_eval_loops_under_inference_mode_and_no_grad(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(inplace=True), nn.Linear(16, 1)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Session(tmp_path / "run") as session:
+        for _ in range(3):
+            model.train()
+            loss = model(torch.randn(8, 8)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.eval()
+            with torch.inference_mode():
+                out = model(torch.randn(4, 8))
+                out += 1  # in-place on inference tensors: no version counter at all
+            with torch.no_grad():
+                model(torch.randn(4, 8)).mul_(2)
+    assert session.findings == []
+
+
+def test_bf16_autocast_clean_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Session(tmp_path / "run") as session:
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(torch.randn(8, 8)).float().square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert session.findings == []
