@@ -671,6 +671,25 @@ def profile_level(
     return out.getvalue()
 
 
+def soak(device: torch.device, level: str, steps: int, tmp: Path) -> str:
+    """Host memory over a long run, and how fast the run directory grows."""
+    work = build_workload("mlp", device)
+    run_dir = tmp / f"soak-{level}"
+    lines = [f"# soak: mlp, {steps} steps, level {level}, {device_name(device)}", ""]
+    lines.append("| step | host RSS MiB | run dir MiB |")
+    lines.append("|---|---|---|")
+    with Session(run_dir, level=level):
+        for step in range(1, steps + 1):
+            work.step()
+            if step % 1000 == 0:
+                size = sum(f.stat().st_size for f in run_dir.iterdir()) / 2**20
+                lines.append(f"| {step} | {rss_mib():.1f} | {size:.2f} |")
+    size = sum(f.stat().st_size for f in run_dir.iterdir()) / 2**20
+    per_1000 = size / steps * 1000
+    lines.append(f"\nrun directory after close: {size:.2f} MiB ({per_1000:.2f} MiB per 1000 steps)")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -698,6 +717,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile-level", choices=("light", "full"), default="full")
     parser.add_argument("--profile-model", choices=MODELS, default="gpt")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead: train the MLP for STEPS steps under --profile-level, sampling host RSS "
+        "every 1000 steps, and report the run directory's size",
+    )
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -740,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        if args.soak:
+            print(soak(device, args.profile_level, args.soak, tmp))
+            return 0
         if args.profile:
             print(
                 f"# gradtrace {args.profile_level}-level profile: {args.profile_model}, "
