@@ -17,8 +17,7 @@ from pathlib import Path
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
-from gradtrace.reporters.tensorboard import code_excerpt
-from gradtrace.reporters.terminal import _TITLES
+from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -158,39 +157,8 @@ def _findings_section(findings: Sequence[StoredFinding]) -> str:
 
 def _finding_card(stored: StoredFinding) -> str:
     finding = stored.finding
-    title = _TITLES.get(finding.kind, finding.kind)
     seen = f" · seen {stored.count}×" if stored.count > 1 else ""
-    facts = []
-    if finding.module is not None:
-        where = f"module <code>{escape(finding.module)}</code>"
-        if finding.parameter:
-            where += f" · parameter <code>{escape(finding.parameter)}</code>"
-        if finding.op:
-            where += f" · op <code>{escape(finding.op)}</code>"
-        phase = f"{escape(finding.phase)} of " if finding.phase else ""
-        facts.append(f"{where} · {phase}step {finding.step}")
-    if finding.file is not None:
-        facts.append(
-            f"at <code>{escape(finding.file)}:{finding.line}</code> in "
-            f"<code>{escape(str(finding.function))}</code>"
-        )
-    saved = finding.saved_by
-    if saved:
-        at = (
-            f" at <code>{escape(str(saved.get('file')))}:{saved.get('line')}</code>"
-            if saved.get("file")
-            else ""
-        )
-        facts.append(
-            f"corrupted: tensor saved by <code>{escape(str(saved.get('node')))}</code> in module "
-            f"<code>{escape(str(saved.get('module')))}</code>{at} (version "
-            f"{saved.get('version_saved')} → {saved.get('version_now')})"
-        )
-    for other in finding.other_writes:
-        facts.append(
-            f"also wrote: <code>{escape(str(other.get('file')))}:{other.get('line')}</code> "
-            f"({escape(str(other.get('op')))} in {escape(str(other.get('module')))})"
-        )
+    facts = finding_facts(finding, lambda name: f"<code>{escape(str(name))}</code>")
     excerpt = "\n".join(
         f"<span class='hit'>{escape(line)}</span>" if line.startswith(">") else escape(line)
         for line in code_excerpt(finding)
@@ -199,7 +167,7 @@ def _finding_card(stored: StoredFinding) -> str:
     items = "".join(f"<li>{fact}</li>" for fact in facts)
     return (
         f"<div class='finding' data-kind='{escape(finding.kind)}'>"
-        f"<h3>{escape(title)}{seen}</h3>"
+        f"<h3>{escape(title(finding.kind))}{seen}</h3>"
         f"<div class='message'>{escape(finding.message)}</div><ul>{items}</ul>{code}"
         f"<div class='fix'><b>fix:</b> {escape(finding.hint)}</div></div>"
     )

@@ -30,7 +30,7 @@ from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, StepGradStats
-from gradtrace.reporters.terminal import _TITLES
+from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
 from gradtrace.store.reader import Run, StoredFinding
 
 # Subdirectory of the run directory, and of a user's logdir, that gradtrace writes into.
@@ -70,48 +70,14 @@ def module_tag(path: str) -> str:
 def finding_markdown(stored: StoredFinding) -> str:
     """One finding as markdown: what, where, the code, and the fix."""
     finding = stored.finding
-    title = _TITLES.get(finding.kind, finding.kind)
     seen = f" (seen {stored.count}×)" if stored.count > 1 else ""
-    lines = [f"### {title}{seen}", "", f"**{_escape(finding.message)}**", ""]
-    if finding.module is not None:
-        where = f"- module `{finding.module}`"
-        if finding.parameter:
-            where += f" · parameter `{finding.parameter}`"
-        if finding.op:
-            where += f" · op `{finding.op}`"
-        phase = f"{finding.phase} of " if finding.phase else ""
-        lines.append(f"{where} · {phase}step {finding.step}")
-    if finding.file is not None:
-        lines.append(f"- at `{finding.file}:{finding.line}` in `{finding.function}`")
-    saved = finding.saved_by
-    if saved:
-        at = f" at `{saved.get('file')}:{saved.get('line')}`" if saved.get("file") else ""
-        lines.append(
-            f"- corrupted: tensor saved by `{saved.get('node')}` in module "
-            f"`{saved.get('module')}`{at} (version {saved.get('version_saved')} → "
-            f"{saved.get('version_now')})"
-        )
-    for other in finding.other_writes:
-        lines.append(
-            f"- also wrote: `{other.get('file')}:{other.get('line')}` "
-            f"(`{other.get('op')}` in `{other.get('module')}`)"
-        )
+    lines = [f"### {title(finding.kind)}{seen}", "", f"**{_escape(finding.message)}**", ""]
+    lines += [f"- {fact}" for fact in finding_facts(finding, lambda name: f"`{name}`")]
     excerpt = code_excerpt(finding)
     if excerpt:
         lines += ["", "```python", *excerpt, "```"]
     lines += ["", f"**fix:** {_escape(finding.hint)}"]
     return "\n".join(lines)
-
-
-def code_excerpt(finding: Finding) -> list[str]:
-    """Numbered source lines around the finding, the culprit line marked with `>`."""
-    if not finding.context:
-        return [f"> {finding.line} | {finding.code}"] if finding.code else []
-    width = len(str(finding.context_start + len(finding.context)))
-    return [
-        f"{'>' if n == finding.line else ' '} {n:>{width}} | {text}"
-        for n, text in enumerate(finding.context, start=finding.context_start)
-    ]
 
 
 class TensorBoardReporter:

@@ -14,20 +14,13 @@ from rich.text import Text
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
 from gradtrace.events import Finding
+from gradtrace.reporters.finding_text import title
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
 
 # Owners listed in the "in-place writes" table.
 TOP_OWNERS = 8
 
-_TITLES = {
-    "inplace-write": "in-place write broke backward",
-    "silent-overwrite": "silent overwrite: wrong gradients, no error",
-    "non-finite": "gradients went NaN/Inf",
-    "exploding": "exploding gradients",
-    "vanishing": "vanishing gradients",
-    "no-grad": "parameters never get a gradient",
-}
 _SPARKS = "▁▂▃▄▅▆▇█"
 # Points shown in a sparkline: the most recent recorded steps.
 SPARK_WIDTH = 24
@@ -103,7 +96,7 @@ def _finding_panel(stored: StoredFinding) -> Panel:
     repeat = f" · seen {stored.count}×" if stored.count > 1 else ""
     return Panel(
         Group(*parts),
-        title=f"[bold red]{_TITLES.get(finding.kind, finding.kind)}[/]{repeat}",
+        title=f"[bold red]{title(finding.kind)}[/]{repeat}",
         title_align="left",
         border_style="red",
     )
