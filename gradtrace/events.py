@@ -108,6 +108,20 @@ class StepGradStats:
     output_grad_norms: tuple[tuple[str, float], ...] = ()
 
 
+def located_at(source: SourceLine | None) -> dict[str, Any]:
+    """The `Finding` fields that point at a line of code; empty when the line is unknown."""
+    if source is None:
+        return {"file": None, "line": None, "function": None, "code": None}
+    return {
+        "file": source.file,
+        "line": source.line,
+        "function": source.function,
+        "code": source.code,
+        "context_start": source.context_start,
+        "context": source.context,
+    }
+
+
 @dataclass(frozen=True)
 class Finding:
     """A diagnosed problem with its evidence and a pointer to the code that caused it.

@@ -7,7 +7,7 @@ unpack time and asks `diagnose` what it means.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from gradtrace.events import (
     BACKWARD,
@@ -17,6 +17,7 @@ from gradtrace.events import (
     Finding,
     SavedTensor,
     WriteEvent,
+    located_at,
 )
 
 INPLACE_WRITE = "inplace-write"
@@ -56,38 +57,17 @@ def diagnose(evidence: CorruptionEvidence) -> Finding | None:
     culprit = evidence.writes[0] if evidence.writes else None
     hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
     saved_by = _saved_by(evidence)
-    if culprit is None:
-        return Finding(
-            kind=kind,
-            message=_message(kind, saved, None, evidence),
-            hint=hint,
-            step=saved.step,
-            phase=None,
-            op=None,
-            module=None,
-            file=None,
-            line=None,
-            function=None,
-            code=None,
-            saved_by=saved_by,
-        )
-    source = culprit.source
     return Finding(
         kind=kind,
         message=_message(kind, saved, culprit, evidence),
         hint=hint,
-        step=culprit.step,
-        phase=culprit.phase,
-        op=culprit.op,
-        module=culprit.owner,
-        file=source.file if source else None,
-        line=source.line if source else None,
-        function=source.function if source else None,
-        code=source.code if source else None,
+        step=saved.step if culprit is None else culprit.step,
+        phase=None if culprit is None else culprit.phase,
+        op=None if culprit is None else culprit.op,
+        module=None if culprit is None else culprit.owner,
         saved_by=saved_by,
-        context_start=source.context_start if source else 0,
-        context=source.context if source else (),
         other_writes=tuple(_write_summary(w) for w in evidence.writes[1 : 1 + MAX_OTHER_WRITES]),
+        **located_at(None if culprit is None else culprit.source),
     )
 
 
@@ -237,17 +217,15 @@ def _hint(kind: str, saved: SavedTensor, culprit: WriteEvent | None, *, writes_l
 
 def _saved_by(evidence: CorruptionEvidence) -> dict[str, object]:
     saved = evidence.saved
-    source = asdict(saved.source) if saved.source else {}
-    source.pop("context", None)
-    source.pop("context_start", None)
+    where = located_at(saved.source)
     return {
         "node": evidence.node,
         "op": forward_op(evidence.node),
         "module": saved.module,
-        "file": source.get("file"),
-        "line": source.get("line"),
-        "function": source.get("function"),
-        "code": source.get("code"),
+        "file": where["file"],
+        "line": where["line"],
+        "function": where["function"],
+        "code": where["code"],
         "shape": list(saved.shape),
         "dtype": saved.dtype,
         "device": saved.device,

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradtrace.events import Finding, SourceLine, StepGradStats
+from gradtrace.events import Finding, SourceLine, StepGradStats, located_at
 
 NON_FINITE = "non-finite"
 EXPLODING = "exploding"
@@ -361,13 +361,8 @@ def _finding(
         phase=None,
         op=None,
         module=module,
-        file=site.file if site else None,
-        line=site.line if site else None,
-        function=site.function if site else None,
-        code=site.code if site else None,
         saved_by={},
-        context_start=site.context_start if site else 0,
-        context=site.context if site else (),
         parameter=parameter,
         details=details,
+        **located_at(site),
     )
