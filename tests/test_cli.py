@@ -11,23 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from killing import kill_when_ready
+from cli_process import gradtrace, kill_when_ready
 
 PROBE_SCRIPT = """
 import json, os, sys
 print(json.dumps({"name": __name__, "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd()}))
 """
-
-
-def gradtrace(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradtrace", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **kwargs,
-    )
 
 
 def python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -7,14 +7,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import gradtrace as run_cli
+from cli_process import kill_when_ready
 from events_factory import evidence, write
-from killing import kill_when_ready
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import ParamStat, StepGradStats
@@ -41,15 +41,9 @@ time.sleep(60)
 """
 
 
-def gradtrace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradtrace", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+def gradtrace(*args: str, cwd: Path):
+    """The CLI with a wide terminal, so tables do not wrap."""
+    return run_cli(*args, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
 
 
 def stored_run(path: Path, status: str, *, steps: int, argv: list[str]) -> None:

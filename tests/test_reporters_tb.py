@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_process import gradtrace, kill_when_ready
 from events_factory import evidence, write
-from killing import kill_when_ready
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.errors import GradtraceError
@@ -223,16 +223,6 @@ def test_tensorboard_missing_fails_before_the_run_directory_exists(
     with pytest.raises(GradtraceError, match=r"pip install 'gradtrace\[tensorboard\]'"):
         Session(tmp_path / "run", tensorboard=True).start()
     assert not (tmp_path / "run").exists()
-
-
-def gradtrace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradtrace", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_cli_writes_live_into_a_users_logdir_with_the_finding(tmp_path: Path) -> None:

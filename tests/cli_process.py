@@ -1,4 +1,4 @@
-"""Run gradtrace in a subprocess and SIGKILL it mid-training, as a crash would."""
+"""The real `gradtrace` CLI in a subprocess: run it, or SIGKILL it mid-training as a crash would."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def gradtrace(*args: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`python -m gradtrace ARGS` in `cwd`, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gradtrace", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def kill_when_ready(args: list[str], cwd: Path) -> None:
