@@ -36,3 +36,18 @@ def test_live_registry_empties_after_each_backward(tmp_path: Path) -> None:
         # Private on purpose: between steps no saved tensor may stay registered.
         assert not session._writes._live  # type: ignore[union-attr]
     assert session.step == 50
+
+
+def test_no_hooks_pile_up_on_a_leaf_passed_through_a_parameter_free_module(
+    tmp_path: Path,
+) -> None:
+    weight = nn.Parameter(torch.randn(4))
+    identity = nn.Identity()
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with Session(tmp_path / "run"):
+        for _ in range(5):
+            loss = (identity(weight) * 2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert not weight._backward_hooks

@@ -155,9 +155,11 @@ class GradStatsProbe:
             with own_ops():
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
-        if tensor.requires_grad and self._is_parameter_free(module):
+        if tensor.grad_fn is not None and self._is_parameter_free(module):
             # A tensor hook that returns None observes the gradient without changing it;
-            # it goes away with the tensor. (Never a module backward hook: see modules.py.)
+            # it goes away with the tensor, which is why a leaf (a parameter passed through
+            # nn.Identity, say) gets none: its hooks would pile up step after step. (Never a
+            # module backward hook: see modules.py.)
             tensor.register_hook(functools.partial(self._output_grad_arrived, name))
 
     def _is_parameter_free(self, module: nn.Module) -> bool:
