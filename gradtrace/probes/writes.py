@@ -103,12 +103,7 @@ class WriteLogProbe:
                 if records:
                     record_hits(
                         records,
-                        (
-                            tensor.data_ptr(),
-                            tuple(tensor.shape),
-                            tensor.stride(),
-                            tensor.element_size(),
-                        ),
+                        _layout(tensor),
                         lambda: RawWrite(
                             next(self._seq),
                             op,
