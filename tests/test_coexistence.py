@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradtrace.probes import saved as saved_probe
 from gradtrace.session import Session
 
 
@@ -74,3 +76,14 @@ def test_bf16_autocast_clean_run(tmp_path: Path) -> None:
             loss.backward()
             optimizer.step()
     assert session.findings == []
+
+
+def test_starting_under_anomaly_mode_warns_nothing(tmp_path: Path) -> None:
+    # The session asks torch once how it words its error; make it ask again here.
+    saved_probe._learnt_wording.cache_clear()
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.set_detect_anomaly(True):
+        warnings.simplefilter("always")
+        with Session(tmp_path / "run"):
+            pass
+        assert torch.is_anomaly_enabled()
+    assert [str(w.message) for w in caught] == []

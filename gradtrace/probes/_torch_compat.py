@@ -127,11 +127,13 @@ def version_error_message() -> str | None:
 
     NOTE: gradtrace re-raises this error itself (its hooks switch PyTorch's check off), so
     it asks torch once, before installing any hook, how this release words it. The probe is
-    two CPU ops on a 1-element tensor. It raises nothing when the user has saved-tensor
-    hooks of their own installed; the default wording is used then.
+    two CPU ops on a 1-element tensor, run with anomaly mode off so it prints nothing. It
+    raises nothing when the user has saved-tensor hooks of their own installed; the default
+    wording is used then.
     """
     x = torch.ones(1, requires_grad=True)
-    with torch.enable_grad():
+    # Anomaly mode, if the user enabled it, would print this probe's failure as a warning.
+    with torch.enable_grad(), torch.autograd.set_detect_anomaly(False):
         y = x.sigmoid()
         y.add_(1)
         try:
