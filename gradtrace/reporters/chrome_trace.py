@@ -47,7 +47,8 @@ def render_trace(run: Run) -> dict[str, Any]:
                 "cat": "step",
                 "ph": "X",
                 "ts": us(begin),
-                "dur": max(0.0, (end_ns - begin) / 1000),
+                # From the same rounded µs as ts, so ts + dur is exactly the next span's ts.
+                "dur": max(0.0, us(end_ns) - us(begin)),
                 "pid": PID,
                 "tid": STEPS_TID,
                 "args": {"step": step},
