@@ -6,6 +6,8 @@ If a future torch renames one, only this module changes.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -164,3 +166,32 @@ def compiled_original(module: nn.Module) -> nn.Module | None:
     """
     original = getattr(module, "_orig_mod", None)
     return original if isinstance(original, nn.Module) else None
+
+
+# Wrapper attributes that show up as path components of the user's modules.
+_WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def data_parallel_original(module: nn.Module) -> nn.Module | None:
+    """The model inside a DistributedDataParallel, DataParallel or (v1) FSDP wrapper, else None.
+
+    NOTE: these wrappers call the user's model as `self.module(...)`, so their
+    `named_modules()` spell every path `module.<path>` (FSDP also nests
+    `_fsdp_wrapped_module.`); gradtrace names modules and parameters as in the user's model,
+    which is how they appear in its code. FSDP is only looked up if the program imported it.
+    """
+    wrappers: list[type] = [nn.parallel.DistributedDataParallel, nn.DataParallel]
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp is not None:
+        wrappers.append(fsdp.FullyShardedDataParallel)
+    if isinstance(module, tuple(wrappers)):
+        inner = getattr(module, "module", None)
+        return inner if isinstance(inner, nn.Module) else None
+    return None
+
+
+def unwrapped_path(path: str) -> str:
+    """A `named_modules()` path without the components wrappers insert inside the model."""
+    if "_" not in path:
+        return path
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES)

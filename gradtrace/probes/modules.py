@@ -85,21 +85,25 @@ class ModuleStackProbe:
         self._name_tree(root)
 
     def _name_tree(self, root: nn.Module) -> None:
-        original = _torch_compat.compiled_original(root)
-        if original is not None:
-            self.saw_compiled = True
+        while (inner := self._wrapped(root)) is not None:
             self._names[root] = ""
-            self._root_of[root] = weakref.ref(original)
-            root = original
+            self._root_of[root] = weakref.ref(inner)
+            root = inner
         tree = list(root.named_modules(remove_duplicate=False))
         members = {id(module) for _, module in tree}
         for path, module in tree:
             owner = self._root_of.get(module)
             current_root = None if owner is None else owner()
             if current_root is None or current_root is module or id(current_root) in members:
-                self._names[module] = path
+                self._names[module] = _torch_compat.unwrapped_path(path)
                 self._root_of[module] = weakref.ref(root)
         self._params.clear()
+
+    def _wrapped(self, module: nn.Module) -> nn.Module | None:
+        """The user's model inside a torch.compile or data-parallel wrapper, else None."""
+        if _torch_compat.compiled_original(module) is not None:
+            self.saw_compiled = True
+        return _unwrap(module)
 
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""
@@ -110,8 +114,9 @@ class ModuleStackProbe:
         path = self._names.get(module)
         if path:
             return path
-        original = _torch_compat.compiled_original(module)
-        return type(original if original is not None else module).__name__
+        while (inner := _unwrap(module)) is not None:
+            module = inner
+        return type(module).__name__
 
     def parameter_path(self, param: torch.Tensor) -> str | None:
         """`encoder.0.weight` for a parameter of a named module, else None."""
@@ -151,3 +156,8 @@ class ModuleStackProbe:
                 tensors += module.named_buffers(recurse=False)
             for name, tensor in tensors:
                 yield module, label, f"{path}.{name}" if path else name, tensor
+
+
+def _unwrap(module: nn.Module) -> nn.Module | None:
+    original = _torch_compat.compiled_original(module)
+    return original if original is not None else _torch_compat.data_parallel_original(module)
