@@ -108,6 +108,20 @@ class StepGradStats:
     output_grad_norms: tuple[tuple[str, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class RankNorms:
+    """One recorded step's per-parameter norms on every rank (`--check-ranks`).
+
+    `grad_norms[r][i]` is rank r's gradient L2 norm of `params[i]`; likewise `param_norms`.
+    """
+
+    step: int
+    optimizer: str
+    params: tuple[str, ...]
+    grad_norms: tuple[tuple[float, ...], ...]
+    param_norms: tuple[tuple[float, ...], ...]
+
+
 def located_at(source: SourceLine | None) -> dict[str, Any]:
     """The `Finding` fields that point at a line of code; empty when the line is unknown."""
     if source is None:
@@ -148,6 +162,8 @@ class Finding:
     # Gradient findings: the parameter concerned and the numbers behind the verdict.
     parameter: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # The torchrun rank that recorded it; None outside distributed runs.
+    rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

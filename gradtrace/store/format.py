@@ -8,8 +8,14 @@ open. Bump FORMAT_VERSION on any incompatible change; readers refuse newer forma
 
 from __future__ import annotations
 
+from pathlib import Path
+
 FORMAT_VERSION = 1
 DATABASE = "run.sqlite"
+
+# A torchrun job's run directory holds one run directory per rank, `rank-<RANK>`, and no
+# database of its own: every process writes only its own files.
+RANK_DIR_PREFIX = "rank-"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -68,6 +74,14 @@ CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,
     source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called
 );
+CREATE TABLE IF NOT EXISTS rank_norms (
+    step INTEGER NOT NULL,           -- --check-ranks: every rank's norms, kept by rank 0
+    optimizer TEXT NOT NULL,
+    param TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    grad_norm REAL,                  -- NULL means NaN
+    param_norm REAL
+);
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -84,3 +98,17 @@ OK = "ok"
 FAILED = "failed"
 INTERRUPTED = "interrupted"
 KILLED = "killed"
+
+
+def rank_run_dir(job_dir: Path, rank: int) -> Path:
+    return job_dir / f"{RANK_DIR_PREFIX}{rank}"
+
+
+def rank_run_dirs(job_dir: Path) -> list[tuple[int, Path]]:
+    """(rank, run directory) of every rank recorded in a job directory, by rank."""
+    found = []
+    for child in job_dir.glob(f"{RANK_DIR_PREFIX}*"):
+        suffix = child.name[len(RANK_DIR_PREFIX) :]
+        if suffix.isdigit() and (child / DATABASE).is_file():
+            found.append((int(suffix), child))
+    return sorted(found)

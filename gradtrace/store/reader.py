@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sqlite3
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, ParamStat, SourceLine, StepGradStats
-from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, RUNNING
+from gradtrace.events import Finding, ParamStat, RankNorms, SourceLine, StepGradStats
+from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, OK, RUNNING, rank_run_dirs
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Run:
     step_write_counts: list[tuple[int, str, str, str, int]] = field(default_factory=list)
     # Finished step -> wall clock (ns) when it ended, in step order.
     step_end_ns: dict[int, int] = field(default_factory=dict)
+    # Every rank's per-parameter norms (--check-ranks), in step order; rank 0 keeps them.
+    rank_norms: list[RankNorms] = field(default_factory=list)
+    # The torchrun rank that wrote this run; None outside distributed runs.
+    rank: int | None = None
+    # A torchrun job's merged view: each rank's own run, by rank. Empty for one process.
+    ranks: tuple[Run, ...] = ()
 
     @property
     def writes(self) -> int:
@@ -52,11 +59,16 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Open a run directory written by `gradtrace run` (or any gradtrace front end)."""
+    """Open a run directory written by `gradtrace run` (or any gradtrace front end).
+
+    A torchrun job's directory (one `rank-N` run per rank) opens as one merged run.
+    """
     run_dir = Path(path)
     database = run_dir / DATABASE
     if not run_dir.is_dir():
         raise GradtraceError(f"No gradtrace run at '{run_dir}' (not a directory).")
+    if not database.is_file() and (ranks := rank_run_dirs(run_dir)):
+        return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
     if not database.is_file():
         raise GradtraceError(
             f"No gradtrace run at '{run_dir}' (no {DATABASE}). "
@@ -121,6 +133,38 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         write_counts=write_counts,
         step_write_counts=step_write_counts,
         step_end_ns=dict(db.execute("SELECT step, end_ns FROM steps ORDER BY step")),
+        rank_norms=_read_rank_norms(db),
+        rank=meta.get("rank"),
+    )
+
+
+def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
+    """One run standing for a torchrun job: the first rank's series, every rank's findings.
+
+    After DDP's all-reduce every rank holds the same gradients, so one rank's series speak
+    for all (`--check-ranks` verifies it); findings and outcomes differ per rank and are all
+    kept, each finding tagged with its rank. The job's status is that of the rank that
+    failed first, since later failures are usually the others noticing it.
+    """
+    first = runs[0]
+    failed = sorted(
+        (run for run in runs if run.status != OK),
+        key=lambda run: (run.meta.get("ended_ns") is None, run.meta.get("ended_ns") or 0),
+    )
+    outcome = failed[0].meta if failed else first.meta
+    meta = {
+        **first.meta,
+        **{key: outcome.get(key) for key in ("status", "exit_code", "exception", "ended_ns")},
+        "world_size": first.meta.get("world_size", len(runs)),
+        "first_failed_rank": failed[0].rank if failed else None,
+    }
+    findings = [
+        StoredFinding(dataclasses.replace(stored.finding, rank=run.rank), stored.count)
+        for run in runs
+        for stored in run.findings
+    ]
+    return dataclasses.replace(
+        first, path=job_dir, meta=meta, findings=findings, rank=None, ranks=tuple(runs)
     )
 
 
@@ -165,6 +209,34 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
         )
         for step, optimizer in keys
     ]
+
+
+def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
+    if not _has_table(db, "rank_norms"):  # runs recorded before --check-ranks existed
+        return []
+    rows: dict[tuple[int, str], dict[int, list[tuple[str, float, float]]]] = {}
+    for step, optimizer, param, rank, grad, norm in db.execute(
+        "SELECT step, optimizer, param, rank, grad_norm, param_norm FROM rank_norms "
+        "ORDER BY step, rowid"
+    ):
+        rows.setdefault((step, optimizer), {}).setdefault(rank, []).append(
+            (param, _real(grad), _real(norm))
+        )
+    return [
+        RankNorms(
+            step=step,
+            optimizer=optimizer,
+            params=tuple(param for param, _, _ in by_rank[min(by_rank)]),
+            grad_norms=tuple(tuple(g for _, g, _ in by_rank[r]) for r in sorted(by_rank)),
+            param_norms=tuple(tuple(p for _, _, p in by_rank[r]) for r in sorted(by_rank)),
+        )
+        for (step, optimizer), by_rank in rows.items()
+    ]
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(query, (name,)).fetchone() is not None
 
 
 def _real(value: float | None) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, StepGradStats
+from gradtrace.events import Finding, RankNorms, StepGradStats
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
 
 
@@ -127,6 +127,21 @@ class RunWriter:
                 ],
             )
             self._db.execute("COMMIT")
+
+    def write_rank_norms(self, norms: RankNorms) -> None:
+        rows = [
+            (norms.step, norms.optimizer, param, rank, grads[i], params[i])
+            for rank, (grads, params) in enumerate(
+                zip(norms.grad_norms, norms.param_norms, strict=True)
+            )
+            for i, param in enumerate(norms.params)
+        ]
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
