@@ -51,12 +51,14 @@ class Trace:
         front_end: str = "trace",
         every: int = 1,
         tensorboard: bool | str | Path = False,
+        check_ranks: bool = False,
     ) -> None:
         self.model = model
         self.out = None if out is None else Path(out)
         self.level = level
         self.every = every
         self.tensorboard = tensorboard
+        self.check_ranks = check_ranks
         self.name = name or _default_name(model)
         self.front_end = front_end
         self._session: Session | None = None
@@ -96,6 +98,7 @@ class Trace:
             model=self.model,
             every=self.every,
             tensorboard=self.tensorboard,
+            check_ranks=self.check_ranks,
             argv=sys.argv[:],
             front_end=self.front_end,
         )
@@ -192,6 +195,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     tensorboard: bool | str | Path = False,
+    check_ranks: bool = False,
 ) -> Trace: ...
 def trace(
     model: nn.Module | Callable[..., Any] | None = None,
@@ -200,6 +204,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     tensorboard: bool | str | Path = False,
+    check_ranks: bool = False,
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
@@ -207,14 +212,16 @@ def trace(
     top-level module called is a root). `level` is "full" (names the writing line) or
     "light". `every` records gradient statistics every N optimizer steps. `tensorboard`
     writes TensorBoard events live: True into the run directory, a path into that logdir
-    (under a `gradtrace` sub-run). Only one trace may run at a time; starting a second
-    raises GradtraceError.
+    (under a `gradtrace` sub-run). Under torchrun each rank records into `out/rank-N`;
+    `check_ranks` compares every parameter's norms across ranks at each recorded step. Only
+    one trace may run at a time; starting a second raises GradtraceError.
     """
     options: dict[str, Any] = {
         "out": out,
         "level": level,
         "every": every,
         "tensorboard": tensorboard,
+        "check_ranks": check_ranks,
     }
     if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
         return Trace(**options)(model)  # bare @gradtrace.trace
@@ -228,9 +235,12 @@ def start(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     tensorboard: bool | str | Path = False,
+    check_ranks: bool = False,
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
-    return Trace(model, out=out, level=level, every=every, tensorboard=tensorboard).start()
+    return Trace(
+        model, out=out, level=level, every=every, tensorboard=tensorboard, check_ranks=check_ranks
+    ).start()
 
 
 def annotate(exception: BaseException, findings: list[Finding]) -> None:

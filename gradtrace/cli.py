@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from gradtrace.errors import GradtraceError
+from gradtrace.launch import launch_ranks
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
@@ -63,14 +64,37 @@ def cli() -> None:
     help="Write TensorBoard events while training into this logdir, as the sub-run "
     "gradtrace/<run name> (implies --tensorboard).",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    help="Launch N ranks on this node through torch.distributed.run (torchrun), each traced; "
+    "one report for all of them.",
+)
+@click.option(
+    "--check-ranks",
+    is_flag=True,
+    help="Distributed: compare every parameter's gradient and value norms across ranks at "
+    "each recorded step (one small all_reduce per step).",
+)
+@click.option(
+    "--summary/--no-summary",
+    default=True,
+    show_default=True,
+    help="Print the summary when the script ends.",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
 def run(
+    context: click.Context,
     module: str | None,
     out: Path | None,
     level: str,
     every: int,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
+    nproc_per_node: int | None,
+    check_ranks: bool,
+    summary: bool,
     args: tuple[str, ...],
 ) -> int:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) as python would, with tracing on."""
@@ -82,14 +106,55 @@ def run(
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
     target.check()
     run_dir = out or default_run_dir(Path(target.label).stem)
+    if nproc_per_node is not None:
+        exit_code = launch_ranks(nproc_per_node, run_dir, _rank_args(context, target))
+        if summary:
+            TerminalReporter(Console(stderr=True)).render(load_run(run_dir))
+        return exit_code
     live: bool | Path = tensorboard_logdir or tensorboard
     session = Session(
-        run_dir, level=level, every=every, tensorboard=live, argv=[target.name, *target.args]
+        run_dir,
+        level=level,
+        every=every,
+        tensorboard=live,
+        check_ranks=check_ranks,
+        argv=[target.name, *target.args],
     )
     exit_code = run_target(target, session)
     sys.stdout.flush()
-    TerminalReporter(Console(stderr=True)).render(load_run(run_dir))
+    if summary:
+        _print_summary(session)
     return exit_code
+
+
+def _rank_args(context: click.Context, target: Target) -> list[str]:
+    """This command's options and target as each rank's `gradtrace run` must get them."""
+    forwarded = ["--level", context.params["level"], "--every", str(context.params["every"])]
+    if context.params["tensorboard"]:
+        forwarded.append("--tensorboard")
+    if context.params["tensorboard_logdir"] is not None:
+        forwarded += ["--tensorboard-logdir", str(context.params["tensorboard_logdir"])]
+    if context.params["check_ranks"]:
+        forwarded.append("--check-ranks")
+    if target.module:
+        forwarded += ["-m", target.name]
+    else:
+        forwarded.append(target.name)
+    return [*forwarded, *target.args]
+
+
+def _print_summary(session: Session) -> None:
+    """The run's summary; under torchrun rank 0's, and other ranks' only if they found something."""
+    rank = session.rank
+    if rank is not None and rank.rank != 0 and not session.findings:
+        return
+    console = Console(stderr=True)
+    TerminalReporter(console).render(load_run(session.run_dir))
+    if rank is not None:
+        console.print(
+            f"Rank {rank.rank} of {rank.world_size}. All ranks: "
+            f"[bold]gradtrace report {session.job_dir}[/]"
+        )
 
 
 @cli.command()

@@ -18,16 +18,18 @@ from torch import nn
 
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, StepGradStats
+from gradtrace.events import Finding, RankNorms, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.writes import WriteLogProbe
+from gradtrace.ranks import Rank, agree_on_job_dir, current_rank
 from gradtrace.reporters.tensorboard import (
     LiveTensorBoard,
     require_tensorboard,
@@ -48,7 +50,17 @@ _active: Session | None = None
 
 
 def default_run_dir(name: str) -> Path:
-    """`./gradtrace-runs/<time>-<name>`, never an existing directory."""
+    """`./gradtrace-runs/<time>-<name>`, never an existing directory.
+
+    In a torchrun job every rank gets rank 0's choice (each rank then records into its own
+    `rank-N` directory inside it).
+    """
+    proposed = _new_run_dir(name)
+    rank = current_rank()
+    return proposed if rank is None else agree_on_job_dir(proposed, rank)
+
+
+def _new_run_dir(name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = name.replace(".", "-").replace("/", "-")
     base = Path(DEFAULT_RUNS_DIR) / f"{stamp}-{stem}"
@@ -64,7 +76,8 @@ class Session:
 
     `start()` installs the probes, `close()` removes them (safe to call twice, and called on
     every exit path by the front ends). Only one session may be active at a time: hooks are
-    global, and two sessions would attribute each other's writes.
+    global, and two sessions would attribute each other's writes. Under torchrun (RANK and
+    WORLD_SIZE set) `out` is the job's directory and this rank writes `out/rank-<RANK>`.
     """
 
     def __init__(
@@ -75,11 +88,14 @@ class Session:
         model: nn.Module | None = None,
         every: int = 1,
         tensorboard: bool | str | Path = False,
+        check_ranks: bool = False,
         **meta: Any,
     ) -> None:
         if level not in LEVELS:
             raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
-        self.run_dir = Path(out)
+        self.rank: Rank | None = current_rank()
+        self.job_dir = Path(out)
+        self.run_dir = self.job_dir if self.rank is None else self.rank.run_dir(self.job_dir)
         self.level = level
         self.findings: list[Finding] = []
         self._meta = meta
@@ -97,6 +113,9 @@ class Session:
         # TensorBoard: True writes into the run directory, a path into that logdir.
         self._tensorboard = tensorboard
         self._live: LiveTensorBoard | None = None
+        self._rank_check = (
+            RankCheckProbe(self._deferred, self._store_rank_norms) if check_ranks else None
+        )
 
     @property
     def step(self) -> int:
@@ -120,13 +139,13 @@ class Session:
             torch=torch.__version__,
             python=platform.python_version(),
             platform=sys.platform,
+            **self._rank_meta(),
             **self._meta,
         )
         with ExitStack() as stack:
             stack.callback(writer.close)
             if self._tensorboard is not False:
-                logdir = None if self._tensorboard is True else Path(self._tensorboard)
-                self._live = LiveTensorBoard(tensorboard_dir(self.run_dir, logdir))
+                self._live = LiveTensorBoard(self._tensorboard_dir())
             self._install(stack)
             self._stack = stack.pop_all()
         self._writer = writer
@@ -143,7 +162,13 @@ class Session:
             modules, self._steps, callers, self._add_finding, writes_logged=full
         )
         grads = GradStatsProbe(
-            modules, self._steps, callers, self._deferred, self._store_grad_stats, every=self._every
+            modules,
+            self._steps,
+            callers,
+            self._deferred,
+            self._store_grad_stats,
+            every=self._every,
+            ranks=self._rank_check,
         )
         scaler = GradScalerProbe(
             self._steps, self._deferred, self._store_scalars, grads.end_iteration
@@ -204,15 +229,40 @@ class Session:
             if self._live is not None:
                 self._live.close(findings, step=self.step)
 
+    def _tensorboard_dir(self) -> Path:
+        """Where live events go; in a user's logdir, a job's ranks sit side by side."""
+        logdir = None if self._tensorboard is True else Path(self._tensorboard)
+        if logdir is None or self.rank is None:
+            return tensorboard_dir(self.run_dir, logdir)
+        return tensorboard_dir(self.job_dir, logdir) / self.run_dir.name
+
+    def _rank_meta(self) -> dict[str, int]:
+        if self.rank is None:
+            return {}
+        return {
+            "rank": self.rank.rank,
+            "world_size": self.rank.world_size,
+            "local_rank": self.rank.local_rank,
+        }
+
     def _notices(self) -> list[str]:
         """Things the user must know about how this run differed from an untraced one."""
+        notices = []
         if self._modules.saw_compiled and self.level == "full":
-            return [
+            notices.append(
                 "torch.compile'd modules ran eagerly: the write log (--level full) needs to "
                 "see every op. Rerun with --level light to keep compilation (compiled regions "
                 "are then untraced, the saved-tensor check still runs)."
-            ]
-        return []
+            )
+        check = self._rank_check
+        if check is not None and check.disabled is not None:
+            notices.append(f"--check-ranks stopped: the process group refused ({check.disabled}).")
+        elif check is not None and check.compared == 0 and self.step > 0:
+            notices.append(
+                "--check-ranks compared nothing: no torch.distributed process group was "
+                "initialised when the optimizer stepped."
+            )
+        return notices
 
     def __enter__(self) -> Session:
         return self.start()
@@ -270,6 +320,10 @@ class Session:
             self._writer.write_grad_stats(stats)
             if self._live is not None:
                 self._live.grad_stats(stats)
+
+    def _store_rank_norms(self, norms: RankNorms) -> None:
+        if self._writer is not None:
+            self._writer.write_rank_norms(norms)
 
     def _add_finding(self, finding: Finding) -> None:
         if self._writer is not None and self._writer.add_finding(finding):

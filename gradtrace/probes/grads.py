@@ -37,6 +37,7 @@ from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
+from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
@@ -100,8 +101,10 @@ class GradStatsProbe:
         on_stats: Callable[[StepGradStats], None],
         *,
         every: int = 1,
+        ranks: RankCheckProbe | None = None,
     ) -> None:
         self._modules = modules
+        self._ranks = ranks
         self._steps = steps
         self._callers = callers
         self._queue = queue
@@ -197,11 +200,14 @@ class GradStatsProbe:
         grad_names, grad_norms = self._output_grads.take()
         count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
         values: list[torch.Tensor] = []
+        grad_l2: list[torch.Tensor] = []
+        param_l2: list[torch.Tensor] = []
         if with_grad:
             with own_ops():
                 grads = [p.grad for p in with_grad]
-                values += _torch_compat.foreach_norm(grads, 2)
-                values += _torch_compat.foreach_norm(with_grad, 2)
+                grad_l2 = _torch_compat.foreach_norm(grads, 2)
+                param_l2 = _torch_compat.foreach_norm(with_grad, 2)
+                values += grad_l2 + param_l2
                 if count_zeros:
                     values += _torch_compat.foreach_norm(grads, 0)
         values += output_sums
@@ -217,6 +223,8 @@ class GradStatsProbe:
         self._arrived.clear()
         self._arrival = itertools.count()
         label = f"{type(optimizer).__name__}.step"
+        if self._ranks is not None and params:
+            self._compare_ranks(step, label, params, with_grad, grad_l2, param_l2)
 
         def on_ready(read: list[float]) -> None:
             n = len(described)
@@ -251,6 +259,29 @@ class GradStatsProbe:
             self._queue.push(stack_scalars(values), on_ready)
         else:
             on_ready([])
+
+    def _compare_ranks(
+        self,
+        step: int,
+        label: str,
+        params: list[torch.Tensor],
+        with_grad: list[torch.Tensor],
+        grad_l2: list[torch.Tensor],
+        param_l2: list[torch.Tensor],
+    ) -> None:
+        """Hand every parameter's norms to the rank check, -1 where a gradient is missing.
+
+        Over all of the optimizer's parameters, not just those with a gradient this step, so
+        every rank contributes a table of the same shape even when one rank lost a gradient.
+        """
+        assert self._ranks is not None
+        computed = {id(p): i for i, p in enumerate(with_grad)}
+        with own_ops():
+            absent = torch.full((), -1.0, device=params[0].device)
+        grads = [grad_l2[computed[id(p)]] if id(p) in computed else absent for p in params]
+        norms = [param_l2[computed[id(p)]] if id(p) in computed else absent for p in params]
+        names = [self._param_name(p) for p in params]
+        self._ranks.compare(step, label, names, grads, norms)
 
     def end_iteration(self) -> None:
         """Forget forward facts of an iteration whose step was skipped (GradScaler)."""
