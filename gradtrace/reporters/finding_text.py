@@ -6,9 +6,10 @@ markdown), so the terminal, HTML and TensorBoard reports say the same things.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gradtrace.events import Finding
+from gradtrace.store.reader import StoredFinding
 
 TITLES = {
     "inplace-write": "in-place write broke backward",
@@ -17,6 +18,7 @@ TITLES = {
     "exploding": "exploding gradients",
     "vanishing": "vanishing gradients",
     "no-grad": "parameters never get a gradient",
+    "rank-divergence": "ranks disagree",
 }
 
 
@@ -34,7 +36,8 @@ def finding_facts(finding: Finding, code: Callable[[object], str]) -> list[str]:
         if finding.op:
             where += f" · op {code(finding.op)}"
         phase = f"{finding.phase} of " if finding.phase else ""
-        facts.append(f"{where} · {phase}step {finding.step}")
+        on_rank = f" · rank {finding.rank}" if finding.rank is not None else ""
+        facts.append(f"{where} · {phase}step {finding.step}{on_rank}")
     if finding.file is not None:
         facts.append(f"at {code(f'{finding.file}:{finding.line}')} in {code(finding.function)}")
     saved = finding.saved_by
@@ -66,3 +69,29 @@ def code_excerpt(finding: Finding) -> list[str]:
         f"{'>' if n == finding.line else ' '} {n:>{width}} | {text}"
         for n, text in enumerate(finding.context, start=finding.context_start)
     ]
+
+
+def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding, list[int]]]:
+    """Findings with the ranks that recorded them: one entry for the same bug on every rank.
+
+    The same in-place bug usually fires on every rank of a job; showing it once with "ranks
+    0, 1, 2, 3" is what a reader wants. Order is first appearance; ranks are None-free.
+    """
+    grouped: dict[tuple[object, ...], tuple[StoredFinding, list[int]]] = {}
+    for stored in findings:
+        finding = stored.finding
+        saved = finding.saved_by
+        key = (
+            finding.kind,
+            finding.module,
+            finding.parameter,
+            finding.file,
+            finding.line,
+            finding.op,
+            saved.get("file"),
+            saved.get("line"),
+        )
+        _, ranks = grouped.setdefault(key, (stored, []))
+        if finding.rank is not None:
+            ranks.append(finding.rank)
+    return list(grouped.values())

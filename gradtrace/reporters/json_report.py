@@ -33,7 +33,10 @@ def render_json(run: Run) -> dict[str, Any]:
             "notices": meta.get("notices") or [],
             "steps": run.steps,
             "writes": run.writes,
+            "rank": run.rank,
+            "world_size": meta.get("world_size"),
         },
+        "ranks": [_rank(rank, meta.get("first_failed_rank")) for rank in run.ranks],
         "findings": [
             {**stored.finding.to_dict(), "count": stored.count} for stored in run_findings(run)
         ],
@@ -42,6 +45,21 @@ def render_json(run: Run) -> dict[str, Any]:
             {"owner": owner, "op": op, "phase": phase, "count": count}
             for owner, op, phase, count in run.write_counts
         ],
+    }
+
+
+def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:
+    """One rank of a torchrun job: how it ended (its findings are in `findings`, tagged)."""
+    meta = run.meta
+    return {
+        "rank": run.rank,
+        "path": str(run.path.resolve()),
+        "status": run.status,
+        "exit_code": meta.get("exit_code"),
+        "exception": meta.get("exception"),
+        "ended_ns": meta.get("ended_ns"),
+        "steps": run.steps,
+        "failed_first": run.rank is not None and run.rank == first_failed,
     }
 
 

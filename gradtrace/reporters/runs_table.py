@@ -11,7 +11,7 @@ from rich.text import Text
 
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.store.format import DATABASE, FAILED, INTERRUPTED, KILLED, OK
+from gradtrace.store.format import DATABASE, FAILED, INTERRUPTED, KILLED, OK, rank_run_dirs
 from gradtrace.store.reader import Run, load_run
 
 STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red"}
@@ -34,8 +34,8 @@ class RunEntry:
 def find_runs(directory: Path) -> list[RunEntry]:
     """Every run directory directly inside `directory`, oldest first.
 
-    Directories without a run database are not runs and are skipped; a run database that
-    cannot be read is listed with the reason.
+    A torchrun job's directory is one run. Directories without a run database are skipped;
+    a run database that cannot be read is listed with the reason.
     """
     if not directory.is_dir():
         raise GradtraceError(
@@ -44,7 +44,7 @@ def find_runs(directory: Path) -> list[RunEntry]:
         )
     entries = []
     for child in sorted(directory.iterdir()):
-        if not (child / DATABASE).is_file():
+        if not (child / DATABASE).is_file() and not rank_run_dirs(child):
             continue
         try:
             entries.append(RunEntry(child, load_run(child)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
@@ -14,7 +15,7 @@ from rich.text import Text
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
 from gradtrace.events import Finding
-from gradtrace.reporters.finding_text import title
+from gradtrace.reporters.finding_text import across_ranks, title
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -38,12 +39,16 @@ class TerminalReporter:
         console.print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
             console.print(Text.assemble(("note: ", "bold yellow"), notice))
-        for stored in findings:
-            console.print(_finding_panel(stored))
+        if run.ranks:
+            console.print(_ranks_table(run, findings))
+        for stored, ranks in across_ranks(findings):
+            console.print(_finding_panel(stored, ranks))
+        # A job's series are rank 0's: after the all-reduce every rank holds the same gradients.
+        of_rank = " (rank 0)" if run.ranks else ""
         if any(stats.params for stats in run.grad_steps):
-            console.print(_health_table(run))
+            console.print(_health_table(run, of_rank))
         if run.write_counts:
-            console.print(_write_table(run))
+            console.print(_write_table(run, of_rank))
         console.print(Text.assemble(("run directory: ", "dim"), str(run.path)))
 
 
@@ -56,17 +61,45 @@ def _headline(run: Run, findings: int) -> Text:
     status_text = status if exit_code in (None, 0) else f"{status} (exit {exit_code})"
     skipped, _ = scaler_skips(run.scalars.get(FOUND_INF, []))
     amp = f" · GradScaler skipped {skipped} (normal)" if skipped else ""
+    ranks = f" · {len(run.ranks)} ranks" if run.ranks else ""
     return Text.assemble(
         ("gradtrace ", "bold"),
         (argv, "bold"),
         "  ",
         (status_text, style),
-        f" · level {meta.get('level')} · {run.steps} steps{amp} · {run.writes} in-place writes · ",
+        f" · level {meta.get('level')}{ranks} · {run.steps} steps{amp} · "
+        f"{run.writes} in-place writes · ",
         (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
     )
 
 
-def _finding_panel(stored: StoredFinding) -> Panel:
+def _ranks_table(run: Run, findings: list[StoredFinding]) -> Table:
+    """One row per rank: how it ended, and which failed first (the job's status is its)."""
+    table = Table(title="ranks", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("status")
+    table.add_column("steps", justify="right")
+    table.add_column("findings", justify="right")
+    table.add_column("error")
+    first_failed = run.meta.get("first_failed_rank")
+    per_rank = Counter(stored.finding.rank for stored in findings)
+    for rank in run.ranks:
+        exit_code = rank.meta.get("exit_code")
+        status = rank.status if exit_code in (None, 0) else f"{rank.status} (exit {exit_code})"
+        exception = rank.meta.get("exception") or {}
+        error = f"{exception.get('type')}: {exception.get('message')}" if exception else ""
+        first = " · failed first" if rank.rank == first_failed else ""
+        table.add_row(
+            str(rank.rank),
+            Text(status + first, style="green" if rank.status == OK else "red"),
+            str(rank.steps),
+            str(per_rank[rank.rank]),
+            Text(error.splitlines()[0] if error else "", overflow="ellipsis", no_wrap=True),
+        )
+    return table
+
+
+def _finding_panel(stored: StoredFinding, ranks: list[int]) -> Panel:
     finding = stored.finding
     parts: list[RenderableType] = [Text(finding.message, style="bold")]
     if not finding.saved_by:
@@ -94,20 +127,27 @@ def _finding_panel(stored: StoredFinding) -> Panel:
         )
     parts.append(Text.assemble(("fix: ", "bold green"), finding.hint))
     repeat = f" · seen {stored.count}×" if stored.count > 1 else ""
+    on_ranks = ""
+    if ranks:
+        on_ranks = f" · rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
     return Panel(
         Group(*parts),
-        title=f"[bold red]{title(finding.kind)}[/]{repeat}",
+        title=f"[bold red]{title(finding.kind)}[/]{repeat}{on_ranks}",
         title_align="left",
         border_style="red",
     )
 
 
 def _gradient_parts(finding: Finding) -> list[RenderableType]:
-    where = Text.assemble(("module ", "dim"), (str(finding.module), "magenta"))
+    where = Text()
+    if finding.module is not None:
+        where.append("module ", style="dim")
+        where.append(finding.module, style="magenta")
+        where.append(" · ")
     if finding.parameter:
-        where.append(" · parameter ")
+        where.append("parameter ")
         where.append(finding.parameter, style="magenta")
-    where.append(f" · step {finding.step}")
+    where.append(f"{' · ' if finding.parameter else ''}step {finding.step}")
     if finding.file is None:
         return [where]
     where.append(" · at ")
@@ -150,11 +190,11 @@ def _saved_line(finding: Finding) -> Text:
     return text
 
 
-def _health_table(run: Run) -> Table:
+def _health_table(run: Run, of_rank: str) -> Table:
     norms = module_norms(run.grad_steps)
     last_step = run.grad_steps[-1].step
     table = Table(
-        title=f"gradient health (grad L2 norm; last recorded step {last_step})",
+        title=f"gradient health{of_rank} (grad L2 norm; last recorded step {last_step})",
         title_justify="left",
     )
     table.add_column("module", style="magenta")
@@ -199,8 +239,10 @@ def _sparkline(series: list[tuple[int, float]]) -> Text:
     return text
 
 
-def _write_table(run: Run) -> Table:
-    table = Table(title="in-place writes (legal unless listed above)", title_justify="left")
+def _write_table(run: Run, of_rank: str) -> Table:
+    table = Table(
+        title=f"in-place writes{of_rank} (legal unless listed above)", title_justify="left"
+    )
     table.add_column("owner", style="magenta")
     table.add_column("op")
     table.add_column("phase")

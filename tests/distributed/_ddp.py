@@ -1,0 +1,40 @@
+"""Shared by the DDP scripts: a tiny model under DistributedDataParallel on gloo (CPU)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.gate = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return self.head(torch.sigmoid(self.gate(h)))
+
+
+def setup() -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(Net())
+    return rank, ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 8, generator=generator), torch.randn(16, 1, generator=generator)
+
+
+def save_weights(ddp: DistributedDataParallel, rank: int) -> None:
+    """Every rank's final weights, for the bitwise comparison with and without gradtrace."""
+    out = os.environ.get("DDP_WEIGHTS_OUT")
+    if out:
+        torch.save(ddp.module.state_dict(), f"{out}.rank{rank}.pt")

@@ -1,0 +1,231 @@
+"""torchrun jobs: DDP on gloo (CPU), 2 real processes per job, through the real launcher.
+
+`gradtrace run --nproc-per-node 2` (torch.distributed.run inside), and torchrun itself
+starting `gradtrace run` in each rank. Each job runs in its own session and process group so
+a timeout kills every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradtrace
+from gradtrace.analysis.cross_rank import RANK_DIVERGENCE, diagnose_ranks
+from gradtrace.errors import GradtraceError
+from gradtrace.events import RankNorms
+from gradtrace.probes._torch_compat import unwrapped_path
+from gradtrace.ranks import current_rank
+from gradtrace.store.reader import load_run
+
+SCRIPTS = Path(__file__).resolve().parent / "distributed"
+TIMEOUT_S = 90
+PARAMS = {
+    "encoder.0.weight",
+    "encoder.0.bias",
+    "encoder.2.weight",
+    "encoder.2.bias",
+    "gate.weight",
+    "gate.bias",
+    "head.weight",
+    "head.bias",
+}
+
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available in this torch build",
+)
+
+
+def _start(argv: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _job(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return _finish(_start(argv, cwd, **env))
+
+
+def _finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """Wait for a launcher; on timeout kill its process group, so no rank outlives a test."""
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{process.args} ran past {TIMEOUT_S} s\n{stderr}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _gradtrace_argv(script: str, job_dir: Path, *options: str) -> list[str]:
+    argv = [sys.executable, "-m", "gradtrace", "run", "--out", str(job_dir)]
+    return [*argv, "--nproc-per-node", "2", *options, str(SCRIPTS / script)]
+
+
+def _gradtrace_job(script: str, job_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return _job(_gradtrace_argv(script, job_dir, *options), SCRIPTS)
+
+
+def _torchrun_argv(*args: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, "--nproc-per-node", "2", *args]
+
+
+def _report(job_dir: Path) -> dict:
+    printed = subprocess.run(
+        [sys.executable, "-m", "gradtrace", "report", "--json", str(job_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(printed.stdout)
+
+
+@needs_gloo
+def test_clean_ddp_job_has_no_findings_and_trains_bit_for_bit(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    plain = _start(
+        _torchrun_argv(str(SCRIPTS / "ddp_clean.py")),
+        SCRIPTS,
+        DDP_WEIGHTS_OUT=str(tmp_path / "plain"),
+    )
+    traced = _start(
+        _gradtrace_argv("ddp_clean.py", job), SCRIPTS, DDP_WEIGHTS_OUT=str(tmp_path / "traced")
+    )
+    plain, traced = _finish(plain), _finish(traced)
+    assert plain.returncode == 0, plain.stderr
+    assert traced.returncode == 0, traced.stderr
+    assert re.findall(r"step \d loss [\d.]+", traced.stdout) == re.findall(
+        r"step \d loss [\d.]+", plain.stdout
+    )
+    for rank in (0, 1):
+        expected = torch.load(tmp_path / f"plain.rank{rank}.pt")
+        got = torch.load(tmp_path / f"traced.rank{rank}.pt")
+        assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+    report = _report(job)
+    assert report["findings"] == []
+    assert report["run"]["status"] == "ok"
+    assert report["run"]["world_size"] == 2
+    assert [(r["rank"], r["status"], r["steps"]) for r in report["ranks"]] == [
+        (0, "ok", 6),
+        (1, "ok", 6),
+    ]
+    # Names as in the user's model: DistributedDataParallel's `module.` prefix is seen through.
+    assert set(report["grad_stats"]["params"]) == PARAMS
+    # The merged summary is printed once, by the launcher: ranks stay quiet.
+    assert traced.stderr.count("2 ranks") == 1
+    assert "0 findings" in traced.stderr
+
+
+@needs_gloo
+def test_inplace_bug_fails_as_without_gradtrace_and_names_line_module_ranks(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "job"
+    traced = _gradtrace_job("ddp_inplace.py", job)
+    assert traced.returncode == 1
+    assert traced.stderr.count("RuntimeError: one of the variables needed") == 2
+
+    report = _report(job)
+    assert report["run"]["status"] == "failed"
+    assert report["run"]["exit_code"] == 1
+    assert [r["status"] for r in report["ranks"]] == ["failed", "failed"]
+    assert sum(r["failed_first"] for r in report["ranks"]) == 1
+    source = (SCRIPTS / "ddp_inplace.py").read_text().splitlines()
+    culprit = next(n for n, text in enumerate(source, 1) if "# expect:" in text)
+    findings = [f for f in report["findings"] if f["kind"] == "inplace-write"]
+    assert sorted(f["rank"] for f in findings) == [0, 1]
+    for finding in findings:
+        assert (finding["file"], finding["line"]) == (str(SCRIPTS / "ddp_inplace.py"), culprit)
+        assert (finding["op"], finding["module"]) == ("mul_", "Buggy")
+    # One panel for the same bug on both ranks.
+    assert "in-place write broke backward · ranks 0, 1" in traced.stderr
+
+
+@needs_gloo
+def test_check_ranks_names_the_parameter_and_step_where_a_rank_diverged(tmp_path: Path) -> None:
+    job = _gradtrace_job("ddp_diverge.py", tmp_path / "job", "--check-ranks")
+    assert job.returncode == 0, job.stderr
+    findings = _report(tmp_path / "job")["findings"]
+    assert [(f["kind"], f["parameter"], f["step"], f["rank"]) for f in findings] == [
+        (RANK_DIVERGENCE, "head.weight", 2, 1)
+    ]
+    assert findings[0]["details"]["quantity"] == "gradient"
+    assert findings[0]["module"] == "head"
+
+
+@needs_gloo
+def test_ranks_under_torchrun_agree_on_one_run_directory(tmp_path: Path) -> None:
+    job = _job(_torchrun_argv("-m", "gradtrace", "run", str(SCRIPTS / "ddp_clean.py")), tmp_path)
+    assert job.returncode == 0, job.stderr
+    (job_dir,) = (tmp_path / "gradtrace-runs").iterdir()
+    assert sorted(p.name for p in job_dir.iterdir()) == ["rank-0", "rank-1"]
+    assert [run.rank for run in load_run(job_dir).ranks] == [0, 1]
+    # Rank 0 prints its summary and where the merged one is; rank 1 has nothing to say.
+    assert job.stderr.count("run directory:") == 1
+    assert "All ranks: gradtrace report" in job.stderr
+
+
+def _norms(step: int, grads: list[list[float]], params: list[list[float]]) -> RankNorms:
+    names = tuple(f"layer{i}.weight" for i in range(len(grads[0])))
+    return RankNorms(step, "SGD.step", names, tuple(map(tuple, grads)), tuple(map(tuple, params)))
+
+
+def test_equal_norms_on_every_rank_are_no_finding() -> None:
+    nan = float("nan")
+    same = _norms(0, [[1.0, nan], [1.0, nan], [1.0, nan]], [[2.0, 3.0]] * 3)
+    assert diagnose_ranks([same], {}) == []
+
+
+def test_the_rank_off_the_majority_is_named_at_the_first_diverging_step() -> None:
+    steps = [
+        _norms(0, [[1.0, 5.0]] * 3, [[2.0, 3.0]] * 3),
+        _norms(1, [[1.0, 5.0]] * 3, [[2.0, 3.0], [2.0, 3.0], [2.0, 3.5]]),
+        _norms(2, [[1.0, 5.0], [1.0, 9.0], [1.0, 5.0]], [[2.0, 3.0]] * 3),
+    ]
+    (finding,) = diagnose_ranks(steps, {})
+    assert (finding.step, finding.parameter, finding.rank) == (1, "layer1.weight", 2)
+    assert finding.details["quantity"] == "value"
+    assert finding.details["norms"] == [3.0, 3.0, 3.5]
+
+
+def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
+    assert current_rank({}) is None
+    assert current_rank({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).world_size == 4
+    with pytest.raises(GradtraceError, match="not integers"):
+        current_rank({"RANK": "one", "WORLD_SIZE": "2"})
+    with pytest.raises(GradtraceError, match="outside WORLD_SIZE"):
+        current_rank({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_wrapper_components_leave_module_paths() -> None:
+    assert unwrapped_path("layers.0._fsdp_wrapped_module.attn") == "layers.0.attn"
+    assert unwrapped_path("_orig_mod.block._checkpoint_wrapped_module") == "block"
+    assert unwrapped_path("encoder.layers.1") == "encoder.layers.1"
+
+
+def test_check_ranks_without_a_process_group_says_it_compared_nothing(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradtrace.trace(model, out=tmp_path / "run", check_ranks=True):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+    (notice,) = load_run(tmp_path / "run").meta["notices"]
+    assert "compared nothing" in notice
