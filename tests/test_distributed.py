@@ -157,6 +157,13 @@ def test_inplace_bug_fails_as_without_gradtrace_and_names_line_module_ranks(
         assert (finding["op"], finding["module"]) == ("mul_", "Buggy")
     # One panel for the same bug on both ranks.
     assert "in-place write broke backward · ranks 0, 1" in traced.stderr
+    html = tmp_path / "report.html"
+    subprocess.run(
+        [sys.executable, "-m", "gradtrace", "report", str(job), "--html", str(html)],
+        check=True,
+        timeout=60,
+    )
+    assert "<h2>Ranks</h2>" in html.read_text() and "failed first" in html.read_text()
 
 
 @needs_gloo

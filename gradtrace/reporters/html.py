@@ -18,6 +18,7 @@ from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
+from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -74,6 +75,7 @@ def render_html(run: Run) -> str:
     norms = module_norms(run.grad_steps)
     sections = [
         _header(run, findings),
+        *([_ranks_section(run, findings)] if run.ranks else []),
         _findings_section(findings),
         _section(
             "Global gradient norm",
@@ -127,6 +129,7 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
     facts = [
         f"<span class='{'ok' if run.status == OK else 'bad'}'>{escape(status)}</span>",
         f"level {escape(str(meta.get('level')))}",
+        *([f"{len(run.ranks)} ranks"] if run.ranks else []),
         f"{run.steps} steps",
         f"{run.writes} in-place writes",
         f"<span class='{'bad' if count else 'ok'}'>{count} finding{'s' if count != 1 else ''}"
@@ -147,6 +150,16 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         f"<div class='meta'>run directory: <code>{escape(str(run.path))}</code></div>"
         f"{raised}</header>"
     )
+
+
+def _ranks_section(run: Run, findings: Sequence[StoredFinding]) -> str:
+    rows = "".join(
+        f"<tr><td>{row.rank}</td><td class='{'ok' if row.ok else 'bad'}'>{escape(row.status)}"
+        f"</td><td>{row.steps}</td><td>{row.findings}</td><td>{escape(row.error)}</td></tr>"
+        for row in rank_rows(run, findings)
+    )
+    head = "<tr><th>rank</th><th>status</th><th>steps</th><th>findings</th><th>error</th></tr>"
+    return _section("Ranks", f"<table>{head}{rows}</table>")
 
 
 def _findings_section(findings: Sequence[StoredFinding]) -> str:

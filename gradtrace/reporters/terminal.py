@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
@@ -16,6 +15,7 @@ from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, title
+from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -74,27 +74,19 @@ def _headline(run: Run, findings: int) -> Text:
 
 
 def _ranks_table(run: Run, findings: list[StoredFinding]) -> Table:
-    """One row per rank: how it ended, and which failed first (the job's status is its)."""
     table = Table(title="ranks", title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("status")
     table.add_column("steps", justify="right")
     table.add_column("findings", justify="right")
     table.add_column("error")
-    first_failed = run.meta.get("first_failed_rank")
-    per_rank = Counter(stored.finding.rank for stored in findings)
-    for rank in run.ranks:
-        exit_code = rank.meta.get("exit_code")
-        status = rank.status if exit_code in (None, 0) else f"{rank.status} (exit {exit_code})"
-        exception = rank.meta.get("exception") or {}
-        error = f"{exception.get('type')}: {exception.get('message')}" if exception else ""
-        first = " · failed first" if rank.rank == first_failed else ""
+    for row in rank_rows(run, findings):
         table.add_row(
-            str(rank.rank),
-            Text(status + first, style="green" if rank.status == OK else "red"),
-            str(rank.steps),
-            str(per_rank[rank.rank]),
-            Text(error.splitlines()[0] if error else "", overflow="ellipsis", no_wrap=True),
+            str(row.rank),
+            Text(row.status, style="green" if row.ok else "red"),
+            str(row.steps),
+            str(row.findings),
+            Text(row.error, overflow="ellipsis", no_wrap=True),
         )
     return table
 
