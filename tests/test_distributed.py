@@ -98,15 +98,22 @@ def _report(job_dir: Path) -> dict:
 
 
 @needs_gloo
-def test_clean_ddp_job_has_no_findings_and_trains_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bucket_view", ["0", "1"], ids=["grads", "grads-as-bucket-views"])
+def test_clean_ddp_job_has_no_findings_and_trains_bit_for_bit(
+    tmp_path: Path, bucket_view: str
+) -> None:
     job = tmp_path / "job"
     plain = _start(
         _torchrun_argv(str(SCRIPTS / "ddp_clean.py")),
         SCRIPTS,
         DDP_WEIGHTS_OUT=str(tmp_path / "plain"),
+        DDP_BUCKET_VIEW=bucket_view,
     )
     traced = _start(
-        _gradtrace_argv("ddp_clean.py", job), SCRIPTS, DDP_WEIGHTS_OUT=str(tmp_path / "traced")
+        _gradtrace_argv("ddp_clean.py", job),
+        SCRIPTS,
+        DDP_WEIGHTS_OUT=str(tmp_path / "traced"),
+        DDP_BUCKET_VIEW=bucket_view,
     )
     plain, traced = _finish(plain), _finish(traced)
     assert plain.returncode == 0, plain.stderr

@@ -24,7 +24,9 @@ def setup() -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    ddp = DistributedDataParallel(Net())
+    # DDP_BUCKET_VIEW=1: gradients are views into DDP's communication buckets.
+    bucket_view = os.environ.get("DDP_BUCKET_VIEW") == "1"
+    ddp = DistributedDataParallel(Net(), gradient_as_bucket_view=bucket_view)
     return rank, ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
 
