@@ -22,6 +22,11 @@ COLUMNS=110 timeout 60 python -m gradtrace run --out "$out/example-run" examples
   > "$out/example.txt" 2>&1
 echo "example exit $?" >> "$out/example.txt"
 
+# Distributed on NCCL, world size 1, with the cross-rank check (its all_reduce on the GPU).
+DDP_BACKEND=nccl timeout 90 python -m gradtrace run --out "$out/ddp-nccl" --nproc-per-node 1 \
+  --check-ranks tests/distributed/ddp_clean.py > "$out/ddp_nccl.txt" 2>&1
+echo "ddp nccl exit $?" >> "$out/ddp_nccl.txt"
+
 timeout 280 python scripts/bench_overhead.py --device cuda --steps 20 --rounds 5 \
   --json "$out/bench.json" > "$out/bench.md" 2>&1
 echo "bench exit $?" >> "$out/bench.md"
@@ -31,5 +36,5 @@ timeout 120 python -m pytest -q tests/test_grads.py tests/test_api.py tests/test
   -p no:cacheprovider > "$out/cpu_tests_on_this_torch.txt" 2>&1
 echo "cpu tests exit $?" >> "$out/cpu_tests_on_this_torch.txt"
 
-tail -n 3 "$out"/cuda_tests.txt "$out"/cpu_tests_on_this_torch.txt
+tail -n 3 "$out"/cuda_tests.txt "$out"/cpu_tests_on_this_torch.txt "$out"/ddp_nccl.txt
 tail -n 25 "$out"/bench.md

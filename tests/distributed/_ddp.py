@@ -20,19 +20,32 @@ class Net(nn.Module):
         return self.head(torch.sigmoid(self.gate(h)))
 
 
+# DDP_BACKEND=nccl runs on the rank's GPU (scripts/gpu_check.sh); the tests use gloo on CPU.
+BACKEND = os.environ.get("DDP_BACKEND", "gloo")
+
+
+def device() -> torch.device:
+    if BACKEND == "nccl":
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
 def setup() -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
-    dist.init_process_group("gloo")
+    if BACKEND == "nccl":
+        torch.cuda.set_device(device())
+    dist.init_process_group(BACKEND)
     rank = dist.get_rank()
     torch.manual_seed(0)
     # DDP_BUCKET_VIEW=1: gradients are views into DDP's communication buckets.
     bucket_view = os.environ.get("DDP_BUCKET_VIEW") == "1"
-    ddp = DistributedDataParallel(Net(), gradient_as_bucket_view=bucket_view)
+    ddp = DistributedDataParallel(Net().to(device()), gradient_as_bucket_view=bucket_view)
     return rank, ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(16, 8, generator=generator), torch.randn(16, 1, generator=generator)
+    x, y = torch.randn(16, 8, generator=generator), torch.randn(16, 1, generator=generator)
+    return x.to(device()), y.to(device())
 
 
 def save_weights(ddp: DistributedDataParallel, rank: int) -> None:
