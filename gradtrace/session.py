@@ -110,6 +110,7 @@ class Session:
         self._logged: dict[int, dict[str, float | torch.Tensor]] = {}
         self._modules = ModuleStackProbe()
         self._forwards_at_step_end = 0
+        self._checkpointed_stored = 0
         # TensorBoard: True writes into the run directory, a path into that logdir.
         self._tensorboard = tensorboard
         self._live: LiveTensorBoard | None = None
@@ -290,11 +291,19 @@ class Session:
         step = self.step if step is None else step
         self._queue_logged(writer)
         self._deferred.drain(keep_latest=1 if finished else 0)
+        self._store_checkpointed(writer)
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
             writer.write_step(step, counts.items(), finished=finished)
             if self._live is not None:
                 self._live.step(step, counts.items(), finished=finished)
+
+    def _store_checkpointed(self, writer: RunWriter) -> None:
+        """Modules activation checkpointing ran, stored as they appear (a killed run keeps them)."""
+        checkpointed = dict(self._modules.checkpointed)  # one atomic copy: backward adds too
+        if len(checkpointed) != self._checkpointed_stored:
+            writer.set_meta(checkpointed=checkpointed)
+            self._checkpointed_stored = len(checkpointed)
 
     def _queue_logged(self, writer: RunWriter) -> None:
         logged, self._logged = self._logged, {}

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gradtrace.probes import saved as saved_probe
+from gradtrace.reporters.json_report import render_json
+from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import Session
+from gradtrace.store.reader import load_run
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -87,3 +91,43 @@ def test_starting_under_anomaly_mode_warns_nothing(tmp_path: Path) -> None:
             pass
         assert torch.is_anomaly_enabled()
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize(
+    ("reentrant", "how"), [(False, "non-reentrant"), (True, "recomputed in backward")]
+)
+def test_the_report_names_the_modules_checkpointing_ran(
+    tmp_path: Path, reentrant: bool, how: str
+) -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "stem": nn.Linear(4, 8),
+            "block": nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)),
+            "head": nn.Linear(8, 1),
+        }
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Session(tmp_path / "run", model=model) as session:
+        for _ in range(2):
+            h = model["stem"](torch.randn(2, 4))
+            h = checkpoint(model["block"], h, use_reentrant=reentrant)
+            model["head"](h).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert session.findings == []
+    run = load_run(tmp_path / "run")
+    assert run.meta["checkpointed"] == {
+        name: how for name in ["block", "block.0", "block.1", "block.2"]
+    }
+    assert render_json(run)["run"]["checkpointed"] == run.meta["checkpointed"]
+    console = Console(width=200, record=True)
+    TerminalReporter(console).render(run)
+    assert "4 modules ran under activation checkpointing: block (" in console.export_text()
+
+
+def test_no_checkpointing_no_note(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    with Session(tmp_path / "run"):
+        model(torch.randn(2, 4)).sum().backward()
+    assert "checkpointed" not in load_run(tmp_path / "run").meta

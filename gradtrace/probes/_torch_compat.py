@@ -40,6 +40,22 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def checkpointing() -> str | None:
+    """How activation checkpointing runs the forward in progress on this thread, if it does.
+
+    NOTE: non-reentrant `torch.utils.checkpoint` pushes saved-tensor hooks of its own (defined
+    in that module) over gradtrace's, in forward and again while recomputing; reentrant
+    checkpoint runs forward under no_grad and reruns it inside backward, which is when this
+    sees it. Checked on torch 2.11 and 2.13.
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint":
+        return "non-reentrant"
+    if in_backward():
+        return "recomputed in backward"
+    return None
+
+
 def current_node_name() -> str | None:
     """Name of the autograd node being executed (e.g. "SigmoidBackward0"), if any.
 

@@ -46,6 +46,9 @@ class ModuleStackProbe:
         self.forwards = 0
         # A torch.compile'd module ran (under the write log it runs eagerly).
         self.saw_compiled = False
+        # Module path -> how activation checkpointing ran it (its saved tensors are
+        # checkpoint's to keep, not gradtrace's to watch).
+        self.checkpointed: dict[str, str] = {}
         # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
         # Keyed by id: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.
         self._params: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
@@ -70,6 +73,9 @@ class ModuleStackProbe:
         if module not in self._names:
             self._name_tree(stack[0] if stack else module)
         stack.append(module)
+        how = _torch_compat.checkpointing()
+        if how is not None:
+            self.checkpointed.setdefault(self.name_of(module), how)
 
     def _leave(self, module: nn.Module, args: object, output: object) -> None:
         if _torch_compat.compiling():

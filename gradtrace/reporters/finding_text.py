@@ -71,6 +71,18 @@ def code_excerpt(finding: Finding) -> list[str]:
     ]
 
 
+def checkpointed_text(checkpointed: dict[str, str]) -> str:
+    """What activation checkpointing means for a run's checks, naming the modules."""
+    names = list(checkpointed)
+    shown = ", ".join(f"{name} ({how})" for name, how in list(checkpointed.items())[:8])
+    more = f", and {len(names) - 8} more" if len(names) > 8 else ""
+    return (
+        f"{len(names)} module{'s' if len(names) != 1 else ''} ran under activation "
+        f"checkpointing: {shown}{more}. torch.utils.checkpoint keeps their activations, so "
+        "gradtrace does not watch those; writes to a region's inputs are still caught."
+    )
+
+
 def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding, list[int]]]:
     """Findings with the ranks that recorded them: one entry for the same bug on every rank.
 

@@ -17,7 +17,12 @@ from pathlib import Path
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
-from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
+from gradtrace.reporters.finding_text import (
+    checkpointed_text,
+    code_excerpt,
+    finding_facts,
+    title,
+)
 from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -144,6 +149,9 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         if isinstance(exception, dict)
         else ""
     )
+    checkpointed = meta.get("checkpointed")
+    if checkpointed:
+        raised += f"<p class='meta'>{escape(checkpointed_text(checkpointed))}</p>"
     return (
         f"<header><h1>gradtrace <code>{escape(argv)}</code></h1>"
         f"<div class='meta'>{' · '.join(facts)}</div>"

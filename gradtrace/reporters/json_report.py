@@ -31,6 +31,7 @@ def render_json(run: Run) -> dict[str, Any]:
             "ended_ns": meta.get("ended_ns"),
             "exception": meta.get("exception"),
             "notices": meta.get("notices") or [],
+            "checkpointed": meta.get("checkpointed") or {},
             "steps": run.steps,
             "writes": run.writes,
             "rank": run.rank,

@@ -14,7 +14,7 @@ from rich.text import Text
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
 from gradtrace.events import Finding
-from gradtrace.reporters.finding_text import across_ranks, title
+from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
 from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -39,6 +39,11 @@ class TerminalReporter:
         console.print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
             console.print(Text.assemble(("note: ", "bold yellow"), notice))
+        checkpointed = run.meta.get("checkpointed")
+        if checkpointed:
+            console.print(
+                Text.assemble(("checkpointed: ", "bold"), checkpointed_text(checkpointed))
+            )
         if run.ranks:
             console.print(_ranks_table(run, findings))
         for stored, ranks in across_ranks(findings):
