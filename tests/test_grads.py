@@ -246,7 +246,7 @@ def test_gradtraces_own_ops_are_not_counted_as_writes(tmp_path: Path) -> None:
         for _ in range(3):
             loss = model(torch.randn(8, 4)).square().mean()
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward(retain_graph=True)  # saved tensors stay live: the step is logged
             session.log(loss=loss)
             optimizer.step()
     counts = {

@@ -112,6 +112,28 @@ class UntracedDynamoMode(TorchDispatchMode):
         return False
 
 
+def step_aside(mode: TorchDispatchMode) -> bool:
+    """Take `mode` off this thread's dispatch-mode stack if it is on top; True if it was.
+
+    NOTE: `_pop_mode`/`_push_mode` are what `TorchDispatchMode.__enter__/__exit__` use
+    (torch 2.2 to 2.13). Only the top mode is ever taken, so a user's mode entered inside
+    gradtrace's is never disturbed: then nothing is taken.
+    """
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode
+
+    if _get_current_dispatch_mode() is not mode:
+        return False
+    _pop_mode()
+    return True
+
+
+def step_back(mode: TorchDispatchMode) -> None:
+    """Put a mode `step_aside` took back on top of this thread's stack."""
+    from torch.utils._python_dispatch import _push_mode
+
+    _push_mode(mode)
+
+
 def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     """Per-tensor norms in float32, in one batched kernel where torch has one.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import torch
@@ -46,6 +46,8 @@ class ModuleStackProbe:
         self.forwards = 0
         # A torch.compile'd module ran (under the write log it runs eagerly).
         self.saw_compiled = False
+        # Called as a root module's forward starts (stack empty), on its thread.
+        self._root_starts: list[Callable[[], None]] = []
         # Module path -> how activation checkpointing ran it (its saved tensors are
         # checkpoint's to keep, not gradtrace's to watch).
         self.checkpointed: dict[str, str] = {}
@@ -70,6 +72,8 @@ class ModuleStackProbe:
         stack = self._stack()
         if not stack:
             self.forwards += 1
+            for callback in self._root_starts:
+                callback()
         if module not in self._names:
             self._name_tree(stack[0] if stack else module)
         stack.append(module)
@@ -85,6 +89,10 @@ class ModuleStackProbe:
         while stack:
             if stack.pop() is module:
                 break
+
+    def on_root_start(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a forward starts with no module around it."""
+        self._root_starts.append(callback)
 
     def add_root(self, root: nn.Module) -> None:
         """Name modules from this model before it runs (the API's `model=` argument)."""

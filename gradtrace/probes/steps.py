@@ -34,6 +34,7 @@ class StepProbe:
         self.step = 0
         self._on_step_end = on_step_end
         self._grads_ready: list[Callable[[Optimizer], None]] = []
+        self._plain_update: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self._local = threading.local()
 
     def install(self, stack: ExitStack) -> None:
@@ -42,6 +43,14 @@ class StepProbe:
 
     def on_grads_ready(self, callback: Callable[[Optimizer], None]) -> None:
         self._grads_ready.append(callback)
+
+    def around_plain_update(self, before: Callable[[], None], after: Callable[[], None]) -> None:
+        """Call `before` as a step without a closure starts its update, `after` as it ends.
+
+        A step with a closure runs the user's forward and backward inside it, so it is
+        never "plain". `after` is not called for a step that raised.
+        """
+        self._plain_update.append((before, after))
 
     @property
     def optimizer(self) -> str | None:
@@ -58,9 +67,16 @@ class StepProbe:
         if len(args) > 1 and callable(args[1]):
             return (args[0], self._wrap(optimizer, args[1]), *args[2:]), kwargs
         self._announce(optimizer)
+        self._local.plain = True
+        for before, _ in self._plain_update:
+            before()
         return None
 
     def _after(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
+        if getattr(self._local, "plain", False):
+            self._local.plain = False
+            for _, after in reversed(self._plain_update):
+                after()
         self._local.optimizer = None
         self._on_step_end(self.step)
         self.step += 1

@@ -9,6 +9,13 @@ NOTE [hot path]: this runs for every op. A non-mutating op costs one dict lookup
 op itself. A mutating op costs a counter bump plus one dict lookup per written tensor; only a
 write that lands on live saved memory walks the Python stack to find the user's line.
 
+NOTE [plain optimizer steps]: a write can only matter if it lands on a live saved tensor.
+A plain `optimizer.step()` (no closure) that starts with none live usually runs after
+backward freed the graph, and is often more than half of a step's ops (a for-loop AdamW:
+about ten per parameter). The mode steps aside for it, so those writes are not counted.
+A step taken while saved tensors are live (before backward, or with retain_graph) is
+logged as any other code.
+
 NOTE [versions]: inside `__torch_dispatch__` the version counter is not bumped yet, even
 after the op ran: the bump happens above the Python dispatch key. gradtrace compares versions
 at unpack time instead, where both are final.
@@ -63,9 +70,25 @@ class WriteLogProbe:
         self._steps = steps
         self._callers = callers
         self._seq = itertools.count()
+        self._mode = _WriteLogMode(self)
+        self._aside = False
 
     def install(self, stack: ExitStack) -> None:
-        stack.enter_context(_WriteLogMode(self))
+        stack.enter_context(self._mode)
+        # Unwound before the mode's own exit: a step that raised may have left it aside.
+        stack.callback(self._step_back)
+        self._steps.around_plain_update(self._step_aside, self._step_back)
+        # ...and the next forward must be logged even so.
+        self._modules.on_root_start(self._step_back)
+
+    def _step_aside(self) -> None:
+        if not self._live and not self._aside:
+            self._aside = _torch_compat.step_aside(self._mode)
+
+    def _step_back(self) -> None:
+        if self._aside:
+            self._aside = False
+            _torch_compat.step_back(self._mode)
 
     def take_counts(self) -> Counter[tuple[str, str, str]]:
         """Hand over the per-(owner, op, phase) write counts gathered since the last call."""
