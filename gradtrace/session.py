@@ -239,7 +239,7 @@ class Session:
             return
         step = self.step if step is None else step
         self._queue_logged(writer)
-        self._deferred.drain(keep_latest=1 if finished else 0)
+        self._deferred.drain(keep_current=finished)
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
             writer.write_step(step, counts.items(), finished=finished)

@@ -151,6 +151,24 @@ def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatc
     assert len(reads) == 3 + 9
 
 
+def test_a_logged_loss_does_not_make_its_step_read_early(tmp_path: Path, monkeypatch) -> None:
+    """Step N's statistics are read when step N+1 ends, even with a tensor logged at step N."""
+    read_at: list[int] = []
+    original = deferred.DeferredValues.read
+    session = Session(tmp_path / "run")
+
+    def noting_read(self):
+        read_at.append(session.step)
+        return original(self)
+
+    monkeypatch.setattr(deferred.DeferredValues, "read", noting_read)
+    torch.manual_seed(0)
+    with session:
+        train(Net(), 3, session=session)
+        # Steps 0 and 1 (grad stats and loss each) were read as steps 1 and 2 ended.
+        assert read_at == [1, 1, 2, 2]
+
+
 def test_grad_scaler_skips_are_normal_until_they_persist(tmp_path: Path) -> None:
     def run(name: str, bad_iterations: set[int]) -> Session:
         torch.manual_seed(0)
