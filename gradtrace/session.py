@@ -21,6 +21,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
+from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
@@ -74,6 +75,7 @@ class Session:
         level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
         every: int = 1,
+        update_ratio: bool = False,
         tensorboard: bool | str | Path = False,
         **meta: Any,
     ) -> None:
@@ -85,6 +87,8 @@ class Session:
         self._meta = meta
         self._model = model
         self._every = every
+        # Opt-in: a device copy of the stepped parameters during each recorded step.
+        self._update_ratio = update_ratio
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -117,6 +121,8 @@ class Session:
             status=RUNNING,
             started_ns=time.time_ns(),
             level=self.level,
+            every=self._every,
+            update_ratio=self._update_ratio,
             torch=torch.__version__,
             python=platform.python_version(),
             platform=sys.platform,
@@ -143,7 +149,13 @@ class Session:
             modules, self._steps, callers, self._add_finding, writes_logged=full
         )
         grads = GradStatsProbe(
-            modules, self._steps, callers, self._deferred, self._store_grad_stats, every=self._every
+            modules,
+            self._steps,
+            callers,
+            self._deferred,
+            self._store_grad_stats,
+            every=self._every,
+            update_ratio=self._update_ratio,
         )
         scaler = GradScalerProbe(
             self._steps, self._deferred, self._store_scalars, grads.end_iteration
@@ -152,6 +164,7 @@ class Session:
         self._steps.install(stack)
         grads.install(stack)
         scaler.install(stack)
+        GradClipProbe(grads.note_clip).install(stack)
         saved.install(stack)
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from gradtrace.events import Finding, SourceLine, StepGradStats, located_at
+from gradtrace.events import ClipCall, Finding, ParamStat, SourceLine, StepGradStats, located_at
 
 NON_FINITE = "non-finite"
 EXPLODING = "exploding"
@@ -43,25 +43,94 @@ class ModuleNorms:
     grad: dict[str, list[tuple[int, float]]]
     param: dict[str, list[tuple[int, float]]]
     global_grad: list[tuple[int, float]]
+    # ‖Δp‖/‖p‖ of the module's own parameters, on steps where updates were recorded.
+    update_ratio: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
     """Aggregate parameter norms into module and global norms (what clip_grad_norm_ sees)."""
     grad: dict[str, list[tuple[int, float]]] = {}
     param: dict[str, list[tuple[int, float]]] = {}
+    update_ratio: dict[str, list[tuple[int, float]]] = {}
     global_grad: list[tuple[int, float]] = []
     for stats in steps:
         grad_sq: dict[str, float] = {}
         param_sq: dict[str, float] = {}
+        update_sq: dict[str, float] = {}
         for p in stats.params:
             grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
             param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
+            if not math.isnan(p.update_norm):
+                update_sq[p.module] = update_sq.get(p.module, 0.0) + p.update_norm**2
         for module, value in grad_sq.items():
             grad.setdefault(module, []).append((stats.step, math.sqrt(value)))
             param.setdefault(module, []).append((stats.step, math.sqrt(param_sq[module])))
+        for module, value in update_sq.items():
+            ratio = _ratio(math.sqrt(value), math.sqrt(param_sq[module]))
+            update_ratio.setdefault(module, []).append((stats.step, ratio))
         if stats.params:
             global_grad.append((stats.step, math.sqrt(sum(grad_sq.values()))))
-    return ModuleNorms(grad=grad, param=param, global_grad=global_grad)
+    return ModuleNorms(grad=grad, param=param, global_grad=global_grad, update_ratio=update_ratio)
+
+
+def update_ratio(stat: ParamStat) -> float:
+    """‖Δp‖/‖p‖ of one parameter at one step; NaN when the update was not recorded."""
+    return _ratio(stat.update_norm, stat.param_norm)
+
+
+def _ratio(update: float, param: float) -> float:
+    if math.isnan(update):
+        return math.nan
+    return update / param if param else math.inf if update else 0.0
+
+
+@dataclass(frozen=True)
+class ClipStep:
+    """Gradient clipping at one step: the global norm before and after, and the limit."""
+
+    step: int
+    # What clip_grad_norm_ returned; several calls (one per model, say) combine as one norm.
+    norm_before: float
+    # The global gradient norm the optimizers then saw.
+    norm_after: float
+    max_norm: float
+
+    @property
+    def clipped(self) -> bool:
+        return self.norm_before > self.max_norm
+
+
+def clipping(steps: Sequence[StepGradStats]) -> list[ClipStep]:
+    """Recorded steps that clipped, in step order (empty when the run never clipped)."""
+    calls: dict[int, list[ClipCall]] = {}
+    grad_sq: dict[int, float] = {}
+    for stats in steps:
+        calls.setdefault(stats.step, []).extend(stats.clips)
+        grad_sq[stats.step] = grad_sq.get(stats.step, 0.0) + sum(
+            p.grad_norm**2 for p in stats.params
+        )
+    return [
+        ClipStep(
+            step=step,
+            norm_before=_combined_norm(made),
+            norm_after=math.sqrt(grad_sq[step]),
+            max_norm=min(call.max_norm for call in made),
+        )
+        for step, made in sorted(calls.items())
+        if made
+    ]
+
+
+def _combined_norm(calls: Sequence[ClipCall]) -> float:
+    """The p-norm over all the calls' gradients together (NaN when their p differ)."""
+    kinds = {call.norm_type for call in calls}
+    if len(kinds) != 1:
+        return math.nan
+    (p,) = kinds
+    norms = [call.norm_before for call in calls]
+    if math.isinf(p):
+        return max(norms)
+    return sum(n**p for n in norms) ** (1 / p)
 
 
 def diagnose_gradients(

@@ -4,9 +4,11 @@ At every recorded `optimizer.step()`, once its gradients are final (before the u
 the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
 launches batched reductions over the optimizer's parameters: gradient L2 norms, parameter
 L2 norms and, every ZERO_COUNT_EVERY recorded steps, non-zero counts (`torch._foreach_norm`
-with ord 2 and 0). The
-results are queued on the session's deferred queue; nothing is read back until the next
-step ends.
+with ord 2 and 0). With
+`update_ratio`, it also copies those parameters there and, once the optimizer has updated
+them, reduces the difference to one norm per parameter (the copy is freed right then). The
+results, with the norms any `clip_grad_norm_` call returned since the previous step, are
+queued on the session's deferred queue; nothing is read back until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
 NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
@@ -23,15 +25,16 @@ import functools
 import itertools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim import Optimizer
 
-from gradtrace.events import ParamStat, StepGradStats
+from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
@@ -90,6 +93,17 @@ class OutputSums:
         return names, views
 
 
+@dataclass
+class _Stepping:
+    """A recorded step whose optimizer is updating: its values wait for the update norms."""
+
+    params: list[torch.Tensor]
+    # Copies of `params` from before the update: the opt-in memory cost of update_ratio.
+    before: list[torch.Tensor]
+    values: list[torch.Tensor]
+    on_ready: Callable[[list[float]], None]
+
+
 class GradStatsProbe:
     def __init__(
         self,
@@ -100,6 +114,7 @@ class GradStatsProbe:
         on_stats: Callable[[StepGradStats], None],
         *,
         every: int = 1,
+        update_ratio: bool = False,
     ) -> None:
         self._modules = modules
         self._steps = steps
@@ -107,9 +122,13 @@ class GradStatsProbe:
         self._queue = queue
         self._on_stats = on_stats
         self._every = max(1, every)
+        self._update_ratio = update_ratio
         self._arrival = itertools.count()
         self._arrived: dict[int, int] = {}
-        self._recorded = itertools.count()
+        # id(optimizer) -> its recorded step in progress, while update_ratio waits for it.
+        self._stepping: dict[int, _Stepping] = {}
+        # (total norm, max_norm, norm_type) of clip_grad_norm_ calls since the last step.
+        self._clips: list[tuple[torch.Tensor, float | torch.Tensor, float]] = []
         # id(parameter) -> weakref, for parameters whose arrival hook is installed.
         self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
         self._stack: ExitStack | None = None
@@ -132,10 +151,24 @@ class GradStatsProbe:
         self._installed = True
         stack.callback(setattr, self, "_installed", False)
         self._steps.on_grads_ready(self._before_step)
+        self._steps.on_updated(self._after_update)
+        stack.callback(self._stepping.clear)
         stack.enter_context(register_module_forward_hook(self._after_forward))
 
     def _recording(self) -> bool:
         return self._steps.step % self._every == 0
+
+    def _sampled(self) -> bool:
+        """Recorded steps that also count zeros: every ZERO_COUNT_EVERY-th recorded step."""
+        step = self._steps.step
+        return step % self._every == 0 and (step // self._every) % ZERO_COUNT_EVERY == 0
+
+    def note_clip(
+        self, total_norm: torch.Tensor, max_norm: float | torch.Tensor, norm_type: float
+    ) -> None:
+        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step."""
+        if self._installed and self._recording():
+            self._clips.append((total_norm, max_norm, norm_type))
 
     def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
         if _torch_compat.compiling() or not torch.is_grad_enabled() or not self._recording():
@@ -181,13 +214,47 @@ class GradStatsProbe:
         return self._callers.caller()
 
     def _before_step(self, optimizer: Optimizer) -> None:
-        step = self._steps.step
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._hook_arrivals(params)
+        self._stepping.pop(id(optimizer), None)  # left by a step of it that raised
         if not self._recording():
             self._forget_step()
             return
         with_grad = [p for p in params if p.grad is not None and p.grad.layout is torch.strided]
+        values, on_ready = self._reductions(optimizer, params, with_grad)
+        if self._update_ratio and with_grad:
+            with own_ops():
+                before = _torch_compat.foreach_copy(with_grad)
+            self._stepping[id(optimizer)] = _Stepping(with_grad, before, values, on_ready)
+        else:
+            self._push(values, on_ready)
+
+    def _after_update(self, optimizer: Optimizer) -> None:
+        """‖p_after - p_before‖ per parameter; the copies are freed when this returns."""
+        stepping = self._stepping.pop(id(optimizer), None)
+        if stepping is None:
+            return
+        with own_ops():
+            _torch_compat.foreach_sub_(stepping.before, stepping.params)
+            update_norms = _torch_compat.foreach_norm(stepping.before, 2)
+        self._push(stepping.values + update_norms, stepping.on_ready)
+
+    def _push(self, values: list[torch.Tensor], on_ready: Callable[[list[float]], None]) -> None:
+        if values:
+            self._queue.push(stack_scalars(values), on_ready)
+        else:
+            on_ready([])
+
+    def _reductions(
+        self, optimizer: Optimizer, params: list[torch.Tensor], with_grad: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
+        """The step's device values, and what turns them, once read, into a record.
+
+        Read back in this order: gradient norms, parameter norms, non-zero counts (sampled
+        steps), output sums, output-gradient norms, clip norms (and tensor max_norms), then
+        update norms when `_after_update` appended them.
+        """
+        step = self._steps.step
         missing = tuple(
             (self._param_name(p), self._modules.owner_of(p))
             for p in params
@@ -195,7 +262,8 @@ class GradStatsProbe:
         )
         output_names, output_sums = self._outputs.take()
         grad_names, grad_norms = self._output_grads.take()
-        count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
+        clips, self._clips = self._clips, []
+        count_zeros = self._sampled()
         values: list[torch.Tensor] = []
         if with_grad:
             with own_ops():
@@ -206,6 +274,13 @@ class GradStatsProbe:
                     values += _torch_compat.foreach_norm(grads, 0)
         values += output_sums
         values += grad_norms
+        values += [norm for norm, _, _ in clips]
+        values += [m for _, m, _ in clips if isinstance(m, torch.Tensor)]
+        # (max_norm, or None when it is a tensor read with the values; norm_type) per call.
+        clip_args = [
+            (None if isinstance(m, torch.Tensor) else float(m), float(norm_type))
+            for _, m, norm_type in clips
+        ]
         arrived = self._arrived
         described = [
             (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
@@ -220,19 +295,22 @@ class GradStatsProbe:
 
         def on_ready(read: list[float]) -> None:
             n = len(described)
-            grad, norm = read[:n], read[n : 2 * n]
-            nonzero = read[2 * n : 3 * n] if count_zeros else [math.nan] * n
-            outputs_at = (3 if count_zeros else 2) * n
-            finite = read[outputs_at : outputs_at + len(output_names)]
-            output_grads = read[outputs_at + len(output_names) :]
+            cursor = iter(read)
+            grad, norm = _take(cursor, n), _take(cursor, n)
+            nonzero = _take(cursor, n) if count_zeros else [math.nan] * n
+            finite = _take(cursor, len(output_names))
+            output_grads = _take(cursor, len(grad_names))
+            clip_norms = _take(cursor, len(clip_args))
+            tensor_maxes = iter(_take(cursor, sum(m is None for m, _ in clip_args)))
+            updates = _take(cursor, n) or [math.nan] * n
             self._on_stats(
                 StepGradStats(
                     step=step,
                     optimizer=label,
                     params=tuple(
-                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a)
-                        for (name, module, numel, a), g, p, nz in zip(
-                            described, grad, norm, nonzero, strict=True
+                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a, u)
+                        for (name, module, numel, a), g, p, nz, u in zip(
+                            described, grad, norm, nonzero, updates, strict=True
                         )
                     ),
                     missing=missing,
@@ -244,13 +322,14 @@ class GradStatsProbe:
                     cut=cut,
                     new_sites=new_sites,
                     output_grad_norms=tuple(zip(grad_names, output_grads, strict=True)),
+                    clips=tuple(
+                        ClipCall(before, next(tensor_maxes) if m is None else m, norm_type)
+                        for before, (m, norm_type) in zip(clip_norms, clip_args, strict=True)
+                    ),
                 )
             )
 
-        if values:
-            self._queue.push(stack_scalars(values), on_ready)
-        else:
-            on_ready([])
+        return values, on_ready
 
     def end_iteration(self) -> None:
         """Forget forward facts of an iteration whose step was skipped (GradScaler)."""
@@ -259,6 +338,7 @@ class GradStatsProbe:
     def _forget_step(self) -> None:
         self._outputs.take()
         self._output_grads.take()
+        self._clips.clear()
         self._cut.clear()
         self._arrived.clear()
 
@@ -277,6 +357,10 @@ class GradStatsProbe:
 
     def _param_name(self, param: torch.Tensor) -> str:
         return self._modules.parameter_path(param) or f"<unnamed {tuple(param.shape)}>"
+
+
+def _take(cursor: Iterator[float], n: int) -> list[float]:
+    return list(itertools.islice(cursor, n))
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
