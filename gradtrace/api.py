@@ -50,12 +50,14 @@ class Trace:
         name: str | None = None,
         front_end: str = "trace",
         every: int = 1,
+        update_ratio: bool = False,
         tensorboard: bool | str | Path = False,
     ) -> None:
         self.model = model
         self.out = None if out is None else Path(out)
         self.level = level
         self.every = every
+        self.update_ratio = update_ratio
         self.tensorboard = tensorboard
         self.name = name or _default_name(model)
         self.front_end = front_end
@@ -95,6 +97,7 @@ class Trace:
             level=self.level,
             model=self.model,
             every=self.every,
+            update_ratio=self.update_ratio,
             tensorboard=self.tensorboard,
             argv=sys.argv[:],
             front_end=self.front_end,
@@ -163,6 +166,7 @@ class Trace:
             "level": self.level,
             "front_end": self.front_end,
             "every": self.every,
+            "update_ratio": self.update_ratio,
             "tensorboard": self.tensorboard,
         }
         name = self.name if self.model is not None else func.__name__
@@ -191,6 +195,7 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
 ) -> Trace: ...
 def trace(
@@ -199,14 +204,17 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
     `model` is optional: it names module paths from your root module (otherwise each
     top-level module called is a root). `level` is "full" (names the writing line) or
-    "light". `every` records gradient statistics every N optimizer steps. `tensorboard`
-    writes TensorBoard events live: True into the run directory, a path into that logdir
+    "light". `every` records gradient statistics every N optimizer steps. `update_ratio`
+    also records ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of the stepped
+    parameters during each recorded `optimizer.step()`. `tensorboard` writes TensorBoard
+    events live: True into the run directory, a path into that logdir
     (under a `gradtrace` sub-run). Only one trace may run at a time; starting a second
     raises GradtraceError.
     """
@@ -214,6 +222,7 @@ def trace(
         "out": out,
         "level": level,
         "every": every,
+        "update_ratio": update_ratio,
         "tensorboard": tensorboard,
     }
     if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
@@ -227,10 +236,18 @@ def start(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
-    return Trace(model, out=out, level=level, every=every, tensorboard=tensorboard).start()
+    return Trace(
+        model,
+        out=out,
+        level=level,
+        every=every,
+        update_ratio=update_ratio,
+        tensorboard=tensorboard,
+    ).start()
 
 
 def annotate(exception: BaseException, findings: list[Finding]) -> None:

@@ -52,6 +52,12 @@ def cli() -> None:
     help="Record gradient statistics every N optimizer steps.",
 )
 @click.option(
+    "--update-ratio",
+    is_flag=True,
+    help="Also record ‖Δp‖/‖p‖ per parameter; costs a device copy of the stepped parameters "
+    "during each recorded optimizer.step().",
+)
+@click.option(
     "--tensorboard",
     "tensorboard",
     is_flag=True,
@@ -69,6 +75,7 @@ def run(
     out: Path | None,
     level: str,
     every: int,
+    update_ratio: bool,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
     args: tuple[str, ...],
@@ -84,7 +91,12 @@ def run(
     run_dir = out or default_run_dir(Path(target.label).stem)
     live: bool | Path = tensorboard_logdir or tensorboard
     session = Session(
-        run_dir, level=level, every=every, tensorboard=live, argv=[target.name, *target.args]
+        run_dir,
+        level=level,
+        every=every,
+        update_ratio=update_ratio,
+        tensorboard=live,
+        argv=[target.name, *target.args],
     )
     exit_code = run_target(target, session)
     sys.stdout.flush()
