@@ -76,6 +76,7 @@ class Session:
         model: nn.Module | None = None,
         every: int = 1,
         update_ratio: bool = False,
+        grad_stats: bool = True,
         tensorboard: bool | str | Path = False,
         **meta: Any,
     ) -> None:
@@ -89,6 +90,8 @@ class Session:
         self._every = every
         # Opt-in: a device copy of the stepped parameters during each recorded step.
         self._update_ratio = update_ratio
+        # Off only to measure what the gradient statistics cost (scripts/bench_overhead.py).
+        self._grad_stats = grad_stats
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -148,8 +151,18 @@ class Session:
         saved = SavedTensorProbe(
             modules, self._steps, callers, self._add_finding, writes_logged=full
         )
+        modules.install(stack)
+        self._steps.install(stack)
+        if self._grad_stats:
+            self._install_grad_stats(stack, callers)
+        saved.install(stack)
+        if full:
+            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
+            self._writes.install(stack)
+
+    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
         grads = GradStatsProbe(
-            modules,
+            self._modules,
             self._steps,
             callers,
             self._deferred,
@@ -160,15 +173,9 @@ class Session:
         scaler = GradScalerProbe(
             self._steps, self._deferred, self._store_scalars, grads.end_iteration
         )
-        modules.install(stack)
-        self._steps.install(stack)
         grads.install(stack)
         scaler.install(stack)
         GradClipProbe(grads.note_clip).install(stack)
-        saved.install(stack)
-        if full:
-            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
-            self._writes.install(stack)
 
     def log(self, **values: float | torch.Tensor) -> None:
         """Record scalars (e.g. `loss=loss`) for the step they belong to.
