@@ -122,6 +122,8 @@ class StepGradStats:
     output_grad_norms: tuple[tuple[str, float], ...] = ()
     # `clip_grad_norm_` calls since the previous optimizer step, in call order.
     clips: tuple[ClipCall, ...] = ()
+    # ReLU-like modules on sampled steps: (module, units zero for the whole batch, units).
+    dead_units: tuple[tuple[str, int, int], ...] = ()
 
 
 def located_at(source: SourceLine | None) -> dict[str, Any]:

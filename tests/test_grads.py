@@ -22,6 +22,7 @@ class Net(nn.Module):
         self.first = nn.Linear(4, 8)
         self.second = nn.Linear(8, 8)
         self.head = nn.Linear(8, 1)
+        self.act = nn.ReLU()
         self.cut = cut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ class Net(nn.Module):
             h = h.data
         elif self.cut == "rewrap":
             h = torch.tensor(h.tolist())
-        return self.head(torch.relu(self.second(h)))
+        return self.head(self.act(self.second(h)))
 
 
 class LogHead(nn.Module):
@@ -160,6 +161,7 @@ def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatc
     assert [s.step for s in run.grad_steps] == [0, 3, 6]
     assert all(len(s.clips) == 1 for s in run.grad_steps)
     assert all(math.isfinite(p.update_norm) for s in run.grad_steps for p in s.params)
+    assert [s.dead_units[0][0] for s in run.grad_steps if s.dead_units] == ["act"]  # step 0
     # One batched read per recorded step, plus one per step for the logged loss.
     assert len(reads) == 3 + 9
 
@@ -456,3 +458,69 @@ def test_new_options_leave_training_bitwise_unchanged(tmp_path: Path) -> None:
     for key, state in plain_state["state"].items():
         for name, value in state.items():
             assert torch.equal(value, traced_state["state"][key][name]), name
+
+
+class Dying(nn.Module):
+    """A hidden layer whose ReLU units are dead when their bias is very negative."""
+
+    def __init__(self, dead: int, *, inplace: bool = False) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 16)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(16, 1)
+        with torch.no_grad():
+            self.hidden.bias[:dead] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.hidden(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dead_relu_units_are_named(tmp_path: Path, inplace: bool) -> None:
+    torch.manual_seed(0)
+    plain = train(Dying(12, inplace=inplace), 11)
+    torch.manual_seed(0)
+    model = Dying(12, inplace=inplace)
+    with Session(tmp_path / "run") as session:
+        traced_losses = train(model, 11)
+    assert traced_losses == plain  # ReLU(inplace=True) is only read
+    [finding] = [f for f in session.findings if f.kind == "dead-units"]
+    assert (finding.module, finding.step) == ("act", 10)
+    assert finding.details["dead_fraction"] == 0.75 and finding.details["units"] == 16
+    assert finding.file == __file__  # the line that calls self.act
+    samples = [s.dead_units for s in load_run(tmp_path / "run").grad_steps if s.dead_units]
+    assert samples == [(("act", 12, 16),), (("act", 12, 16),)]  # steps 0 and 10
+
+
+def test_no_dead_units_on_a_healthy_model_and_units_along_features(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    session = traced(tmp_path, Dying(0), steps=11)
+    assert session.findings == []
+    torch.manual_seed(0)
+    sequence = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    optimizer = torch.optim.SGD(sequence.parameters(), lr=0.1)
+    with Session(tmp_path / "seq", model=sequence):
+        x = torch.randn(2, 5, 4)  # (batch, sequence, features): units are the features
+        with torch.no_grad():
+            sequence[0].bias[:2] = -100.0
+        sequence(x).sum().backward()
+        optimizer.step()
+    [stats] = load_run(tmp_path / "seq").grad_steps
+    assert stats.dead_units == (("1", 2, 6),)
+
+
+def test_dead_units_must_stay_dead_in_every_sample() -> None:
+    from gradtrace.analysis.grad_health import diagnose_gradients
+    from gradtrace.events import ParamStat, StepGradStats
+
+    def step(i: int, dead: tuple[tuple[str, int, int], ...]) -> StepGradStats:
+        params = (ParamStat("fc.weight", "fc", 8, 0.5, 1.0, 0.0, 0),)
+        return StepGradStats(i, "SGD.step", params, (), (), (), (), dead_units=dead)
+
+    def kinds_of(samples: list[tuple[tuple[str, int, int], ...]]) -> list[str]:
+        steps = [step(10 * i, dead) for i, dead in enumerate(samples)]
+        return [f.kind for f in diagnose_gradients(steps, {})]
+
+    assert kinds_of([(("a", 5, 8),), (("a", 4, 8),)]) == ["dead-units"]
+    assert kinds_of([(("a", 5, 8),), (("a", 3, 8),)]) == []  # revived: below half once
+    assert kinds_of([(("a", 8, 8),)]) == []  # one sample is not enough

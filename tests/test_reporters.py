@@ -66,7 +66,8 @@ def test_json_document_shape() -> None:
 
 
 def clipped_run() -> Run:
-    """Two recorded steps of a run with --update-ratio that clips at max_norm 1."""
+    """Two recorded steps of a run with --update-ratio that clips at max_norm 1 (and a
+    ReLU sampled for dead units at step 0)."""
     steps = [
         StepGradStats(
             step=step,
@@ -80,6 +81,7 @@ def clipped_run() -> Run:
             cut=(),
             new_sites=(),
             clips=(ClipCall(before, 1.0, 2.0),),
+            dead_units=(("act", 2, 8),) if step == 0 else (),
         )
         for step, before in ((0, 5.0), (2, 0.9))
     ]
@@ -107,6 +109,7 @@ def test_update_ratio_and_clipping_in_terminal_json_and_html() -> None:
     assert stats["clip_max_norm"] == [[0, 1.0], [2, 1.0]]
     assert stats["modules"]["fc"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
     assert stats["params"]["fc.bias"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
+    assert stats["dead_units"] == {"act": [[0, 0.25]]}
     page = render_html(clipped_run())
     assert "Global gradient norm before clipping" in page
     assert "Clipped on 1 of 2 recorded steps" in page

@@ -107,7 +107,7 @@ def sample_run(tmp_path: Path) -> Run:
     )
 
 
-def test_update_ratio_and_clipping_scalars(tmp_path: Path) -> None:
+def test_update_ratio_clipping_and_dead_unit_scalars(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from gradtrace.events import ClipCall
@@ -118,6 +118,7 @@ def test_update_ratio_and_clipping_scalars(tmp_path: Path) -> None:
             stats,
             params=tuple(replace(p, update_norm=0.01 * p.param_norm) for p in stats.params),
             clips=(ClipCall(20.0, 1.0, 2.0),),
+            dead_units=(("encoder.act", 3, 4),),
         )
         for stats in run.grad_steps
     ]
@@ -127,6 +128,7 @@ def test_update_ratio_and_clipping_scalars(tmp_path: Path) -> None:
     assert [value for _, value in ratios] == pytest.approx([0.01] * 3)
     assert scalars(events, "global/grad_norm_before_clip") == [(0, 20.0), (1, 20.0), (2, 20.0)]
     assert scalars(events, "global/clip_max_norm") == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    assert scalars(events, "dead_units/encoder/act") == [(0, 0.75), (1, 0.75), (2, 0.75)]
 
 
 def test_module_paths_become_tag_trees() -> None:

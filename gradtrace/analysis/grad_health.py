@@ -13,6 +13,7 @@ NON_FINITE = "non-finite"
 EXPLODING = "exploding"
 VANISHING = "vanishing"
 NO_GRAD = "no-grad"
+DEAD_UNITS = "dead-units"
 
 # Scalar series the GradScaler probe records (names shared with probes/amp.py).
 FOUND_INF = "amp/found_inf"
@@ -34,6 +35,9 @@ class Thresholds:
     min_steps: int = 2
     # GradScaler skipping this many iterations in a row is a bug, not loss-scale calibration.
     max_scaler_skips: int = 10
+    # A ReLU with at least this fraction of units dead in every sampled step (and at least
+    # `min_steps` samples) has died: those units no longer learn.
+    dead_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ def diagnose_gradients(
         *_exploding(norms, sites, limits),
         *_vanishing(norms, sites, limits),
         *_no_grad(steps, sites, limits),
+        *_dead_units(steps, sites, limits),
     ]
     return findings
 
@@ -346,6 +351,60 @@ def _no_grad(
     if only_zero:
         findings.append(_zero_finding(only_zero, steps, sites, recorded))
     return findings
+
+
+def dead_unit_fractions(steps: Sequence[StepGradStats]) -> dict[str, list[tuple[int, float]]]:
+    """Per ReLU-like module: the fraction of its units dead at each sampled step."""
+    fractions: dict[str, list[tuple[int, float]]] = {}
+    for stats in steps:
+        for module, dead, units in stats.dead_units:
+            fractions.setdefault(module, []).append((stats.step, dead / units))
+    return fractions
+
+
+def _dead_units(
+    steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    """ReLUs that output zero for whole batches in most of their units, every time sampled.
+
+    Such a unit passes no gradient to the weights before it, so once dead it stays dead
+    (a large learning-rate step or a very negative bias usually did it).
+    """
+    units = {module: n for stats in steps for module, _, n in stats.dead_units}
+    dead = {
+        module: series
+        for module, series in dead_unit_fractions(steps).items()
+        if len(series) >= limits.min_steps
+        and all(fraction >= limits.dead_fraction for _, fraction in series)
+    }
+    if not dead:
+        return []
+    forward_order = {module: i for i, module in enumerate(sites)}
+    first = min(dead, key=lambda m: forward_order.get(m, len(forward_order)))
+    last_step, fraction = dead[first][-1]
+    listed = ", ".join(
+        f"{module} ({series[-1][1]:.0%} of {units[module]})" for module, series in dead.items()
+    )
+    return [
+        _finding(
+            DEAD_UNITS,
+            f"Dead ReLU units: {listed} output zero for the whole batch in at least "
+            f"{limits.dead_fraction:.0%} of their units at every one of the "
+            f"{len(dead[first])} sampled steps; those units pass no gradient and stopped "
+            "learning.",
+            "Lower the learning rate or add warm-up, check the initialisation and biases of "
+            "the layer feeding the ReLU (a normalisation before it helps), or use LeakyReLU/GELU.",
+            step=last_step,
+            module=first,
+            parameter=None,
+            site=sites.get(first),
+            details={
+                "dead_fraction": fraction,
+                "units": units[first],
+                "modules": {module: series[-1][1] for module, series in dead.items()},
+            },
+        )
+    ]
 
 
 def _cut_finding(

@@ -43,12 +43,39 @@ from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
-# parameter. They are taken on every tenth recorded step; other steps store NaN (unknown).
+# parameter. They are taken on every tenth recorded step (as are dead units); other steps
+# store NaN (unknown).
 ZERO_COUNT_EVERY = 10
+
+# Modules whose output is exactly zero wherever the unit is inactive (LeakyReLU, GELU, ...
+# never are): their units are counted as dead when zero for the whole batch.
+DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
+
+
+def sum_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    """The tensor's sum in float32: NaN or Inf anywhere makes it non-finite."""
+    torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+
+
+def norm_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
+
+
+def unit_dim(tensor: torch.Tensor) -> int:
+    """The dimension that indexes units: features of (batch, sequence, features) outputs,
+    channels (dim 1) of everything else ((batch, features), (batch, channels, H, W), ...)."""
+    return 2 if tensor.dim() == 3 else 1
+
+
+def dead_units_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    """How many units are exactly zero for the whole batch (a ReLU's output is never < 0)."""
+    keep = unit_dim(tensor)
+    peak = torch.amax(tensor, dim=[d for d in range(tensor.dim()) if d != keep])
+    torch.sum(peak == 0, dim=0, dtype=torch.float32, out=slot)
 
 
 class OutputSums:
-    """One float32 per module (its output's sum, or a gradient's L2 norm) in device slots.
+    """One float32 per module (by default its output's sum) in device slots.
 
     NOTE [no extra peak memory]: a fresh 0-d tensor per module would hold one allocator block
     (512 bytes) per module from forward until the step, through backward, where the peak
@@ -58,8 +85,8 @@ class OutputSums:
 
     SLOTS_PER_CHUNK = 128
 
-    def __init__(self, *, norm: bool = False) -> None:
-        self._norm = norm
+    def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], None] = sum_into) -> None:
+        self._reduce = reduce
         self._slots: dict[torch.device, list[torch.Tensor]] = {}
         self._used: dict[torch.device, int] = {}
         self._names: list[str] = []
@@ -75,10 +102,7 @@ class OutputSums:
             slots.extend(chunk.unbind())
         slot = slots[used]
         self._used[device] = used + 1
-        if self._norm:
-            torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
-        else:
-            torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+        self._reduce(tensor, slot)
         self._names.append(name)
         self._seen.add(name)
         self._views.append(slot)
@@ -136,7 +160,11 @@ class GradStatsProbe:
         # module count, so a step that never comes (AMP skips) cannot grow it.
         self._outputs = OutputSums()
         # L2 norm of the gradient arriving at each parameter-free module's output.
-        self._output_grads = OutputSums(norm=True)
+        self._output_grads = OutputSums(norm_into)
+        # Units of ReLU-like modules' outputs that are zero for the whole batch, on sampled
+        # steps, and how many units each has.
+        self._dead = OutputSums(dead_units_into)
+        self._units: dict[str, int] = {}
         self._parameter_free: weakref.WeakKeyDictionary[nn.Module, bool] = (
             weakref.WeakKeyDictionary()
         )
@@ -188,12 +216,22 @@ class GradStatsProbe:
             with own_ops():
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
+        if isinstance(module, DEAD_UNIT_MODULES) and name not in self._dead and self._sampled():
+            self._count_dead_units(name, tensor)
         if tensor.grad_fn is not None and self._is_parameter_free(module):
             # A tensor hook that returns None observes the gradient without changing it;
             # it goes away with the tensor, which is why a leaf (a parameter passed through
             # nn.Identity, say) gets none: its hooks would pile up step after step. (Never a
             # module backward hook: see modules.py.)
             tensor.register_hook(functools.partial(self._output_grad_arrived, name))
+
+    def _count_dead_units(self, name: str, tensor: torch.Tensor) -> None:
+        """Only reads the output, so ReLU(inplace=True) is as safe as any other module."""
+        if tensor.dim() < 2 or not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        with own_ops():
+            self._dead.add(name, tensor)
+        self._units[name] = tensor.shape[unit_dim(tensor)]
 
     def _is_parameter_free(self, module: nn.Module) -> bool:
         known = self._parameter_free.get(module)
@@ -251,8 +289,8 @@ class GradStatsProbe:
         """The step's device values, and what turns them, once read, into a record.
 
         Read back in this order: gradient norms, parameter norms, non-zero counts (sampled
-        steps), output sums, output-gradient norms, clip norms (and tensor max_norms), then
-        update norms when `_after_update` appended them.
+        steps), output sums, output-gradient norms, dead units (sampled steps), clip norms
+        (and tensor max_norms), then update norms when `_after_update` appended them.
         """
         step = self._steps.step
         missing = tuple(
@@ -262,6 +300,8 @@ class GradStatsProbe:
         )
         output_names, output_sums = self._outputs.take()
         grad_names, grad_norms = self._output_grads.take()
+        dead_names, dead_counts = self._dead.take()
+        units, self._units = self._units, {}
         clips, self._clips = self._clips, []
         count_zeros = self._sampled()
         values: list[torch.Tensor] = []
@@ -274,6 +314,7 @@ class GradStatsProbe:
                     values += _torch_compat.foreach_norm(grads, 0)
         values += output_sums
         values += grad_norms
+        values += dead_counts
         values += [norm for norm, _, _ in clips]
         values += [m for _, m, _ in clips if isinstance(m, torch.Tensor)]
         # (max_norm, or None when it is a tensor read with the values; norm_type) per call.
@@ -300,6 +341,7 @@ class GradStatsProbe:
             nonzero = _take(cursor, n) if count_zeros else [math.nan] * n
             finite = _take(cursor, len(output_names))
             output_grads = _take(cursor, len(grad_names))
+            dead = _take(cursor, len(dead_names))
             clip_norms = _take(cursor, len(clip_args))
             tensor_maxes = iter(_take(cursor, sum(m is None for m, _ in clip_args)))
             updates = _take(cursor, n) or [math.nan] * n
@@ -322,6 +364,10 @@ class GradStatsProbe:
                     cut=cut,
                     new_sites=new_sites,
                     output_grad_norms=tuple(zip(grad_names, output_grads, strict=True)),
+                    dead_units=tuple(
+                        (name, int(count), units[name])
+                        for name, count in zip(dead_names, dead, strict=True)
+                    ),
                     clips=tuple(
                         ClipCall(before, next(tensor_maxes) if m is None else m, norm_type)
                         for before, (m, norm_type) in zip(clip_norms, clip_args, strict=True)
@@ -338,6 +384,8 @@ class GradStatsProbe:
     def _forget_step(self) -> None:
         self._outputs.take()
         self._output_grads.take()
+        self._dead.take()
+        self._units.clear()
         self._clips.clear()
         self._cut.clear()
         self._arrived.clear()

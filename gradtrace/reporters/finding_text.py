@@ -17,6 +17,7 @@ TITLES = {
     "exploding": "exploding gradients",
     "vanishing": "vanishing gradients",
     "no-grad": "parameters never get a gradient",
+    "dead-units": "dead ReLU units",
 }
 
 

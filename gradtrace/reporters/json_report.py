@@ -7,7 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import clipping, module_norms, update_ratio
+from gradtrace.analysis.grad_health import (
+    clipping,
+    dead_unit_fractions,
+    module_norms,
+    update_ratio,
+)
 from gradtrace.store.format import FORMAT_VERSION
 from gradtrace.store.reader import Run
 
@@ -80,6 +85,10 @@ def _grad_stats(run: Run) -> dict[str, Any]:
         },
         "params": params,
         "output_grad_norm": _output_grads(run),
+        "dead_units": {
+            module: _series(series)
+            for module, series in dead_unit_fractions(run.grad_steps).items()
+        },
         "scalars": {name: _series(values) for name, values in run.scalars.items()},
     }
 

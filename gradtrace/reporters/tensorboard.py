@@ -12,6 +12,7 @@ Tags (module paths become tag trees: `encoder.layers.3.attn` -> `encoder/layers.
 - `global/grad_norm_before_clip`, `global/clip_max_norm` (steps that called clip_grad_norm_)
 - `grad_norm/<module>`, `grad_to_param/<module>` (‖grad‖/‖param‖), `inplace_writes/<owner>`
 - `update_ratio/<module>` (‖Δp‖/‖p‖, runs recorded with update_ratio)
+- `dead_units/<module>` (fraction of a ReLU's units dead for the whole batch; sampled steps)
 - the run's own scalars under their names (`loss`, `amp/scale`, `amp/found_inf`)
 - histograms `param_grad_norm/all` and `param_grad_norm/log10` (one value per parameter)
 - text `findings/<NN>-<kind>`: each finding as markdown, at the step it was seen
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import clipping, module_norms
+from gradtrace.analysis.grad_health import clipping, dead_unit_fractions, module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, StepGradStats
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
@@ -159,6 +160,7 @@ class TensorBoardReporter:
             records[0],
             params=tuple(p for stats in records for p in stats.params),
             clips=tuple(c for stats in records for c in stats.clips),
+            dead_units=tuple(d for stats in records for d in stats.dead_units),
         )
         norms = module_norms([merged])
         for _, value in norms.global_grad:
@@ -174,6 +176,8 @@ class TensorBoardReporter:
             self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
         for module, series in norms.update_ratio.items():
             self._scalar(f"update_ratio/{module_tag(module)}", series[-1][1], step)
+        for module, series in dead_unit_fractions([merged]).items():
+            self._scalar(f"dead_units/{module_tag(module)}", series[-1][1], step)
         values = [p.grad_norm for stats in records for p in stats.params]
         finite = [v for v in values if math.isfinite(v)]
         if finite:

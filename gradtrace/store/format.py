@@ -74,6 +74,13 @@ CREATE TABLE IF NOT EXISTS grad_clips (
     max_norm REAL,
     norm_type REAL                   -- p of the p-norm (Inf for the max norm)
 );
+CREATE TABLE IF NOT EXISTS dead_units (
+    step INTEGER NOT NULL,           -- sampled steps only (every tenth recorded step)
+    optimizer TEXT NOT NULL,
+    module TEXT NOT NULL,            -- a ReLU or ReLU6 module, its first call of the step
+    dead INTEGER NOT NULL,           -- units whose output was zero for the whole batch
+    units INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,
     source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called

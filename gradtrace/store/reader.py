@@ -167,6 +167,12 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
             clips.setdefault((step, optimizer), []).append(
                 ClipCall(_real(before), _real(max_norm), _real(norm_type))
             )
+    dead: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
+    if _columns(db, "dead_units"):
+        for step, optimizer, module, count, units in db.execute(
+            "SELECT step, optimizer, module, dead, units FROM dead_units ORDER BY rowid"
+        ):
+            dead.setdefault((step, optimizer), []).append((module, count, units))
     cuts: dict[int, list[str]] = {}
     for step, module in db.execute("SELECT step, module FROM graph_cuts ORDER BY rowid"):
         cuts.setdefault(step, []).append(module)
@@ -182,6 +188,7 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
             new_sites=(),
             output_grad_norms=tuple(output_grads.get((step, optimizer), ())),
             clips=tuple(clips.get((step, optimizer), ())),
+            dead_units=tuple(dead.get((step, optimizer), ())),
         )
         for step, optimizer in keys
     ]

@@ -126,6 +126,11 @@ class RunWriter:
                 ],
             )
             self._db.executemany(
+                "INSERT INTO dead_units (step, optimizer, module, dead, units) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
+            )
+            self._db.executemany(
                 "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
                 [(stats.step, module) for module in stats.cut],
             )
