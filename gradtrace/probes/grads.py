@@ -11,7 +11,8 @@ results, with the norms any `clip_grad_norm_` call returned since the previous s
 queued on the session's deferred queue; nothing is read back until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
-NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
+NaN or Inf anywhere makes it non-finite), on sampled steps each ReLU's output to its count
+of units that are zero for the whole batch, and notes modules whose output left the graph
 although they have trainable parameters. Post-accumulate-grad hooks record the order in
 which gradients arrive, which is backward order.
 
