@@ -4,11 +4,11 @@ At every recorded `optimizer.step()`, once its gradients are final (before the u
 the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
 launches batched reductions over the optimizer's parameters: gradient L2 norms, parameter
 L2 norms and, every ZERO_COUNT_EVERY recorded steps, non-zero counts (`torch._foreach_norm`
-with ord 2 and 0). With
-`update_ratio`, it also copies those parameters there and, once the optimizer has updated
-them, reduces the difference to one norm per parameter (the copy is freed right then). The
-results, with the norms any `clip_grad_norm_` call returned since the previous step, are
-queued on the session's deferred queue; nothing is read back until the next step ends.
+with ord 2 and 0). With `update_ratio`, it also copies those parameters on their device and,
+once the optimizer has updated them, reduces the difference to one norm per parameter (the
+copy is freed right then). The results, with the norms any `clip_grad_norm_` call returned
+since the previous step, are queued on the session's deferred queue; nothing is read back
+until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
 NaN or Inf anywhere makes it non-finite), on sampled steps each ReLU's output to its count
