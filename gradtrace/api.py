@@ -50,6 +50,7 @@ class Trace:
         name: str | None = None,
         front_end: str = "trace",
         every: int = 1,
+        update_ratio: bool = False,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
     ) -> None:
@@ -57,6 +58,7 @@ class Trace:
         self.out = None if out is None else Path(out)
         self.level = level
         self.every = every
+        self.update_ratio = update_ratio
         self.tensorboard = tensorboard
         self.check_ranks = check_ranks
         self.name = name or _default_name(model)
@@ -97,6 +99,7 @@ class Trace:
             level=self.level,
             model=self.model,
             every=self.every,
+            update_ratio=self.update_ratio,
             tensorboard=self.tensorboard,
             check_ranks=self.check_ranks,
             argv=sys.argv[:],
@@ -166,6 +169,7 @@ class Trace:
             "level": self.level,
             "front_end": self.front_end,
             "every": self.every,
+            "update_ratio": self.update_ratio,
             "tensorboard": self.tensorboard,
         }
         name = self.name if self.model is not None else func.__name__
@@ -194,6 +198,7 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Trace: ...
@@ -203,6 +208,7 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Any:
@@ -210,9 +216,11 @@ def trace(
 
     `model` is optional: it names module paths from your root module (otherwise each
     top-level module called is a root). `level` is "full" (names the writing line) or
-    "light". `every` records gradient statistics every N optimizer steps. `tensorboard`
-    writes TensorBoard events live: True into the run directory, a path into that logdir
-    (under a `gradtrace` sub-run). Under torchrun each rank records into `out/rank-N`;
+    "light". `every` records gradient statistics every N optimizer steps. `update_ratio`
+    also records ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of the stepped
+    parameters during each recorded `optimizer.step()`. `tensorboard` writes TensorBoard
+    events live: True into the run directory, a path into that logdir (under a `gradtrace`
+    sub-run). Under torchrun each rank records into `out/rank-N`;
     `check_ranks` compares every parameter's norms across ranks at each recorded step. Only
     one trace may run at a time; starting a second raises GradtraceError.
     """
@@ -220,6 +228,7 @@ def trace(
         "out": out,
         "level": level,
         "every": every,
+        "update_ratio": update_ratio,
         "tensorboard": tensorboard,
         "check_ranks": check_ranks,
     }
@@ -234,12 +243,19 @@ def start(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    update_ratio: bool = False,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
     return Trace(
-        model, out=out, level=level, every=every, tensorboard=tensorboard, check_ranks=check_ranks
+        model,
+        out=out,
+        level=level,
+        every=every,
+        update_ratio=update_ratio,
+        tensorboard=tensorboard,
+        check_ranks=check_ranks,
     ).start()
 
 

@@ -53,6 +53,12 @@ def cli() -> None:
     help="Record gradient statistics every N optimizer steps.",
 )
 @click.option(
+    "--update-ratio",
+    is_flag=True,
+    help="Also record ‖Δp‖/‖p‖ per parameter; costs a device copy of the stepped parameters "
+    "during each recorded optimizer.step().",
+)
+@click.option(
     "--tensorboard",
     "tensorboard",
     is_flag=True,
@@ -90,6 +96,7 @@ def run(
     out: Path | None,
     level: str,
     every: int,
+    update_ratio: bool,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
     nproc_per_node: int | None,
@@ -116,6 +123,7 @@ def run(
         run_dir,
         level=level,
         every=every,
+        update_ratio=update_ratio,
         tensorboard=live,
         check_ranks=check_ranks,
         argv=[target.name, *target.args],
@@ -130,6 +138,8 @@ def run(
 def _rank_args(context: click.Context, target: Target) -> list[str]:
     """This command's options and target as each rank's `gradtrace run` must get them."""
     forwarded = ["--level", context.params["level"], "--every", str(context.params["every"])]
+    if context.params["update_ratio"]:
+        forwarded.append("--update-ratio")
     if context.params["tensorboard"]:
         forwarded.append("--tensorboard")
     if context.params["tensorboard_logdir"] is not None:

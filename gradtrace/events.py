@@ -6,6 +6,7 @@ an event alive keeps nothing of the user's alive, and every event round-trips th
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,6 +88,19 @@ class ParamStat:
     zero_fraction: float
     # Position in the order gradients arrived during the last backward (0 = first); -1 unknown.
     arrival: int
+    # L2 norm of what the optimizer step changed, ‖p_after - p_before‖ (opt-in: update_ratio);
+    # NaN when not recorded.
+    update_norm: float = math.nan
+
+
+@dataclass(frozen=True)
+class ClipCall:
+    """One `clip_grad_norm_` call before an optimizer step."""
+
+    # The total norm it returned: the gradients' norm before clipping.
+    norm_before: float
+    max_norm: float
+    norm_type: float
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,10 @@ class StepGradStats:
     new_sites: tuple[tuple[str, SourceLine | None], ...]
     # Parameter-free modules: L2 norm of the gradient that reached their output.
     output_grad_norms: tuple[tuple[str, float], ...] = ()
+    # `clip_grad_norm_` calls since the previous optimizer step, in call order.
+    clips: tuple[ClipCall, ...] = ()
+    # ReLU-like modules on sampled steps: (module, units zero for the whole batch, units).
+    dead_units: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

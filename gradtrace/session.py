@@ -21,6 +21,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, RankNorms, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
+from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
@@ -87,6 +88,8 @@ class Session:
         level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
         every: int = 1,
+        update_ratio: bool = False,
+        grad_stats: bool = True,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
         **meta: Any,
@@ -101,6 +104,10 @@ class Session:
         self._meta = meta
         self._model = model
         self._every = every
+        # Opt-in: a device copy of the stepped parameters during each recorded step.
+        self._update_ratio = update_ratio
+        # Off only to measure what the gradient statistics cost (scripts/bench_overhead.py).
+        self._grad_stats = grad_stats
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -137,6 +144,8 @@ class Session:
             status=RUNNING,
             started_ns=time.time_ns(),
             level=self.level,
+            every=self._every,
+            update_ratio=self._update_ratio,
             torch=torch.__version__,
             python=platform.python_version(),
             platform=sys.platform,
@@ -162,26 +171,32 @@ class Session:
         saved = SavedTensorProbe(
             modules, self._steps, callers, self._add_finding, writes_logged=full
         )
+        modules.install(stack)
+        self._steps.install(stack)
+        if self._grad_stats:
+            self._install_grad_stats(stack, callers)
+        saved.install(stack)
+        if full:
+            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
+            self._writes.install(stack)
+
+    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
         grads = GradStatsProbe(
-            modules,
+            self._modules,
             self._steps,
             callers,
             self._deferred,
             self._store_grad_stats,
             every=self._every,
+            update_ratio=self._update_ratio,
             ranks=self._rank_check,
         )
         scaler = GradScalerProbe(
             self._steps, self._deferred, self._store_scalars, grads.end_iteration
         )
-        modules.install(stack)
-        self._steps.install(stack)
         grads.install(stack)
         scaler.install(stack)
-        saved.install(stack)
-        if full:
-            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
-            self._writes.install(stack)
+        GradClipProbe(grads.note_clip).install(stack)
 
     def log(self, **values: float | torch.Tensor) -> None:
         """Record scalars (e.g. `loss=loss`) for the step they belong to.
@@ -290,7 +305,7 @@ class Session:
             return
         step = self.step if step is None else step
         self._queue_logged(writer)
-        self._deferred.drain(keep_latest=1 if finished else 0)
+        self._deferred.drain(keep_current=finished)
         self._store_checkpointed(writer)
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:

@@ -5,6 +5,9 @@ under five configurations: untraced, gradtrace "light", gradtrace "full",
 `detect_anomaly(check_nan=False)` and `detect_anomaly()`. After a warm-up, the configurations
 run interleaved in rounds (each round runs every configuration for `--steps` timed steps,
 the order rotated each round) so that thermal or background drift hits all of them alike.
+`--grad-stats` runs untraced, gradtrace "light" with the gradient statistics off, on, and
+on with the update ratio instead, then times the statistics' own reductions per recorded
+step against the limit memory bandwidth sets (measured with a device-to-device copy).
 
 Reported per model and configuration: median step time, its ratio to untraced with the
 min/max of the per-round ratios, peak CUDA memory (reset per block) and host RSS (peak per
@@ -12,6 +15,7 @@ block where the kernel lets the high-water mark be reset, plus RSS growth over t
 
     python scripts/bench_overhead.py --quick           # < 60 s on a 2-core CPU
     python scripts/bench_overhead.py --device cuda --json results.json
+    python scripts/bench_overhead.py --grad-stats --quick  # grad stats off/on, vs bandwidth
     python scripts/bench_overhead.py --profile         # cProfile of full-level GPT steps
 """
 
@@ -44,9 +48,13 @@ import gradtrace.session as gt_session
 from gradtrace.session import Session
 
 CONFIGS = ("untraced", "gt-light", "gt-full", "anomaly-nonan", "anomaly")
+# --grad-stats: the gradient statistics on and off, and with the opt-in update ratio.
+GRAD_STAT_CONFIGS = ("untraced", "gt-light-nostats", "gt-light", "gt-light-update")
 CONFIG_LABELS = {
     "untraced": "untraced",
+    "gt-light-nostats": "gradtrace light, grad stats off",
     "gt-light": "gradtrace light",
+    "gt-light-update": "gradtrace light + update ratio",
     "gt-full": "gradtrace full",
     "anomaly-nonan": "detect_anomaly(check_nan=False)",
     "anomaly": "detect_anomaly()",
@@ -237,9 +245,13 @@ def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterat
     """Enter one configuration; `holder["findings"]` gets gradtrace's finding count."""
     if config == "untraced":
         yield
-    elif config in ("gt-light", "gt-full"):
-        level = "light" if config == "gt-light" else "full"
-        with Session(run_dir, level=level) as session:
+    elif config.startswith("gt-"):
+        level = "full" if config == "gt-full" else "light"
+        options = {
+            "grad_stats": config != "gt-light-nostats",
+            "update_ratio": config == "gt-light-update",
+        }
+        with Session(run_dir, level=level, **options) as session:
             yield
         holder["findings"] = len(session.findings)
     elif config in ("anomaly-nonan", "anomaly"):
@@ -624,8 +636,119 @@ def detail_table(models: list[dict[str, Any]], configs: tuple[str, ...], cuda: b
             ]
             if cuda:
                 cells.append(f"{max(r.cuda_peak_mib):.0f}")
-            cells.append("–" if config not in ("gt-light", "gt-full") else str(r.findings))
+            cells.append(str(r.findings) if config.startswith("gt-") else "–")
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient statistics against the memory-bandwidth limit
+
+
+def timed_ms(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Time per call: the median over 5 batches of `repeats` back-to-back calls.
+
+    On a GPU a pair of CUDA events spans each batch, so the time is the device's.
+    """
+    call()
+    batches = []
+    for _ in range(5):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(repeats):
+                call()
+            end.record()
+            torch.cuda.synchronize()
+            batches.append(start.elapsed_time(end) / repeats)
+        else:
+            t0 = time.perf_counter_ns()
+            for _ in range(repeats):
+                call()
+            batches.append((time.perf_counter_ns() - t0) / 1e6 / repeats)
+    return statistics.median(batches)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes per second a device-to-device copy of `nbytes` moves (read plus write)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (timed_ms(lambda: dst.copy_(src), device, 3) / 1e3)
+
+
+def grad_stat_cost(work: Workload, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Time of the reductions the probe launches per recorded step, and their lower bound.
+
+    The same `_torch_compat` calls as probes/grads.py, on the workload's real gradients:
+    norms (gradient and parameter L2 norms: reads every gradient and parameter once), a
+    sampled step (adds the zero counts: the gradients once more), and the update ratio
+    (copy, subtract, norm: six parameter-sized passes). The limit is the bytes those passes
+    must move divided by the measured copy bandwidth.
+    """
+    from gradtrace.probes import _torch_compat
+
+    work.step()
+    params = [p for p in work.model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    def norms() -> list[torch.Tensor]:
+        return _torch_compat.foreach_norm(grads, 2) + _torch_compat.foreach_norm(params, 2)
+
+    def sampled() -> list[torch.Tensor]:
+        return norms() + _torch_compat.foreach_norm(grads, 0)
+
+    def update() -> list[torch.Tensor]:
+        before = _torch_compat.foreach_copy(params)
+        _torch_compat.foreach_sub_(before, params)
+        return _torch_compat.foreach_norm(before, 2)
+
+    bandwidth = copy_bandwidth(device, max(256 * 2**20, 2 * grad_bytes))
+    passes = {
+        "norms": (norms, grad_bytes + param_bytes),
+        "sampled": (sampled, 2 * grad_bytes + param_bytes),
+        "update_ratio": (update, 6 * param_bytes),
+    }
+    result: dict[str, Any] = {
+        "model": work.name,
+        "grad_mib": grad_bytes / 2**20,
+        "param_mib": param_bytes / 2**20,
+        "copy_gb_s": bandwidth / 1e9,
+    }
+    with torch.no_grad():
+        for name, (call, nbytes) in passes.items():
+            result[f"{name}_ms"] = timed_ms(lambda c=call: torch.stack(c()), device, repeats)
+            result[f"{name}_limit_ms"] = nbytes / bandwidth * 1e3
+    return result
+
+
+def grad_stat_table(costs: list[dict[str, Any]]) -> str:
+    head = [
+        "model",
+        "grads MiB",
+        "params MiB",
+        "copy GB/s (measured)",
+        "norms ms (limit)",
+        "sampled step ms (limit)",
+        "update ratio ms (limit)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in costs:
+        cells = [
+            c["model"],
+            f"{c['grad_mib']:.1f}",
+            f"{c['param_mib']:.1f}",
+            f"{c['copy_gb_s']:.1f}",
+            *(
+                f"{c[f'{name}_ms']:.3f} ({c[f'{name}_limit_ms']:.3f}, "
+                f"{c[f'{name}_ms'] / c[f'{name}_limit_ms']:.1f}×)"
+                for name in ("norms", "sampled", "update_ratio")
+            ),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -713,6 +836,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-retries", type=int, default=None, help="rerun rounds per model at most this often"
     )
     parser.add_argument(
+        "--grad-stats",
+        action="store_true",
+        help="instead of the five configurations: gradient statistics off / on / with the "
+        "update ratio (all at level light), then their time per recorded step against the "
+        "memory-bandwidth limit",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="cProfile gradtrace steps (see --profile-level)"
     )
     parser.add_argument("--profile-level", choices=("light", "full"), default="full")
@@ -744,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     if steps < 1 or rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
+    configs = GRAD_STAT_CONFIGS if args.grad_stats else CONFIGS
 
     header = {
         "device": device_name(device),
@@ -755,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
         "optimizer": "AdamW(lr=1e-4), default implementation",
+        "configs": list(configs),
         "steps_per_block": steps,
         "rounds": rounds,
         "warmup_steps_per_config": warmup,
@@ -812,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = bench_model(
                 m,
                 device,
-                CONFIGS,
+                configs,
                 warmup,
                 steps,
                 rounds,
@@ -829,17 +961,31 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        costs = []
+        if args.grad_stats:
+            repeats = 20 if device.type == "cuda" else 5
+            costs = [grad_stat_cost(build_workload(m, device), device, repeats) for m in models]
         total_s = time.perf_counter() - t0
 
     print("## Step time ratio to untraced (median; min–max of per-round ratios)\n")
-    print(summary_table(entries, CONFIGS))
+    print(summary_table(entries, configs))
     discards = ", ".join(f"{e['model']} {len(e['discarded_rounds'])}" for e in entries)
     print(
         f"\nRounds rerun because other processes took > {100 * args.max_other_load:.0f}% of "
         f"the CPU: {discards} (their ratios are in --json)."
     )
     print("\n## Detail\n")
-    print(detail_table(entries, CONFIGS, device.type == "cuda"))
+    print(detail_table(entries, configs, device.type == "cuda"))
+    if costs:
+        print("\n## Gradient statistics per recorded step against the bandwidth limit\n")
+        print(grad_stat_table(costs))
+        print(
+            "\nTime of the probe's own reductions on the model's gradients after a step "
+            "(median of 5 batches of back-to-back runs). Limit = bytes they must move "
+            "(norms: gradients + parameters; sampled step: gradients twice + parameters; "
+            "update ratio: 6 × parameters) ÷ the device-to-device copy bandwidth measured "
+            "here (read + write)."
+        )
     rss_note = (
         "peak rise = VmHWM (reset before each block) minus VmRSS at block start"
         if hwm_resettable
@@ -854,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = {
             "header": header,
             "total_seconds": total_s,
+            "grad_stat_cost": costs,
             "models": [
                 {
                     "model": e["model"],

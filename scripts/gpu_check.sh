@@ -36,5 +36,12 @@ timeout 120 python -m pytest -q tests/test_grads.py tests/test_api.py tests/test
   -p no:cacheprovider > "$out/cpu_tests_on_this_torch.txt" 2>&1
 echo "cpu tests exit $?" >> "$out/cpu_tests_on_this_torch.txt"
 
+# Gradient statistics off / on / with the update ratio, and their time per recorded step
+# against the bandwidth limit (a device-to-device copy measured in the same run).
+timeout 150 python scripts/bench_overhead.py --device cuda --grad-stats --steps 20 --rounds 3 \
+  --json "$out/bench_grad_stats.json" > "$out/bench_grad_stats.md" 2>&1
+echo "grad-stats bench exit $?" >> "$out/bench_grad_stats.md"
+
 tail -n 3 "$out"/cuda_tests.txt "$out"/cpu_tests_on_this_torch.txt "$out"/ddp_nccl.txt
 tail -n 25 "$out"/bench.md
+tail -n 12 "$out"/bench_grad_stats.md

@@ -10,8 +10,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from gradtrace import session
 
-# GradScaler.update as torch ships it: gradtrace wraps it while a session runs.
+# GradScaler.update and clip_grad_norm_ as torch ships them: gradtrace wraps them while a
+# session runs.
 _SCALER_UPDATE = torch.amp.GradScaler.update
+_CLIP_GRAD_NORM = torch.nn.utils.clip_grad.clip_grad_norm_
 
 
 def attached_hooks() -> list[str]:
@@ -36,6 +38,11 @@ def attached_hooks() -> list[str]:
         attached.append("active gradtrace session")
     if torch.amp.GradScaler.update is not _SCALER_UPDATE:
         attached.append("GradScaler.update wrapper")
+    if (torch.nn.utils.clip_grad_norm_, torch.nn.utils.clip_grad.clip_grad_norm_) != (
+        _CLIP_GRAD_NORM,
+        _CLIP_GRAD_NORM,
+    ):
+        attached.append("clip_grad_norm_ wrapper")
     return attached
 
 

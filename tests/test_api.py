@@ -199,3 +199,22 @@ def test_keyboard_interrupt_is_recorded_as_interrupted(tmp_path: Path) -> None:
 def test_public_names() -> None:
     assert gradtrace.trace().__class__ is Trace
     assert {"trace", "start", "Trace"} <= set(gradtrace.__all__)
+
+
+def test_update_ratio_option_of_every_api_form(tmp_path: Path) -> None:
+    model = Gated(inplace_bug=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @gradtrace.trace(out=tmp_path / "decorated", update_ratio=True)
+    def train() -> None:
+        train_step(model, optimizer)
+
+    train()
+    with gradtrace.trace(model, out=tmp_path / "block", update_ratio=True):
+        train_step(model, optimizer)
+    gradtrace.start(model, out=tmp_path / "started", update_ratio=True).stop()
+    for name in ("decorated", "block", "started"):
+        assert gradtrace.load_run(tmp_path / name).meta["update_ratio"] is True
+    for name in ("decorated", "block"):
+        [stats] = gradtrace.load_run(tmp_path / name).grad_steps
+        assert all(p.update_norm > 0 for p in stats.params)

@@ -112,7 +112,9 @@ def test_killed_run_keeps_every_finished_step(tmp_path: Path) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(3):
             opt.zero_grad()
-            model(torch.randn(2, 4)).sum().backward()
+            x = torch.randn(2, 4)
+            x.mul_(2)
+            model(x).sum().backward()
             opt.step()
         print("ready", flush=True)
         time.sleep(60)
@@ -122,8 +124,10 @@ def test_killed_run_keeps_every_finished_step(tmp_path: Path) -> None:
     report = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)
     assert report["run"]["status"] == "killed"
     assert report["run"]["steps"] == 3
-    optimizer_writes = [w for w in report["writes"] if w["owner"] == "SGD.step"]
-    assert sum(w["count"] for w in optimizer_writes) >= 3 * 2
+    loop_writes = [
+        w for w in report["writes"] if (w["owner"], w["op"]) == ("training loop", "mul_")
+    ]
+    assert sum(w["count"] for w in loop_writes) == 3
 
 
 @pytest.mark.parametrize(
@@ -170,3 +174,39 @@ def test_report_renders_the_finding_post_mortem(tmp_path: Path) -> None:
     assert "in-place write broke backward" in report.stdout
     assert f"{example}:25" in report.stdout
     assert "encoder.1.act" in report.stdout
+
+
+CLIPPED_TRAINING = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+for step in range(5):
+    loss = model(torch.randn(16, 4)).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+    print(step, norm.item())
+    optimizer.step()
+"""
+
+
+def test_update_ratio_and_clipping_from_the_command_line(tmp_path: Path) -> None:
+    write(tmp_path / "train.py", CLIPPED_TRAINING)
+    plain = python("train.py", cwd=tmp_path)
+    traced = gradtrace(
+        "run", "--update-ratio", "--every", "2", "--out", "r", "train.py", cwd=tmp_path
+    )
+    assert traced.returncode == plain.returncode == 0, traced.stderr
+    assert traced.stdout == plain.stdout
+    assert "‖Δp‖/‖p‖" in traced.stderr and "(global, before clip)" in traced.stderr
+    returned = dict(line.split() for line in plain.stdout.splitlines())
+    report = gradtrace("report", "r", "--json", cwd=tmp_path)
+    stats = json.loads(report.stdout)["grad_stats"]
+    assert stats["global_grad_norm_before_clip"] == [
+        [step, pytest.approx(float(returned[str(step)]), rel=1e-6)] for step in (0, 2, 4)
+    ]
+    assert [step for step, _ in stats["modules"]["0"]["update_ratio"]] == [0, 2, 4]
+    assert all(0 < ratio < 1 for _, ratio in stats["params"]["2.weight"]["update_ratio"])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gradtrace.session import Session
+from gradtrace.store import load_run
 
 pytestmark = [
     pytest.mark.cuda,
@@ -40,7 +41,13 @@ def make(inplace: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> list[torch.Tensor]:
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int = 3,
+    *,
+    clip: float | None = None,
+) -> list[torch.Tensor]:
     generator = torch.Generator(device=DEVICE).manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -48,6 +55,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) ->
         loss = model(x).square().mean()
         optimizer.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         losses.append(loss.detach())
     return losses
@@ -113,5 +122,52 @@ def test_no_host_synchronisation_added(tmp_path: Path) -> None:
         train(model, optimizer, steps=1)  # the plain loop is sync-free...
         with Session(tmp_path / "run"):
             train(model, optimizer, steps=2)  # ...and stays so under gradtrace
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_update_ratio_holds_one_parameter_copy_only_during_the_step(tmp_path: Path) -> None:
+    model, optimizer = make(inplace=False)
+    plain = torch.stack(train(model, optimizer, clip=0.5))
+    plain_params = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.synchronize()
+    params = list(model.parameters())
+    # Each copy is one allocator block: its bytes rounded up to 512.
+    copy_bytes = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in params)
+    model, optimizer = make(inplace=False)
+    train(model, optimizer, steps=1)  # optimizer state exists before the measurement
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train(model, optimizer, steps=2, clip=0.5)
+    torch.cuda.synchronize()
+    plain_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with Session(tmp_path / "run", update_ratio=True) as session:
+        train(model, optimizer, steps=2, clip=0.5)
+        torch.cuda.synchronize()
+        traced_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.synchronize()
+    assert traced_peak <= plain_peak + copy_bytes + 64 * 1024
+    assert torch.cuda.memory_allocated() <= allocated + 4 * 1024  # the copy is gone
+    assert session.findings == []
+    # And the training itself is bitwise the same.
+    model, optimizer = make(inplace=False)
+    with Session(tmp_path / "again", update_ratio=True):
+        traced = torch.stack(train(model, optimizer, clip=0.5))
+    assert torch.equal(plain, traced)
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, model.parameters(), strict=True))
+    stats = load_run(tmp_path / "again").grad_steps
+    assert all(len(s.clips) == 1 and s.params[0].update_norm > 0 for s in stats)
+
+
+def test_update_ratio_and_clipping_add_no_host_synchronisation(tmp_path: Path) -> None:
+    model, optimizer = make(inplace=False)
+    train(model, optimizer, steps=1, clip=0.5)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train(model, optimizer, steps=1, clip=0.5)
+        with Session(tmp_path / "run", update_ratio=True):
+            train(model, optimizer, steps=2, clip=0.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")

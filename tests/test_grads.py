@@ -22,6 +22,7 @@ class Net(nn.Module):
         self.first = nn.Linear(4, 8)
         self.second = nn.Linear(8, 8)
         self.head = nn.Linear(8, 1)
+        self.act = nn.ReLU()
         self.cut = cut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ class Net(nn.Module):
             h = h.data
         elif self.cut == "rewrap":
             h = torch.tensor(h.tolist())
-        return self.head(torch.relu(self.second(h)))
+        return self.head(self.act(self.second(h)))
 
 
 class LogHead(nn.Module):
@@ -44,7 +45,14 @@ class LogHead(nn.Module):
         return torch.log(self.fc(h).abs() * 0)  # log(0) = -inf on every sample
 
 
-def train(model: nn.Module, steps: int, lr: float = 0.05, *, session: Session | None = None):
+def train(
+    model: nn.Module,
+    steps: int,
+    lr: float = 0.05,
+    *,
+    session: Session | None = None,
+    clip: float | None = None,
+):
     torch.manual_seed(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
@@ -54,6 +62,8 @@ def train(model: nn.Module, steps: int, lr: float = 0.05, *, session: Session | 
         loss.backward()
         if session is not None:
             session.log(loss=loss)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         losses.append(loss.item())
     return losses
@@ -61,8 +71,9 @@ def train(model: nn.Module, steps: int, lr: float = 0.05, *, session: Session | 
 
 def traced(tmp_path: Path, model: nn.Module, steps: int = 4, **options) -> Session:
     lr = options.pop("lr", 0.05)
+    clip = options.pop("clip", None)
     with Session(tmp_path / "run", **options) as session:
-        train(model, steps, lr, session=session)
+        train(model, steps, lr, session=session, clip=clip)
     return session
 
 
@@ -135,6 +146,7 @@ def test_cut_graph_names_the_starved_parameters(tmp_path: Path, cut: str) -> Non
 
 
 def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatch) -> None:
+    """With every statistic on: update ratio, clipping (and dead units on sampled steps)."""
     reads = []
     original = deferred.DeferredValues.read
 
@@ -144,11 +156,32 @@ def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(deferred.DeferredValues, "read", counting_read)
     torch.manual_seed(0)
-    traced(tmp_path, Net(), steps=9, every=3)
+    traced(tmp_path, Net(), steps=9, every=3, update_ratio=True, clip=1.0)
     run = load_run(tmp_path / "run")
     assert [s.step for s in run.grad_steps] == [0, 3, 6]
+    assert all(len(s.clips) == 1 for s in run.grad_steps)
+    assert all(math.isfinite(p.update_norm) for s in run.grad_steps for p in s.params)
+    assert [s.dead_units[0][0] for s in run.grad_steps if s.dead_units] == ["act"]  # step 0
     # One batched read per recorded step, plus one per step for the logged loss.
     assert len(reads) == 3 + 9
+
+
+def test_a_logged_loss_does_not_make_its_step_read_early(tmp_path: Path, monkeypatch) -> None:
+    """Step N's statistics are read when step N+1 ends, even with a tensor logged at step N."""
+    read_at: list[int] = []
+    original = deferred.DeferredValues.read
+    session = Session(tmp_path / "run")
+
+    def noting_read(self):
+        read_at.append(session.step)
+        return original(self)
+
+    monkeypatch.setattr(deferred.DeferredValues, "read", noting_read)
+    torch.manual_seed(0)
+    with session:
+        train(Net(), 3, session=session)
+        # Steps 0 and 1 (grad stats and loss each) were read as steps 1 and 2 ended.
+        assert read_at == [1, 1, 2, 2]
 
 
 def test_grad_scaler_skips_are_normal_until_they_persist(tmp_path: Path) -> None:
@@ -292,3 +325,202 @@ def test_gradient_at_parameter_free_module_outputs(tmp_path: Path) -> None:
     assert set(last) == {"1", "2"}  # Tanh and Dropout: the parameter-free modules
     for name, grad in grads.items():
         assert last[name] == pytest.approx(torch.linalg.vector_norm(grad).item(), rel=1e-6)
+
+
+def updated_stepwise(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int):
+    """Train, computing each step's ‖Δp‖/‖p‖ per parameter independently of gradtrace."""
+    torch.manual_seed(1)
+    ratios: dict[int, dict[str, float]] = {}
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer.step()
+        ratios[step] = {
+            name: (
+                torch.linalg.vector_norm(p.detach() - before[name])
+                / torch.linalg.vector_norm(before[name])
+            ).item()
+            for name, p in model.named_parameters()
+        }
+    return ratios
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
+def test_update_ratio_is_the_relative_change_of_each_parameter(
+    tmp_path: Path, optimizer_class: type[torch.optim.Optimizer]
+) -> None:
+    from gradtrace.analysis.grad_health import module_norms, update_ratio
+
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = optimizer_class(model.parameters(), lr=0.05)
+    with Session(tmp_path / "run", update_ratio=True, every=2):
+        expected = updated_stepwise(model, optimizer, 5)
+    run = load_run(tmp_path / "run")
+    assert [s.step for s in run.grad_steps] == [0, 2, 4]
+    for stats in run.grad_steps:
+        assert {p.name for p in stats.params} == set(expected[stats.step])
+        for stat in stats.params:
+            assert update_ratio(stat) == pytest.approx(expected[stats.step][stat.name], rel=1e-5)
+        # Per module: the module's parameters taken together.
+        weight, bias = (p for p in stats.params if p.module == "head")
+        together = math.hypot(weight.update_norm, bias.update_norm) / math.hypot(
+            weight.param_norm, bias.param_norm
+        )
+        head = dict(module_norms([stats]).update_ratio["head"])
+        assert head[stats.step] == pytest.approx(together, rel=1e-9)
+
+
+def test_update_ratio_is_opt_in_and_its_copy_is_freed_at_the_step(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import gc
+    import weakref
+
+    from gradtrace.probes import _torch_compat
+
+    copies: list[weakref.ref[torch.Tensor]] = []
+    original = _torch_compat.foreach_copy
+
+    def watched_copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        made = original(tensors)
+        copies.extend(weakref.ref(t) for t in made)
+        return made
+
+    monkeypatch.setattr(_torch_compat, "foreach_copy", watched_copy)
+    torch.manual_seed(0)
+    traced(tmp_path / "off", Net(), steps=2)
+    assert copies == []
+    off = load_run(tmp_path / "off" / "run")
+    assert all(math.isnan(p.update_norm) for s in off.grad_steps for p in s.params)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Session(tmp_path / "on", update_ratio=True):
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        optimizer.step()
+        gc.collect()
+        assert len(copies) == 6 and all(copy() is None for copy in copies)
+
+
+def test_clipping_records_the_norm_before_and_after(tmp_path: Path) -> None:
+    from torch.nn.utils import clip_grad
+
+    from gradtrace.analysis.grad_health import clipping
+
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    returned, after = [], []
+    with Session(tmp_path / "run"):
+        from torch.nn.utils import clip_grad_norm_  # imported while tracing: the wrapper
+
+        for step in range(4):
+            loss = model(torch.randn(16, 4)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            clip = (torch.nn.utils.clip_grad_norm_, clip_grad.clip_grad_norm_, clip_grad_norm_)
+            returned.append(clip[step % 3](model.parameters(), max_norm=0.1).item())
+            grads = [p.grad for p in model.parameters()]
+            after.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            optimizer.step()
+    steps = clipping(load_run(tmp_path / "run").grad_steps)
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert [s.norm_before for s in steps] == pytest.approx(returned, rel=1e-6)
+    assert [s.norm_after for s in steps] == pytest.approx(after, rel=1e-5)
+    assert all(s.max_norm == 0.1 and s.clipped for s in steps)
+    assert all(s.norm_after == pytest.approx(0.1, rel=1e-4) for s in steps)
+
+
+def test_new_options_leave_training_bitwise_unchanged(tmp_path: Path) -> None:
+    def fit(session: Session | None) -> tuple[list[torch.Tensor], nn.Module, dict]:
+        torch.manual_seed(0)
+        model = Net()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        losses = []
+        for _ in range(4):
+            loss = model(torch.randn(16, 4)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            optimizer.step()
+            losses.append(loss.detach())
+        return losses, model, optimizer.state_dict()
+
+    plain_losses, plain_model, plain_state = fit(None)
+    with Session(tmp_path / "run", update_ratio=True, every=2) as session:
+        traced_losses, traced_model, traced_state = fit(session)
+    assert torch.equal(torch.stack(plain_losses), torch.stack(traced_losses))
+    for a, b in zip(plain_model.parameters(), traced_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for key, state in plain_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, traced_state["state"][key][name]), name
+
+
+class Dying(nn.Module):
+    """A hidden layer whose ReLU units are dead when their bias is very negative."""
+
+    def __init__(self, dead: int, *, inplace: bool = False) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 16)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(16, 1)
+        with torch.no_grad():
+            self.hidden.bias[:dead] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.hidden(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dead_relu_units_are_named(tmp_path: Path, inplace: bool) -> None:
+    torch.manual_seed(0)
+    plain = train(Dying(12, inplace=inplace), 11)
+    torch.manual_seed(0)
+    model = Dying(12, inplace=inplace)
+    with Session(tmp_path / "run") as session:
+        traced_losses = train(model, 11)
+    assert traced_losses == plain  # ReLU(inplace=True) is only read
+    [finding] = [f for f in session.findings if f.kind == "dead-units"]
+    assert (finding.module, finding.step) == ("act", 10)
+    assert finding.details["dead_fraction"] == 0.75 and finding.details["units"] == 16
+    assert finding.file == __file__  # the line that calls self.act
+    samples = [s.dead_units for s in load_run(tmp_path / "run").grad_steps if s.dead_units]
+    assert samples == [(("act", 12, 16),), (("act", 12, 16),)]  # steps 0 and 10
+
+
+def test_no_dead_units_on_a_healthy_model_and_units_along_features(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    session = traced(tmp_path, Dying(0), steps=11)
+    assert session.findings == []
+    torch.manual_seed(0)
+    sequence = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    optimizer = torch.optim.SGD(sequence.parameters(), lr=0.1)
+    with Session(tmp_path / "seq", model=sequence):
+        x = torch.randn(2, 5, 4)  # (batch, sequence, features): units are the features
+        with torch.no_grad():
+            sequence[0].bias[:2] = -100.0
+        sequence(x).sum().backward()
+        optimizer.step()
+    [stats] = load_run(tmp_path / "seq").grad_steps
+    assert stats.dead_units == (("1", 2, 6),)
+
+
+def test_dead_units_must_stay_dead_in_every_sample() -> None:
+    from gradtrace.analysis.grad_health import diagnose_gradients
+    from gradtrace.events import ParamStat, StepGradStats
+
+    def step(i: int, dead: tuple[tuple[str, int, int], ...]) -> StepGradStats:
+        params = (ParamStat("fc.weight", "fc", 8, 0.5, 1.0, 0.0, 0),)
+        return StepGradStats(i, "SGD.step", params, (), (), (), (), dead_units=dead)
+
+    def kinds_of(samples: list[tuple[tuple[str, int, int], ...]]) -> list[str]:
+        steps = [step(10 * i, dead) for i, dead in enumerate(samples)]
+        return [f.kind for f in diagnose_gradients(steps, {})]
+
+    assert kinds_of([(("a", 5, 8),), (("a", 4, 8),)]) == ["dead-units"]
+    assert kinds_of([(("a", 5, 8),), (("a", 3, 8),)]) == []  # revived: below half once
+    assert kinds_of([(("a", 8, 8),)]) == []  # one sample is not enough

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from events_factory import evidence, write
 from rich.console import Console
 
 from gradtrace.analysis.culprits import diagnose
+from gradtrace.events import ClipCall, ParamStat, StepGradStats
+from gradtrace.reporters.html import render_html
 from gradtrace.reporters.json_report import render_json
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.store.reader import Run, StoredFinding
@@ -60,3 +63,57 @@ def test_json_document_shape() -> None:
         "phase": "forward",
         "count": 12,
     }
+
+
+def clipped_run() -> Run:
+    """Two recorded steps of a run with --update-ratio that clips at max_norm 1 (and a
+    ReLU sampled for dead units at step 0)."""
+    steps = [
+        StepGradStats(
+            step=step,
+            optimizer="AdamW.step",
+            params=(
+                ParamStat("fc.weight", "fc", 12, 0.6, 3.0, 0.0, 1, 0.03),
+                ParamStat("fc.bias", "fc", 3, 0.8, 4.0, 0.0, 0, 0.04),
+            ),
+            missing=(),
+            nonfinite_outputs=(),
+            cut=(),
+            new_sites=(),
+            clips=(ClipCall(before, 1.0, 2.0),),
+            dead_units=(("act", 2, 8),) if step == 0 else (),
+        )
+        for step, before in ((0, 5.0), (2, 0.9))
+    ]
+    return Run(
+        path=Path("/runs/clipped"),
+        meta={"status": "ok", "exit_code": 0, "argv": ["train.py"], "level": "full"},
+        findings=[],
+        steps=3,
+        grad_steps=steps,
+    )
+
+
+def test_update_ratio_and_clipping_in_terminal_json_and_html() -> None:
+    console = Console(width=100, record=True, color_system=None)
+    TerminalReporter(console).render(clipped_run())
+    text = console.export_text()
+    assert "‖Δp‖/‖p‖" in text
+    assert re.search(r"│ \(global, before clip\) │\s+0\.9 │", text)
+    assert re.search(r"│ \(global, after clip\)\s+│\s+1 │", text)
+    assert re.search(r"│ fc\s+│\s+1 │\s+0\.2 │\s+0\.01 │", text)  # ‖Δp‖ 0.05 over ‖p‖ 5
+    assert "clip_grad_norm_(max_norm=1) clipped on 1 of 2 recorded steps that called it" in text
+    stats = render_json(clipped_run())["grad_stats"]
+    assert stats["global_grad_norm_before_clip"] == [[0, 5.0], [2, 0.9]]
+    assert stats["global_grad_norm"] == [[0, 1.0], [2, 1.0]]
+    assert stats["clip_max_norm"] == [[0, 1.0], [2, 1.0]]
+    assert stats["modules"]["fc"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
+    assert stats["params"]["fc.bias"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
+    assert stats["dead_units"] == {"act": [[0, 0.25]]}
+    page = render_html(clipped_run())
+    assert "Global gradient norm before clipping" in page
+    assert "Clipped on 1 of 2 recorded steps" in page
+    assert "Update ratio per module × step" in page
+    plain = render_html(sample_run())
+    assert "before clipping" not in plain and "Update ratio" not in plain
+    assert render_json(sample_run())["grad_stats"]["global_grad_norm_before_clip"] == []

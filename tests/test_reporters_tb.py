@@ -48,6 +48,7 @@ for step in range(int(sys.argv[1])):
     opt.zero_grad()
     loss = model(torch.randn(16, 4)).pow(2).mean()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     session.active().log(loss=loss)
 print("ready", flush=True)
@@ -104,6 +105,30 @@ def sample_run(tmp_path: Path) -> Run:
         ],
         step_end_ns={0: 1_000_000_000, 1: 2_000_000_000, 2: 3_000_000_000},
     )
+
+
+def test_update_ratio_clipping_and_dead_unit_scalars(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gradtrace.events import ClipCall
+
+    run = sample_run(tmp_path)
+    moved = [
+        replace(
+            stats,
+            params=tuple(replace(p, update_norm=0.01 * p.param_norm) for p in stats.params),
+            clips=(ClipCall(20.0, 1.0, 2.0),),
+            dead_units=(("encoder.act", 3, 4),),
+        )
+        for stats in run.grad_steps
+    ]
+    events = accumulate(write_tensorboard(replace(run, grad_steps=moved), tmp_path / "tb"))
+    ratios = scalars(events, "update_ratio/encoder/layers.3/attn")
+    assert [step for step, _ in ratios] == [0, 1, 2]
+    assert [value for _, value in ratios] == pytest.approx([0.01] * 3)
+    assert scalars(events, "global/grad_norm_before_clip") == [(0, 20.0), (1, 20.0), (2, 20.0)]
+    assert scalars(events, "global/clip_max_norm") == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    assert scalars(events, "dead_units/encoder/act") == [(0, 0.75), (1, 0.75), (2, 0.75)]
 
 
 def test_module_paths_become_tag_trees() -> None:
@@ -188,15 +213,18 @@ def test_finding_markdown_for_a_gradient_finding() -> None:
 def test_live_events_equal_regenerated_ones(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(TRAIN))
-    session = Session(tmp_path / "run", tensorboard=True)
+    session = Session(tmp_path / "run", tensorboard=True, update_ratio=True)
     with session:
         subprocess_free_run(script, "4")
     live_dir = tmp_path / "run" / "tensorboard"
     live = accumulate(live_dir)
     assert [step for step, _ in scalars(live, "loss")] == [0, 1, 2, 3]
+    for tag in ("update_ratio/0", "global/grad_norm_before_clip", "global/clip_max_norm"):
+        assert [step for step, _ in scalars(live, tag)] == [0, 1, 2, 3], tag
     assert [step for step, _ in scalars(live, "grad_norm/0")] == [0, 1, 2, 3]
     assert [step for step, _ in scalars(live, "global/grad_norm")] == [0, 1, 2, 3]
-    assert scalars(live, "inplace_writes/SGD/step")[-1] == (3, 4.0)
+    # clip_grad_norm_ scales the gradients in place: one _foreach_mul_ per step.
+    assert scalars(live, "inplace_writes/training loop")[-1] == (3, 1.0)
     regenerated = accumulate(write_tensorboard(load_run(tmp_path / "run"), tmp_path / "regen"))
     for kind in ("scalars", "tensors"):
         assert sorted(live.Tags()[kind]) == sorted(regenerated.Tags()[kind])

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from gradtrace.events import Finding, SourceLine, StepGradStats, located_at
+from gradtrace.events import ClipCall, Finding, ParamStat, SourceLine, StepGradStats, located_at
 
 NON_FINITE = "non-finite"
 EXPLODING = "exploding"
 VANISHING = "vanishing"
 NO_GRAD = "no-grad"
+DEAD_UNITS = "dead-units"
 
 # Scalar series the GradScaler probe records (names shared with probes/amp.py).
 FOUND_INF = "amp/found_inf"
@@ -34,6 +35,9 @@ class Thresholds:
     min_steps: int = 2
     # GradScaler skipping this many iterations in a row is a bug, not loss-scale calibration.
     max_scaler_skips: int = 10
+    # A ReLU with at least this fraction of units dead in every sampled step (and at least
+    # `min_steps` samples) has died: those units no longer learn.
+    dead_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,25 +47,94 @@ class ModuleNorms:
     grad: dict[str, list[tuple[int, float]]]
     param: dict[str, list[tuple[int, float]]]
     global_grad: list[tuple[int, float]]
+    # ‖Δp‖/‖p‖ of the module's own parameters, on steps where updates were recorded.
+    update_ratio: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
     """Aggregate parameter norms into module and global norms (what clip_grad_norm_ sees)."""
     grad: dict[str, list[tuple[int, float]]] = {}
     param: dict[str, list[tuple[int, float]]] = {}
+    update_ratio: dict[str, list[tuple[int, float]]] = {}
     global_grad: list[tuple[int, float]] = []
     for stats in steps:
         grad_sq: dict[str, float] = {}
         param_sq: dict[str, float] = {}
+        update_sq: dict[str, float] = {}
         for p in stats.params:
             grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
             param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
+            if not math.isnan(p.update_norm):
+                update_sq[p.module] = update_sq.get(p.module, 0.0) + p.update_norm**2
         for module, value in grad_sq.items():
             grad.setdefault(module, []).append((stats.step, math.sqrt(value)))
             param.setdefault(module, []).append((stats.step, math.sqrt(param_sq[module])))
+        for module, value in update_sq.items():
+            ratio = _ratio(math.sqrt(value), math.sqrt(param_sq[module]))
+            update_ratio.setdefault(module, []).append((stats.step, ratio))
         if stats.params:
             global_grad.append((stats.step, math.sqrt(sum(grad_sq.values()))))
-    return ModuleNorms(grad=grad, param=param, global_grad=global_grad)
+    return ModuleNorms(grad=grad, param=param, global_grad=global_grad, update_ratio=update_ratio)
+
+
+def update_ratio(stat: ParamStat) -> float:
+    """‖Δp‖/‖p‖ of one parameter at one step; NaN when the update was not recorded."""
+    return _ratio(stat.update_norm, stat.param_norm)
+
+
+def _ratio(update: float, param: float) -> float:
+    if math.isnan(update):
+        return math.nan
+    return update / param if param else math.inf if update else 0.0
+
+
+@dataclass(frozen=True)
+class ClipStep:
+    """Gradient clipping at one step: the global norm before and after, and the limit."""
+
+    step: int
+    # What clip_grad_norm_ returned; several calls (one per model, say) combine as one norm.
+    norm_before: float
+    # The global gradient norm the optimizers then saw.
+    norm_after: float
+    max_norm: float
+
+    @property
+    def clipped(self) -> bool:
+        return self.norm_before > self.max_norm
+
+
+def clipping(steps: Sequence[StepGradStats]) -> list[ClipStep]:
+    """Recorded steps that clipped, in step order (empty when the run never clipped)."""
+    calls: dict[int, list[ClipCall]] = {}
+    grad_sq: dict[int, float] = {}
+    for stats in steps:
+        calls.setdefault(stats.step, []).extend(stats.clips)
+        grad_sq[stats.step] = grad_sq.get(stats.step, 0.0) + sum(
+            p.grad_norm**2 for p in stats.params
+        )
+    return [
+        ClipStep(
+            step=step,
+            norm_before=_combined_norm(made),
+            norm_after=math.sqrt(grad_sq[step]),
+            max_norm=min(call.max_norm for call in made),
+        )
+        for step, made in sorted(calls.items())
+        if made
+    ]
+
+
+def _combined_norm(calls: Sequence[ClipCall]) -> float:
+    """The p-norm over all the calls' gradients together (NaN when their p differ)."""
+    kinds = {call.norm_type for call in calls}
+    if len(kinds) != 1:
+        return math.nan
+    (p,) = kinds
+    norms = [call.norm_before for call in calls]
+    if math.isinf(p):
+        return max(norms)
+    return sum(n**p for n in norms) ** (1 / p)
 
 
 def diagnose_gradients(
@@ -79,6 +152,7 @@ def diagnose_gradients(
         *_exploding(norms, sites, limits),
         *_vanishing(norms, sites, limits),
         *_no_grad(steps, sites, limits),
+        *_dead_units(steps, sites, limits),
     ]
     return findings
 
@@ -277,6 +351,60 @@ def _no_grad(
     if only_zero:
         findings.append(_zero_finding(only_zero, steps, sites, recorded))
     return findings
+
+
+def dead_unit_fractions(steps: Sequence[StepGradStats]) -> dict[str, list[tuple[int, float]]]:
+    """Per ReLU-like module: the fraction of its units dead at each sampled step."""
+    fractions: dict[str, list[tuple[int, float]]] = {}
+    for stats in steps:
+        for module, dead, units in stats.dead_units:
+            fractions.setdefault(module, []).append((stats.step, dead / units))
+    return fractions
+
+
+def _dead_units(
+    steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    """ReLUs that output zero for whole batches in most of their units, every time sampled.
+
+    Such a unit passes no gradient to the weights before it, so once dead it stays dead
+    (a large learning-rate step or a very negative bias usually did it).
+    """
+    units = {module: n for stats in steps for module, _, n in stats.dead_units}
+    dead = {
+        module: series
+        for module, series in dead_unit_fractions(steps).items()
+        if len(series) >= limits.min_steps
+        and all(fraction >= limits.dead_fraction for _, fraction in series)
+    }
+    if not dead:
+        return []
+    forward_order = {module: i for i, module in enumerate(sites)}
+    first = min(dead, key=lambda m: forward_order.get(m, len(forward_order)))
+    last_step, fraction = dead[first][-1]
+    listed = ", ".join(
+        f"{module} ({series[-1][1]:.0%} of {units[module]})" for module, series in dead.items()
+    )
+    return [
+        _finding(
+            DEAD_UNITS,
+            f"Dead ReLU units: {listed} output zero for the whole batch in at least "
+            f"{limits.dead_fraction:.0%} of their units at every one of the "
+            f"{len(dead[first])} sampled steps; those units pass no gradient and stopped "
+            "learning.",
+            "Lower the learning rate or add warm-up, check the initialisation and biases of "
+            "the layer feeding the ReLU (a normalisation before it helps), or use LeakyReLU/GELU.",
+            step=last_step,
+            module=first,
+            parameter=None,
+            site=sites.get(first),
+            details={
+                "dead_fraction": fraction,
+                "units": units[first],
+                "modules": {module: series[-1][1] for module, series in dead.items()},
+            },
+        )
+    ]
 
 
 def _cut_finding(

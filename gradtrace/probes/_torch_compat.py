@@ -146,6 +146,20 @@ def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
         return list(torch._foreach_norm([t.float() for t in tensors], ord))
 
 
+def foreach_copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors holding the same values, in one batched kernel where torch has one.
+
+    NOTE: `_foreach_mul` by 1 is bitwise exact (for -0.0 and Inf too) and allocates its
+    results itself; `_foreach_copy_` would need one `empty_like` call per tensor first.
+    """
+    return list(torch._foreach_mul(tensors, 1.0))
+
+
+def foreach_sub_(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """`tensors[i] -= others[i]` for every i, in one batched kernel where torch has one."""
+    torch._foreach_sub_(tensors, others)
+
+
 def grad_scaler_found_inf(scaler: object) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """(found_inf tensors of this iteration, current scale) of an enabled GradScaler.
 

@@ -56,18 +56,22 @@ def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
 class DeferredQueue:
     """Results waiting to be read, each with what to do with the numbers once read.
 
-    `drain(keep_latest=True)` at a step end reads everything but the step just queued, so
-    the host never waits for the GPU work it has just launched.
+    `drain(keep_current=True)` at a step end reads only what was queued before the previous
+    step end, so the host never waits for GPU work of the step that just ended (its
+    gradient statistics, its logged loss, its optimizer update). `drain()` reads everything.
     """
 
     def __init__(self) -> None:
         self._pending: list[tuple[DeferredValues, Callable[[list[float]], None]]] = []
+        # Entries queued before the last step end: readable at the next one.
+        self._previous = 0
 
     def push(self, values: torch.Tensor, on_ready: Callable[[list[float]], None]) -> None:
         self._pending.append((DeferredValues(values), on_ready))
 
-    def drain(self, *, keep_latest: int = 0) -> None:
-        ready = self._pending[: max(0, len(self._pending) - keep_latest)]
+    def drain(self, *, keep_current: bool = False) -> None:
+        ready = self._pending[: self._previous if keep_current else len(self._pending)]
         del self._pending[: len(ready)]
+        self._previous = len(self._pending)
         for values, on_ready in ready:
             on_ready(values.read())

@@ -4,12 +4,15 @@ At every recorded `optimizer.step()`, once its gradients are final (before the u
 the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
 launches batched reductions over the optimizer's parameters: gradient L2 norms, parameter
 L2 norms and, every ZERO_COUNT_EVERY recorded steps, non-zero counts (`torch._foreach_norm`
-with ord 2 and 0). The
-results are queued on the session's deferred queue; nothing is read back until the next
-step ends.
+with ord 2 and 0). With `update_ratio`, it also copies those parameters on their device and,
+once the optimizer has updated them, reduces the difference to one norm per parameter (the
+copy is freed right then). The results, with the norms any `clip_grad_norm_` call returned
+since the previous step, are queued on the session's deferred queue; nothing is read back
+until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
-NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
+NaN or Inf anywhere makes it non-finite), on sampled steps each ReLU's output to its count
+of units that are zero for the whole batch, and notes modules whose output left the graph
 although they have trainable parameters. Post-accumulate-grad hooks record the order in
 which gradients arrive, which is backward order.
 
@@ -23,15 +26,16 @@ import functools
 import itertools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim import Optimizer
 
-from gradtrace.events import ParamStat, StepGradStats
+from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
@@ -41,12 +45,39 @@ from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
-# parameter. They are taken on every tenth recorded step; other steps store NaN (unknown).
+# parameter. They are taken on every tenth recorded step (as are dead units); other steps
+# store NaN (unknown).
 ZERO_COUNT_EVERY = 10
+
+# Modules whose output is exactly zero wherever the unit is inactive (LeakyReLU, GELU, ...
+# never are): their units are counted as dead when zero for the whole batch.
+DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
+
+
+def sum_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    """The tensor's sum in float32: NaN or Inf anywhere makes it non-finite."""
+    torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+
+
+def norm_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
+
+
+def unit_dim(tensor: torch.Tensor) -> int:
+    """The dimension that indexes units: features of (batch, sequence, features) outputs,
+    channels (dim 1) of everything else ((batch, features), (batch, channels, H, W), ...)."""
+    return 2 if tensor.dim() == 3 else 1
+
+
+def dead_units_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
+    """How many units are exactly zero for the whole batch (a ReLU's output is never < 0)."""
+    keep = unit_dim(tensor)
+    peak = torch.amax(tensor, dim=[d for d in range(tensor.dim()) if d != keep])
+    torch.sum(peak == 0, dim=0, dtype=torch.float32, out=slot)
 
 
 class OutputSums:
-    """One float32 per module (its output's sum, or a gradient's L2 norm) in device slots.
+    """One float32 per module (by default its output's sum) in device slots.
 
     NOTE [no extra peak memory]: a fresh 0-d tensor per module would hold one allocator block
     (512 bytes) per module from forward until the step, through backward, where the peak
@@ -56,8 +87,8 @@ class OutputSums:
 
     SLOTS_PER_CHUNK = 128
 
-    def __init__(self, *, norm: bool = False) -> None:
-        self._norm = norm
+    def __init__(self, reduce: Callable[[torch.Tensor, torch.Tensor], None] = sum_into) -> None:
+        self._reduce = reduce
         self._slots: dict[torch.device, list[torch.Tensor]] = {}
         self._used: dict[torch.device, int] = {}
         self._names: list[str] = []
@@ -73,10 +104,7 @@ class OutputSums:
             slots.extend(chunk.unbind())
         slot = slots[used]
         self._used[device] = used + 1
-        if self._norm:
-            torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
-        else:
-            torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+        self._reduce(tensor, slot)
         self._names.append(name)
         self._seen.add(name)
         self._views.append(slot)
@@ -91,6 +119,17 @@ class OutputSums:
         return names, views
 
 
+@dataclass
+class _Stepping:
+    """A recorded step whose optimizer is updating: its values wait for the update norms."""
+
+    params: list[torch.Tensor]
+    # Copies of `params` from before the update: the opt-in memory cost of update_ratio.
+    before: list[torch.Tensor]
+    values: list[torch.Tensor]
+    on_ready: Callable[[list[float]], None]
+
+
 class GradStatsProbe:
     def __init__(
         self,
@@ -102,6 +141,7 @@ class GradStatsProbe:
         *,
         every: int = 1,
         ranks: RankCheckProbe | None = None,
+        update_ratio: bool = False,
     ) -> None:
         self._modules = modules
         self._ranks = ranks
@@ -110,9 +150,13 @@ class GradStatsProbe:
         self._queue = queue
         self._on_stats = on_stats
         self._every = max(1, every)
+        self._update_ratio = update_ratio
         self._arrival = itertools.count()
         self._arrived: dict[int, int] = {}
-        self._recorded = itertools.count()
+        # id(optimizer) -> its recorded step in progress, while update_ratio waits for it.
+        self._stepping: dict[int, _Stepping] = {}
+        # (total norm, max_norm, norm_type) of clip_grad_norm_ calls since the last step.
+        self._clips: list[tuple[torch.Tensor, float | torch.Tensor, float]] = []
         # id(parameter) -> weakref, for parameters whose arrival hook is installed.
         self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
         self._stack: ExitStack | None = None
@@ -120,7 +164,11 @@ class GradStatsProbe:
         # module count, so a step that never comes (AMP skips) cannot grow it.
         self._outputs = OutputSums()
         # L2 norm of the gradient arriving at each parameter-free module's output.
-        self._output_grads = OutputSums(norm=True)
+        self._output_grads = OutputSums(norm_into)
+        # Units of ReLU-like modules' outputs that are zero for the whole batch, on sampled
+        # steps, and how many units each has.
+        self._dead = OutputSums(dead_units_into)
+        self._units: dict[str, int] = {}
         self._parameter_free: weakref.WeakKeyDictionary[nn.Module, bool] = (
             weakref.WeakKeyDictionary()
         )
@@ -135,10 +183,24 @@ class GradStatsProbe:
         self._installed = True
         stack.callback(setattr, self, "_installed", False)
         self._steps.on_grads_ready(self._before_step)
+        self._steps.on_updated(self._after_update)
+        stack.callback(self._stepping.clear)
         stack.enter_context(register_module_forward_hook(self._after_forward))
 
     def _recording(self) -> bool:
         return self._steps.step % self._every == 0
+
+    def _sampled(self) -> bool:
+        """Recorded steps that also count zeros: every ZERO_COUNT_EVERY-th recorded step."""
+        step = self._steps.step
+        return step % self._every == 0 and (step // self._every) % ZERO_COUNT_EVERY == 0
+
+    def note_clip(
+        self, total_norm: torch.Tensor, max_norm: float | torch.Tensor, norm_type: float
+    ) -> None:
+        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step."""
+        if self._installed and self._recording():
+            self._clips.append((total_norm, max_norm, norm_type))
 
     def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
         if _torch_compat.compiling() or not torch.is_grad_enabled() or not self._recording():
@@ -158,12 +220,22 @@ class GradStatsProbe:
             with own_ops():
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
+        if isinstance(module, DEAD_UNIT_MODULES) and name not in self._dead and self._sampled():
+            self._count_dead_units(name, tensor)
         if tensor.grad_fn is not None and self._is_parameter_free(module):
             # A tensor hook that returns None observes the gradient without changing it;
             # it goes away with the tensor, which is why a leaf (a parameter passed through
             # nn.Identity, say) gets none: its hooks would pile up step after step. (Never a
             # module backward hook: see modules.py.)
             tensor.register_hook(functools.partial(self._output_grad_arrived, name))
+
+    def _count_dead_units(self, name: str, tensor: torch.Tensor) -> None:
+        """Only reads the output, so ReLU(inplace=True) is as safe as any other module."""
+        if tensor.dim() < 2 or not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        with own_ops():
+            self._dead.add(name, tensor)
+        self._units[name] = tensor.shape[unit_dim(tensor)]
 
     def _is_parameter_free(self, module: nn.Module) -> bool:
         known = self._parameter_free.get(module)
@@ -184,13 +256,47 @@ class GradStatsProbe:
         return self._callers.caller()
 
     def _before_step(self, optimizer: Optimizer) -> None:
-        step = self._steps.step
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._hook_arrivals(params)
+        self._stepping.pop(id(optimizer), None)  # left by a step of it that raised
         if not self._recording():
             self._forget_step()
             return
         with_grad = [p for p in params if p.grad is not None and p.grad.layout is torch.strided]
+        values, on_ready = self._reductions(optimizer, params, with_grad)
+        if self._update_ratio and with_grad:
+            with own_ops():
+                before = _torch_compat.foreach_copy(with_grad)
+            self._stepping[id(optimizer)] = _Stepping(with_grad, before, values, on_ready)
+        else:
+            self._push(values, on_ready)
+
+    def _after_update(self, optimizer: Optimizer) -> None:
+        """‖p_after - p_before‖ per parameter; the copies are freed when this returns."""
+        stepping = self._stepping.pop(id(optimizer), None)
+        if stepping is None:
+            return
+        with own_ops():
+            _torch_compat.foreach_sub_(stepping.before, stepping.params)
+            update_norms = _torch_compat.foreach_norm(stepping.before, 2)
+        self._push(stepping.values + update_norms, stepping.on_ready)
+
+    def _push(self, values: list[torch.Tensor], on_ready: Callable[[list[float]], None]) -> None:
+        if values:
+            self._queue.push(stack_scalars(values), on_ready)
+        else:
+            on_ready([])
+
+    def _reductions(
+        self, optimizer: Optimizer, params: list[torch.Tensor], with_grad: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
+        """The step's device values, and what turns them, once read, into a record.
+
+        Read back in this order: gradient norms, parameter norms, non-zero counts (sampled
+        steps), output sums, output-gradient norms, dead units (sampled steps), clip norms
+        (and tensor max_norms), then update norms when `_after_update` appended them.
+        """
+        step = self._steps.step
         missing = tuple(
             (self._param_name(p), self._modules.owner_of(p))
             for p in params
@@ -198,7 +304,10 @@ class GradStatsProbe:
         )
         output_names, output_sums = self._outputs.take()
         grad_names, grad_norms = self._output_grads.take()
-        count_zeros = next(self._recorded) % ZERO_COUNT_EVERY == 0
+        dead_names, dead_counts = self._dead.take()
+        units, self._units = self._units, {}
+        clips, self._clips = self._clips, []
+        count_zeros = self._sampled()
         values: list[torch.Tensor] = []
         grad_l2: list[torch.Tensor] = []
         param_l2: list[torch.Tensor] = []
@@ -212,6 +321,14 @@ class GradStatsProbe:
                     values += _torch_compat.foreach_norm(grads, 0)
         values += output_sums
         values += grad_norms
+        values += dead_counts
+        values += [norm for norm, _, _ in clips]
+        values += [m for _, m, _ in clips if isinstance(m, torch.Tensor)]
+        # (max_norm, or None when it is a tensor read with the values; norm_type) per call.
+        clip_args = [
+            (None if isinstance(m, torch.Tensor) else float(m), float(norm_type))
+            for _, m, norm_type in clips
+        ]
         arrived = self._arrived
         described = [
             (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
@@ -228,19 +345,23 @@ class GradStatsProbe:
 
         def on_ready(read: list[float]) -> None:
             n = len(described)
-            grad, norm = read[:n], read[n : 2 * n]
-            nonzero = read[2 * n : 3 * n] if count_zeros else [math.nan] * n
-            outputs_at = (3 if count_zeros else 2) * n
-            finite = read[outputs_at : outputs_at + len(output_names)]
-            output_grads = read[outputs_at + len(output_names) :]
+            cursor = iter(read)
+            grad, norm = _take(cursor, n), _take(cursor, n)
+            nonzero = _take(cursor, n) if count_zeros else [math.nan] * n
+            finite = _take(cursor, len(output_names))
+            output_grads = _take(cursor, len(grad_names))
+            dead = _take(cursor, len(dead_names))
+            clip_norms = _take(cursor, len(clip_args))
+            tensor_maxes = iter(_take(cursor, sum(m is None for m, _ in clip_args)))
+            updates = _take(cursor, n) or [math.nan] * n
             self._on_stats(
                 StepGradStats(
                     step=step,
                     optimizer=label,
                     params=tuple(
-                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a)
-                        for (name, module, numel, a), g, p, nz in zip(
-                            described, grad, norm, nonzero, strict=True
+                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a, u)
+                        for (name, module, numel, a), g, p, nz, u in zip(
+                            described, grad, norm, nonzero, updates, strict=True
                         )
                     ),
                     missing=missing,
@@ -252,13 +373,18 @@ class GradStatsProbe:
                     cut=cut,
                     new_sites=new_sites,
                     output_grad_norms=tuple(zip(grad_names, output_grads, strict=True)),
+                    dead_units=tuple(
+                        (name, int(count), units[name])
+                        for name, count in zip(dead_names, dead, strict=True)
+                    ),
+                    clips=tuple(
+                        ClipCall(before, next(tensor_maxes) if m is None else m, norm_type)
+                        for before, (m, norm_type) in zip(clip_norms, clip_args, strict=True)
+                    ),
                 )
             )
 
-        if values:
-            self._queue.push(stack_scalars(values), on_ready)
-        else:
-            on_ready([])
+        return values, on_ready
 
     def _compare_ranks(
         self,
@@ -290,6 +416,9 @@ class GradStatsProbe:
     def _forget_step(self) -> None:
         self._outputs.take()
         self._output_grads.take()
+        self._dead.take()
+        self._units.clear()
+        self._clips.clear()
         self._cut.clear()
         self._arrived.clear()
 
@@ -308,6 +437,10 @@ class GradStatsProbe:
 
     def _param_name(self, param: torch.Tensor) -> str:
         return self._modules.parameter_path(param) or f"<unnamed {tuple(param.shape)}>"
+
+
+def _take(cursor: Iterator[float], n: int) -> list[float]:
+    return list(itertools.islice(cursor, n))
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:

@@ -27,7 +27,8 @@ class StepProbe:
     `step` is the index of the step in progress: 0 until the first `optimizer.step()`
     returns. Each completed step calls `on_step_end(step)` before the count advances.
     Callbacks given to `on_grads_ready` run once per step, when the gradients the step
-    will use are complete (before the update).
+    will use are complete (before the update); those given to `on_updated` once the
+    optimizer has updated the parameters, before the step ends.
     """
 
     def __init__(self, on_step_end: Callable[[int], None]) -> None:
@@ -35,6 +36,7 @@ class StepProbe:
         self._on_step_end = on_step_end
         self._grads_ready: list[Callable[[Optimizer], None]] = []
         self._plain_update: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self._updated: list[Callable[[Optimizer], None]] = []
         self._local = threading.local()
 
     def install(self, stack: ExitStack) -> None:
@@ -51,6 +53,9 @@ class StepProbe:
         never "plain". `after` is not called for a step that raised.
         """
         self._plain_update.append((before, after))
+
+    def on_updated(self, callback: Callable[[Optimizer], None]) -> None:
+        self._updated.append(callback)
 
     @property
     def optimizer(self) -> str | None:
@@ -78,6 +83,8 @@ class StepProbe:
             for _, after in reversed(self._plain_update):
                 after()
         self._local.optimizer = None
+        for callback in self._updated:
+            callback(optimizer)
         self._on_step_end(self.step)
         self.step += 1
 

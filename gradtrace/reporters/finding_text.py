@@ -19,6 +19,7 @@ TITLES = {
     "vanishing": "vanishing gradients",
     "no-grad": "parameters never get a gradient",
     "rank-divergence": "ranks disagree",
+    "dead-units": "dead ReLU units",
 }
 
 

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import module_norms
+from gradtrace.analysis.grad_health import ModuleNorms, clipping, module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.reporters.finding_text import (
     checkpointed_text,
@@ -86,10 +86,12 @@ def render_html(run: Run) -> str:
             "Global gradient norm",
             _line_chart(norms.global_grad, "‖grad‖ (L2, all parameters)", log=True),
         ),
+        *_clipping_sections(run),
         _section(
             "Gradient norm per module × step",
             _heatmap(norms.grad, "gradient L2 norm", log=True, unit="‖grad‖"),
         ),
+        *_update_sections(norms),
         *(
             _section(f"Scalar: {name}", _line_chart(series, name, log=_spans_decades(series)))
             for name, series in sorted(run.scalars.items())
@@ -103,6 +105,31 @@ def render_html(run: Run) -> str:
         + "".join(sections)
         + f"<script>{_JS}</script></body></html>\n"
     )
+
+
+def _clipping_sections(run: Run) -> list[str]:
+    """The norm clip_grad_norm_ saw, when the run clipped (the curve above is after it)."""
+    clips = clipping(run.grad_steps)
+    if not clips:
+        return []
+    clipped = sum(c.clipped for c in clips)
+    chart = _line_chart(
+        [(c.step, c.norm_before) for c in clips], "‖grad‖ before clip_grad_norm_", log=True
+    )
+    note = (
+        f"<p class='legend'>Clipped on {clipped} of {len(clips)} recorded steps that called "
+        f"clip_grad_norm_ (max_norm {_number(min(c.max_norm for c in clips))}); the curve "
+        "above is the norm after clipping.</p>"
+    )
+    return [_section("Global gradient norm before clipping", chart + note)]
+
+
+def _update_sections(norms: ModuleNorms) -> list[str]:
+    """‖Δp‖/‖p‖ per module × step, for runs recorded with update_ratio."""
+    if not norms.update_ratio:
+        return []
+    heatmap = _heatmap(norms.update_ratio, "update ratio ‖Δp‖/‖p‖", log=True, unit="‖Δp‖/‖p‖")
+    return [_section("Update ratio per module × step", heatmap)]
 
 
 def write_html(run: Run, out: Path) -> Path:

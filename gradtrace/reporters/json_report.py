@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import module_norms
+from gradtrace.analysis.grad_health import (
+    clipping,
+    dead_unit_fractions,
+    module_norms,
+    update_ratio,
+)
 from gradtrace.store.format import FORMAT_VERSION
 from gradtrace.store.reader import Run
 
@@ -65,33 +71,49 @@ def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:
 
 
 def _grad_stats(run: Run) -> dict[str, Any]:
-    """Per-step norms: global, per module and per parameter. NaN/Inf become strings."""
+    """Per-step norms: global, per module and per parameter. NaN/Inf become strings.
+
+    `update_ratio` lists only the steps where it was recorded (`--update-ratio`); the
+    clipping series only the steps where `clip_grad_norm_` was called.
+    """
     norms = module_norms(run.grad_steps)
+    clips = clipping(run.grad_steps)
     params: dict[str, dict[str, list[list[Any]]]] = {}
     for stats in run.grad_steps:
         for p in stats.params:
             entry = params.setdefault(
-                p.name, {"grad_norm": [], "param_norm": [], "zero_fraction": []}
+                p.name,
+                {"grad_norm": [], "param_norm": [], "zero_fraction": [], "update_ratio": []},
             )
             entry["grad_norm"].append([stats.step, _json_number(p.grad_norm)])
             entry["param_norm"].append([stats.step, _json_number(p.param_norm)])
             entry["zero_fraction"].append([stats.step, _json_number(p.zero_fraction)])
+            if not math.isnan(p.update_norm):
+                entry["update_ratio"].append([stats.step, _json_number(update_ratio(p))])
     return {
-        "global_grad_norm": [[step, _json_number(v)] for step, v in norms.global_grad],
+        "global_grad_norm": _series(norms.global_grad),
+        "global_grad_norm_before_clip": _series((c.step, c.norm_before) for c in clips),
+        "clip_max_norm": _series((c.step, c.max_norm) for c in clips),
         "modules": {
             module: {
-                "grad_norm": [[step, _json_number(v)] for step, v in series],
-                "param_norm": [[step, _json_number(v)] for step, v in norms.param[module]],
+                "grad_norm": _series(series),
+                "param_norm": _series(norms.param[module]),
+                "update_ratio": _series(norms.update_ratio.get(module, ())),
             }
             for module, series in norms.grad.items()
         },
         "params": params,
         "output_grad_norm": _output_grads(run),
-        "scalars": {
-            name: [[step, _json_number(v)] for step, v in values]
-            for name, values in run.scalars.items()
+        "dead_units": {
+            module: _series(series)
+            for module, series in dead_unit_fractions(run.grad_steps).items()
         },
+        "scalars": {name: _series(values) for name, values in run.scalars.items()},
     }
+
+
+def _series(points: Iterable[tuple[int, float]]) -> list[list[Any]]:
+    return [[step, _json_number(value)] for step, value in points]
 
 
 def _output_grads(run: Run) -> dict[str, list[list[Any]]]:

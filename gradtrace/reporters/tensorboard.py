@@ -9,7 +9,10 @@ the same series. It writes with tensorboard's own event-file writer and summary 
 Tags (module paths become tag trees: `encoder.layers.3.attn` -> `encoder/layers.3/attn`):
 
 - `global/grad_norm`, `global/inplace_writes`, `global/findings` (findings so far)
+- `global/grad_norm_before_clip`, `global/clip_max_norm` (steps that called clip_grad_norm_)
 - `grad_norm/<module>`, `grad_to_param/<module>` (‖grad‖/‖param‖), `inplace_writes/<owner>`
+- `update_ratio/<module>` (‖Δp‖/‖p‖, runs recorded with update_ratio)
+- `dead_units/<module>` (fraction of a ReLU's units dead for the whole batch; sampled steps)
 - the run's own scalars under their names (`loss`, `amp/scale`, `amp/found_inf`)
 - histograms `param_grad_norm/all` and `param_grad_norm/log10` (one value per parameter)
 - text `findings/<NN>-<kind>`: each finding as markdown, at the step it was seen
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import module_norms
+from gradtrace.analysis.grad_health import clipping, dead_unit_fractions, module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding, StepGradStats
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
@@ -153,16 +156,28 @@ class TensorBoardReporter:
     def _write_grads(self, records: Sequence[StepGradStats]) -> None:
         step = records[0].step
         # One record per optimizer that stepped: together they are the step's model.
-        merged = replace(records[0], params=tuple(p for stats in records for p in stats.params))
+        merged = replace(
+            records[0],
+            params=tuple(p for stats in records for p in stats.params),
+            clips=tuple(c for stats in records for c in stats.clips),
+            dead_units=tuple(d for stats in records for d in stats.dead_units),
+        )
         norms = module_norms([merged])
         for _, value in norms.global_grad:
             self._scalar("global/grad_norm", value, step)
+        for clip in clipping([merged]):
+            self._scalar("global/grad_norm_before_clip", clip.norm_before, step)
+            self._scalar("global/clip_max_norm", clip.max_norm, step)
         for module, series in norms.grad.items():
             grad = series[-1][1]
             param = norms.param[module][-1][1]
             tag = module_tag(module)
             self._scalar(f"grad_norm/{tag}", grad, step)
             self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
+        for module, series in norms.update_ratio.items():
+            self._scalar(f"update_ratio/{module_tag(module)}", series[-1][1], step)
+        for module, series in dead_unit_fractions([merged]).items():
+            self._scalar(f"dead_units/{module_tag(module)}", series[-1][1], step)
         values = [p.grad_norm for stats in records for p in stats.params]
         finite = [v for v in values if math.isfinite(v)]
         if finite:

@@ -12,7 +12,13 @@ from rich.table import Table
 from rich.text import Text
 
 from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import FOUND_INF, module_norms, scaler_skips
+from gradtrace.analysis.grad_health import (
+    FOUND_INF,
+    ClipStep,
+    clipping,
+    module_norms,
+    scaler_skips,
+)
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
 from gradtrace.reporters.rank_rows import rank_rows
@@ -189,26 +195,53 @@ def _saved_line(finding: Finding) -> Text:
 
 def _health_table(run: Run, of_rank: str) -> Table:
     norms = module_norms(run.grad_steps)
+    clips = clipping(run.grad_steps)
+    updates = norms.update_ratio
     last_step = run.grad_steps[-1].step
     table = Table(
         title=f"gradient health{of_rank} (grad L2 norm; last recorded step {last_step})",
         title_justify="left",
+        caption=_clip_caption(clips),
+        caption_justify="left",
     )
     table.add_column("module", style="magenta")
     table.add_column("‖grad‖", justify="right")
     table.add_column("‖grad‖/‖param‖", justify="right")
+    if updates:
+        table.add_column("‖Δp‖/‖p‖", justify="right")
     table.add_column(f"last {SPARK_WIDTH} steps")
-    table.add_row("(global)", _number(norms.global_grad[-1][1]), "", _sparkline(norms.global_grad))
+    blank = [""] if updates else []
+    if clips:
+        before = [(c.step, c.norm_before) for c in clips]
+        last_before = _number(before[-1][1])
+        table.add_row("(global, before clip)", last_before, "", *blank, _sparkline(before))
+    label = "(global, after clip)" if clips else "(global)"
+    global_grad = norms.global_grad
+    table.add_row(label, _number(global_grad[-1][1]), "", *blank, _sparkline(global_grad))
     ranked = sorted(norms.grad, key=lambda m: _sort_key(norms.grad[m][-1][1]), reverse=True)
     for module in ranked[:TOP_OWNERS]:
         series = norms.grad[module]
         param = norms.param[module][-1][1]
         ratio = series[-1][1] / param if param else math.nan
-        table.add_row(module, _number(series[-1][1]), _number(ratio), _sparkline(series))
+        update = [_number(updates[module][-1][1]) if module in updates else ""] if updates else []
+        table.add_row(module, _number(series[-1][1]), _number(ratio), *update, _sparkline(series))
     hidden = len(ranked) - TOP_OWNERS
     if hidden > 0:
-        table.add_row(f"… {hidden} more", "", "", "")
+        table.add_row(f"… {hidden} more", "", "", *blank, "")
     return table
+
+
+def _clip_caption(clips: list[ClipStep]) -> str | None:
+    """How often clip_grad_norm_ actually clipped: every step means it sets the step size."""
+    if not clips:
+        return None
+    clipped = sum(c.clipped for c in clips)
+    low, high = min(c.max_norm for c in clips), max(c.max_norm for c in clips)
+    limit = _number(low) if low == high else f"{_number(low)}…{_number(high)}"
+    return (
+        f"clip_grad_norm_(max_norm={limit}) clipped on {clipped} of {len(clips)} recorded "
+        "steps that called it"
+    )
 
 
 def _sort_key(value: float) -> float:

@@ -4,6 +4,8 @@ A run directory holds one SQLite database, `run.sqlite`. SQLite because it is in
 library, survives a SIGKILL mid-write (WAL: every committed step stays readable), can be
 queried with any SQLite tool, and holds plain data only: a run someone mails you is safe to
 open. Bump FORMAT_VERSION on any incompatible change; readers refuse newer formats.
+Columns and tables added later are optional: the reader fills them with defaults when an
+older run directory lacks them, and older readers never select them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ CREATE TABLE IF NOT EXISTS param_stats (
     grad_norm REAL,                  -- L2; NULL means NaN (SQLite has no NaN), Inf is kept
     param_norm REAL,
     zero_fraction REAL,              -- exactly-zero gradient entries / numel
-    arrival INTEGER NOT NULL         -- backward arrival order, -1 unknown
+    arrival INTEGER NOT NULL,        -- backward arrival order, -1 unknown
+    update_norm REAL                 -- ‖p_after - p_before‖ (opt-in); NULL: not recorded
 );
 CREATE TABLE IF NOT EXISTS missing_grads (
     step INTEGER NOT NULL,
@@ -69,6 +72,20 @@ CREATE TABLE IF NOT EXISTS output_grads (
     optimizer TEXT NOT NULL,
     module TEXT NOT NULL,            -- a parameter-free module (activation, dropout, ...)
     grad_norm REAL                   -- L2 norm of the gradient at its output; NULL means NaN
+);
+CREATE TABLE IF NOT EXISTS grad_clips (
+    step INTEGER NOT NULL,
+    optimizer TEXT NOT NULL,         -- the step the clipped gradients went into
+    norm_before REAL,                -- total norm clip_grad_norm_ returned; NULL means NaN
+    max_norm REAL,
+    norm_type REAL                   -- p of the p-norm (Inf for the max norm)
+);
+CREATE TABLE IF NOT EXISTS dead_units (
+    step INTEGER NOT NULL,           -- sampled steps only (every tenth recorded step)
+    optimizer TEXT NOT NULL,
+    module TEXT NOT NULL,            -- a ReLU or ReLU6 module, its first call of the step
+    dead INTEGER NOT NULL,           -- units whose output was zero for the whole batch
+    units INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, ParamStat, RankNorms, SourceLine, StepGradStats
+from gradtrace.events import ClipCall, Finding, ParamStat, RankNorms, SourceLine, StepGradStats
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, OK, RUNNING, rank_run_dirs
 
 
@@ -170,12 +170,22 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
 
 def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
     params: dict[tuple[int, str], list[ParamStat]] = {}
-    for step, optimizer, name, module, numel, grad, norm, zeros, arrival in db.execute(
+    update = "update_norm" if "update_norm" in _columns(db, "param_stats") else "NULL"
+    for step, optimizer, name, module, numel, grad, norm, zeros, arrival, moved in db.execute(
         "SELECT step, optimizer, param, module, numel, grad_norm, param_norm, zero_fraction, "
-        "arrival FROM param_stats ORDER BY rowid"
+        f"arrival, {update} FROM param_stats ORDER BY rowid"
     ):
         params.setdefault((step, optimizer), []).append(
-            ParamStat(name, module, numel, _real(grad), _real(norm), _real(zeros), arrival)
+            ParamStat(
+                name,
+                module,
+                numel,
+                _real(grad),
+                _real(norm),
+                _real(zeros),
+                arrival,
+                _real(moved),
+            )
         )
     missing: dict[tuple[int, str], list[tuple[str, str]]] = {}
     for step, optimizer, param, module in db.execute(
@@ -192,6 +202,21 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
         "SELECT step, optimizer, module, grad_norm FROM output_grads ORDER BY rowid"
     ):
         output_grads.setdefault((step, optimizer), []).append((module, _real(norm)))
+    clips: dict[tuple[int, str], list[ClipCall]] = {}
+    if _columns(db, "grad_clips"):
+        for step, optimizer, before, max_norm, norm_type in db.execute(
+            "SELECT step, optimizer, norm_before, max_norm, norm_type FROM grad_clips "
+            "ORDER BY rowid"
+        ):
+            clips.setdefault((step, optimizer), []).append(
+                ClipCall(_real(before), _real(max_norm), _real(norm_type))
+            )
+    dead: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
+    if _columns(db, "dead_units"):
+        for step, optimizer, module, count, units in db.execute(
+            "SELECT step, optimizer, module, dead, units FROM dead_units ORDER BY rowid"
+        ):
+            dead.setdefault((step, optimizer), []).append((module, count, units))
     cuts: dict[int, list[str]] = {}
     for step, module in db.execute("SELECT step, module FROM graph_cuts ORDER BY rowid"):
         cuts.setdefault(step, []).append(module)
@@ -206,13 +231,15 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
             cut=tuple(cuts.get(step, ())),
             new_sites=(),
             output_grad_norms=tuple(output_grads.get((step, optimizer), ())),
+            clips=tuple(clips.get((step, optimizer), ())),
+            dead_units=tuple(dead.get((step, optimizer), ())),
         )
         for step, optimizer in keys
     ]
 
 
 def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
-    if not _has_table(db, "rank_norms"):  # runs recorded before --check-ranks existed
+    if not _columns(db, "rank_norms"):  # runs recorded before --check-ranks existed
         return []
     rows: dict[tuple[int, str], dict[int, list[tuple[str, float, float]]]] = {}
     for step, optimizer, param, rank, grad, norm in db.execute(
@@ -234,9 +261,9 @@ def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
     ]
 
 
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return db.execute(query, (name,)).fetchone() is not None
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    """The table's columns; empty when it does not exist (a run written before it did)."""
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _real(value: float | None) -> float:

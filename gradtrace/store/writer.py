@@ -87,7 +87,8 @@ class RunWriter:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
-                "param_norm, zero_fraction, arrival) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "param_norm, zero_fraction, arrival, update_norm) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         stats.step,
@@ -99,6 +100,7 @@ class RunWriter:
                         p.param_norm,
                         p.zero_fraction,
                         p.arrival,
+                        p.update_norm,
                     )
                     for p in stats.params
                 ],
@@ -114,6 +116,19 @@ class RunWriter:
             self._db.executemany(
                 "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
                 [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
+            )
+            self._db.executemany(
+                "INSERT INTO grad_clips (step, optimizer, norm_before, max_norm, norm_type) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (stats.step, stats.optimizer, c.norm_before, c.max_norm, c.norm_type)
+                    for c in stats.clips
+                ],
+            )
+            self._db.executemany(
+                "INSERT INTO dead_units (step, optimizer, module, dead, units) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
             )
             self._db.executemany(
                 "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
