@@ -3,7 +3,8 @@
 A run directory holds one SQLite database, `run.sqlite`. SQLite because it is in the standard
 library, survives a SIGKILL mid-write (WAL: every committed step stays readable), can be
 queried with any SQLite tool, and holds plain data only: a run someone mails you is safe to
-open. Bump FORMAT_VERSION on any incompatible change; readers refuse newer formats.
+open. Bump FORMAT_VERSION on any incompatible change; readers refuse newer formats. Tables
+added since a format was released are optional: the reader fills them with defaults.
 """
 
 from __future__ import annotations
@@ -67,6 +68,31 @@ CREATE TABLE IF NOT EXISTS output_grads (
 CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,
     source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called
+);
+CREATE TABLE IF NOT EXISTS spans (   -- traced steps only (--trace-steps)
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,              -- "forward" | "backward" (of a module) | "optimizer"
+    name TEXT NOT NULL,              -- module path, or the optimizer ("AdamW.step")
+    thread INTEGER NOT NULL,         -- native thread id
+    depth INTEGER NOT NULL,          -- module nesting depth in forward, 0 for roots
+    start_ns INTEGER NOT NULL,       -- wall clock, as steps.end_ns
+    end_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traced_writes (   -- every mutating op of traced steps
+    step INTEGER NOT NULL,
+    t_ns INTEGER NOT NULL,
+    thread INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    owner TEXT NOT NULL,             -- as write_counts.owner
+    phase TEXT NOT NULL,
+    file TEXT,                       -- first user frame; NULL when none
+    line INTEGER,
+    function TEXT,
+    code TEXT
+);
+CREATE TABLE IF NOT EXISTS threads (
+    thread INTEGER PRIMARY KEY,      -- native thread id
+    name TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
