@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -21,6 +21,7 @@ from torch import nn
 from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
@@ -50,12 +51,15 @@ class Trace:
         name: str | None = None,
         front_end: str = "trace",
         every: int = 1,
+        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
     ) -> None:
         self.model = model
         self.out = None if out is None else Path(out)
         self.level = level
         self.every = every
+        # Parsed now: a bad spec fails where it is written, not when tracing starts.
+        self.trace_steps = TraceSteps.parse(trace_steps)
         self.tensorboard = tensorboard
         self.name = name or _default_name(model)
         self.front_end = front_end
@@ -95,6 +99,7 @@ class Trace:
             level=self.level,
             model=self.model,
             every=self.every,
+            trace_steps=self.trace_steps,
             tensorboard=self.tensorboard,
             argv=sys.argv[:],
             front_end=self.front_end,
@@ -163,6 +168,7 @@ class Trace:
             "level": self.level,
             "front_end": self.front_end,
             "every": self.every,
+            "trace_steps": self.trace_steps,
             "tensorboard": self.tensorboard,
         }
         name = self.name if self.model is not None else func.__name__
@@ -191,6 +197,7 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
 ) -> Trace: ...
 def trace(
@@ -199,13 +206,16 @@ def trace(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
     `model` is optional: it names module paths from your root module (otherwise each
     top-level module called is a root). `level` is "full" (names the writing line) or
-    "light". `every` records gradient statistics every N optimizer steps. `tensorboard`
+    "light". `every` records gradient statistics every N optimizer steps. `trace_steps`
+    chooses the optimizer steps whose module spans and writes go into `trace.json` ("0-2,10",
+    "none", or step indices; default the first three). `tensorboard`
     writes TensorBoard events live: True into the run directory, a path into that logdir
     (under a `gradtrace` sub-run). Only one trace may run at a time; starting a second
     raises GradtraceError.
@@ -214,6 +224,7 @@ def trace(
         "out": out,
         "level": level,
         "every": every,
+        "trace_steps": trace_steps,
         "tensorboard": tensorboard,
     }
     if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
@@ -227,10 +238,18 @@ def start(
     out: str | Path | None = None,
     level: str = DEFAULT_LEVEL,
     every: int = 1,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
-    return Trace(model, out=out, level=level, every=every, tensorboard=tensorboard).start()
+    return Trace(
+        model,
+        out=out,
+        level=level,
+        every=every,
+        trace_steps=trace_steps,
+        tensorboard=tensorboard,
+    ).start()
 
 
 def annotate(exception: BaseException, findings: list[Finding]) -> None:

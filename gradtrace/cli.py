@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from gradtrace.errors import GradtraceError
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
@@ -52,6 +53,14 @@ def cli() -> None:
     help="Record gradient statistics every N optimizer steps.",
 )
 @click.option(
+    "--trace-steps",
+    default=DEFAULT_TRACE_STEPS,
+    show_default=True,
+    metavar="STEPS",
+    help="Optimizer steps whose module spans and in-place writes go into trace.json: "
+    "steps and ranges such as 0-2,10, or none.",
+)
+@click.option(
     "--tensorboard",
     "tensorboard",
     is_flag=True,
@@ -69,6 +78,7 @@ def run(
     out: Path | None,
     level: str,
     every: int,
+    trace_steps: str,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
     args: tuple[str, ...],
@@ -80,11 +90,17 @@ def run(
         target = Target(args[0], args[1:])
     else:
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
+    steps = TraceSteps.parse(trace_steps)
     target.check()
     run_dir = out or default_run_dir(Path(target.label).stem)
     live: bool | Path = tensorboard_logdir or tensorboard
     session = Session(
-        run_dir, level=level, every=every, tensorboard=live, argv=[target.name, *target.args]
+        run_dir,
+        level=level,
+        every=every,
+        trace_steps=steps,
+        tensorboard=live,
+        argv=[target.name, *target.args],
     )
     exit_code = run_target(target, session)
     sys.stdout.flush()
@@ -159,7 +175,7 @@ def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
     help=f"Trace file to write (default: RUN_DIR/{TRACE_FILE}).",
 )
 def trace_command(run_dir: Path, out: Path | None) -> int:
-    """Write a Chrome trace (steps, in-place writes, findings) for ui.perfetto.dev."""
+    """Write a Chrome trace (steps, module spans, in-place writes, findings) for ui.perfetto.dev."""
     run = load_run(run_dir)
     written = write_trace(run, out if out is not None else run_dir / TRACE_FILE)
     click.echo(f"Chrome trace in {written} (open it in https://ui.perfetto.dev)")

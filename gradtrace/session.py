@@ -6,7 +6,7 @@ import functools
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +27,9 @@ from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.saved import SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TimelineProbe, TraceSteps
 from gradtrace.probes.writes import WriteLogProbe
+from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.tensorboard import (
     LiveTensorBoard,
     require_tensorboard,
@@ -74,6 +76,7 @@ class Session:
         level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
         every: int = 1,
+        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
         **meta: Any,
     ) -> None:
@@ -85,6 +88,8 @@ class Session:
         self._meta = meta
         self._model = model
         self._every = every
+        self._trace_steps = TraceSteps.parse(trace_steps)
+        self._timeline: TimelineProbe | None = None
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -156,6 +161,8 @@ class Session:
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
             self._writes.install(stack)
+        self._timeline = TimelineProbe(modules, self._trace_steps, self._writes)
+        self._timeline.install(stack)
 
     def log(self, **values: float | torch.Tensor) -> None:
         """Record scalars (e.g. `loss=loss`) for the step they belong to.
@@ -199,6 +206,7 @@ class Session:
             stack.close()
         if writer is not None:
             run = load_run(self.run_dir)
+            write_trace(run, self.run_dir / TRACE_FILE)
             findings = run_findings(run)
             self.findings = [stored.finding for stored in findings]
             if self._live is not None:
@@ -231,6 +239,8 @@ class Session:
     def _end_step(self, step: int) -> None:
         self._forwards_at_step_end = self._modules.forwards
         self._flush(finished=True, step=step)
+        if self._timeline is not None:
+            self._timeline.begin_step(step + 1)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
         """Write what the step gathered; read device values queued before this step."""
@@ -245,6 +255,8 @@ class Session:
             writer.write_step(step, counts.items(), finished=finished)
             if self._live is not None:
                 self._live.step(step, counts.items(), finished=finished)
+        if self._timeline is not None and self._timeline.recording:
+            writer.write_timeline(*self._timeline.take(step))
 
     def _queue_logged(self, writer: RunWriter) -> None:
         logged, self._logged = self._logged, {}
