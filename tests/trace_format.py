@@ -31,7 +31,7 @@ def check_trace_format(document: dict[str, Any]) -> None:
         last_ts[track] = ts
         if event["ph"] == "X":
             assert event["dur"] >= 0, event
-            end = ts + ns(event["dur"])
+            end = ns(event["ts"] + event["dur"])
             enclosing = spans_open.setdefault(track, [])
             while enclosing and enclosing[-1] <= ts:
                 enclosing.pop()
@@ -58,5 +58,5 @@ def inside(child: dict[str, Any], parent: dict[str, Any]) -> bool:
     return (
         (child["pid"], child["tid"]) == (parent["pid"], parent["tid"])
         and ns(parent["ts"]) <= ns(child["ts"])
-        and ns(child["ts"]) + ns(child["dur"]) <= ns(parent["ts"]) + ns(parent["dur"])
+        and ns(child["ts"] + child["dur"]) <= ns(parent["ts"] + parent["dur"])
     )

@@ -240,10 +240,13 @@ class TimelineProbe:
         if _torch_compat.compiling():
             return
         stack = self._stack()
+        mine = id(module)
+        if not any(call.module == mine for call in stack):
+            return  # entered before recording began, or when the step was full
         # Pop down to this module's call: a forward that raised may have left inner ones.
         while stack:
             call = stack.pop()
-            if call.module == id(module):
+            if call.module == mine:
                 call.end_ns = time.time_ns()
                 if torch.is_grad_enabled():
                     _hook_outputs(output, call)
@@ -253,7 +256,8 @@ class TimelineProbe:
         if not torch.is_grad_enabled():
             return
         for param in module.parameters(recurse=False):
-            if not param.requires_grad:
+            # Not a leaf: torch.func.functional_call swaps in computed tensors (no such hook).
+            if not (param.requires_grad and param.is_leaf):
                 continue
             watch = self._watches.get(id(param))
             if watch is None:
@@ -294,8 +298,9 @@ class TimelineProbe:
         self._param_handles = []
         self._watches.clear()
         threads, self._new_threads = self._new_threads, {}
+        sources = {caller: source_line(caller, context=0) for *_, caller in writes}
         traced = [
-            TracedWrite(step, t_ns, thread, op, owner, phase, source_line(caller, context=0))
+            TracedWrite(step, t_ns, thread, op, owner, phase, sources[caller])
             for t_ns, thread, op, owner, phase, caller in writes
         ]
         return spans, traced, threads

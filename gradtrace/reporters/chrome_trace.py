@@ -178,7 +178,8 @@ def nested(spans: list[Span]) -> list[tuple[Span, int, int]]:
     enclosing: list[int] = []  # end of each span the next one may lie in, innermost last
     result = []
     for span in ordered:
-        start, end = span.start_ns, span.end_ns
+        # The wall clock may step back (NTP) within a span: never a negative duration.
+        start, end = span.start_ns, max(span.start_ns, span.end_ns)
         while enclosing and enclosing[-1] <= start:
             enclosing.pop()
         if enclosing:
