@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -21,6 +21,7 @@ from torch import nn
 from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
@@ -51,6 +52,7 @@ class Trace:
         front_end: str = "trace",
         every: int = 1,
         update_ratio: bool = False,
+        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
     ) -> None:
@@ -59,6 +61,8 @@ class Trace:
         self.level = level
         self.every = every
         self.update_ratio = update_ratio
+        # Parsed now: a bad spec fails where it is written, not when tracing starts.
+        self.trace_steps = TraceSteps.parse(trace_steps)
         self.tensorboard = tensorboard
         self.check_ranks = check_ranks
         self.name = name or _default_name(model)
@@ -100,6 +104,7 @@ class Trace:
             model=self.model,
             every=self.every,
             update_ratio=self.update_ratio,
+            trace_steps=self.trace_steps,
             tensorboard=self.tensorboard,
             check_ranks=self.check_ranks,
             argv=sys.argv[:],
@@ -170,7 +175,9 @@ class Trace:
             "front_end": self.front_end,
             "every": self.every,
             "update_ratio": self.update_ratio,
+            "trace_steps": self.trace_steps,
             "tensorboard": self.tensorboard,
+            "check_ranks": self.check_ranks,
         }
         name = self.name if self.model is not None else func.__name__
 
@@ -199,6 +206,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Trace: ...
@@ -209,6 +217,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Any:
@@ -218,9 +227,11 @@ def trace(
     top-level module called is a root). `level` is "full" (names the writing line) or
     "light". `every` records gradient statistics every N optimizer steps. `update_ratio`
     also records ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of the stepped
-    parameters during each recorded `optimizer.step()`. `tensorboard` writes TensorBoard
-    events live: True into the run directory, a path into that logdir (under a `gradtrace`
-    sub-run). Under torchrun each rank records into `out/rank-N`;
+    parameters during each recorded `optimizer.step()`. `trace_steps` chooses the optimizer
+    steps whose module spans and writes go into `trace.json` ("0-2,10", "none", or step
+    indices; default the first three). `tensorboard` writes TensorBoard events live: True
+    into the run directory, a path into that logdir (under a `gradtrace` sub-run). Under
+    torchrun each rank records into `out/rank-N`;
     `check_ranks` compares every parameter's norms across ranks at each recorded step. Only
     one trace may run at a time; starting a second raises GradtraceError.
     """
@@ -229,6 +240,7 @@ def trace(
         "level": level,
         "every": every,
         "update_ratio": update_ratio,
+        "trace_steps": trace_steps,
         "tensorboard": tensorboard,
         "check_ranks": check_ranks,
     }
@@ -244,6 +256,7 @@ def start(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
 ) -> Trace:
@@ -254,6 +267,7 @@ def start(
         level=level,
         every=every,
         update_ratio=update_ratio,
+        trace_steps=trace_steps,
         tensorboard=tensorboard,
         check_ranks=check_ranks,
     ).start()

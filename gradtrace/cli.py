@@ -12,6 +12,7 @@ from rich.console import Console
 
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
@@ -59,6 +60,14 @@ def cli() -> None:
     "during each recorded optimizer.step().",
 )
 @click.option(
+    "--trace-steps",
+    default=DEFAULT_TRACE_STEPS,
+    show_default=True,
+    metavar="STEPS",
+    help="Optimizer steps whose module spans and in-place writes go into trace.json: "
+    "steps and ranges such as 0-2,10, or none.",
+)
+@click.option(
     "--tensorboard",
     "tensorboard",
     is_flag=True,
@@ -97,6 +106,7 @@ def run(
     level: str,
     every: int,
     update_ratio: bool,
+    trace_steps: str,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
     nproc_per_node: int | None,
@@ -111,6 +121,7 @@ def run(
         target = Target(args[0], args[1:])
     else:
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
+    steps = TraceSteps.parse(trace_steps)
     target.check()
     run_dir = out or default_run_dir(Path(target.label).stem)
     if nproc_per_node is not None:
@@ -124,6 +135,7 @@ def run(
         level=level,
         every=every,
         update_ratio=update_ratio,
+        trace_steps=steps,
         tensorboard=live,
         check_ranks=check_ranks,
         argv=[target.name, *target.args],
@@ -140,6 +152,7 @@ def _rank_args(context: click.Context, target: Target) -> list[str]:
     forwarded = ["--level", context.params["level"], "--every", str(context.params["every"])]
     if context.params["update_ratio"]:
         forwarded.append("--update-ratio")
+    forwarded += ["--trace-steps", context.params["trace_steps"]]
     if context.params["tensorboard"]:
         forwarded.append("--tensorboard")
     if context.params["tensorboard_logdir"] is not None:
@@ -234,7 +247,7 @@ def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
     help=f"Trace file to write (default: RUN_DIR/{TRACE_FILE}).",
 )
 def trace_command(run_dir: Path, out: Path | None) -> int:
-    """Write a Chrome trace (steps, in-place writes, findings) for ui.perfetto.dev."""
+    """Write a Chrome trace (steps, module spans, in-place writes, findings) for ui.perfetto.dev."""
     run = load_run(run_dir)
     written = write_trace(run, out if out is not None else run_dir / TRACE_FILE)
     click.echo(f"Chrome trace in {written} (open it in https://ui.perfetto.dev)")

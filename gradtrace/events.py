@@ -47,6 +47,37 @@ class WriteEvent:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A timed piece of a traced step on one thread: a module's forward or backward, or an
+    optimizer step. Times are wall clock (`time.time_ns()`), like the steps' end times."""
+
+    step: int
+    # FORWARD or BACKWARD (of module `name`) or OPTIMIZER (`name` is e.g. "AdamW.step").
+    kind: str
+    name: str
+    # Native id of the thread it ran on (backward may run on autograd's device threads).
+    thread: int
+    # Nesting depth of the module call in forward (0: a root module, or an optimizer step).
+    depth: int
+    start_ns: int
+    end_ns: int
+
+
+@dataclass(frozen=True)
+class TracedWrite:
+    """One mutating op of a traced step, legal or not (`WriteEvent` is one that hit saved
+    memory). `source` is the first user frame, without context lines."""
+
+    step: int
+    t_ns: int
+    thread: int
+    op: str
+    owner: str
+    phase: str
+    source: SourceLine | None
+
+
+@dataclass(frozen=True)
 class SavedTensor:
     """A tensor autograd saved for backward, as it was when saved."""
 

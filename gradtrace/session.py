@@ -6,7 +6,7 @@ import functools
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +29,10 @@ from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TimelineProbe, TraceSteps
 from gradtrace.probes.writes import WriteLogProbe
 from gradtrace.ranks import Rank, agree_on_job_dir, current_rank
+from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.tensorboard import (
     LiveTensorBoard,
     require_tensorboard,
@@ -90,6 +92,7 @@ class Session:
         every: int = 1,
         update_ratio: bool = False,
         grad_stats: bool = True,
+        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
         **meta: Any,
@@ -108,6 +111,8 @@ class Session:
         self._update_ratio = update_ratio
         # Off only to measure what the gradient statistics cost (scripts/bench_overhead.py).
         self._grad_stats = grad_stats
+        self._trace_steps = TraceSteps.parse(trace_steps)
+        self._timeline: TimelineProbe | None = None
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._writes: WriteLogProbe | None = None
@@ -152,12 +157,18 @@ class Session:
             **self._rank_meta(),
             **self._meta,
         )
-        with ExitStack() as stack:
+        # Probes keep this stack and add to it later (hooks on parameters first seen in a
+        # step), so it must be the one `close()` unwinds: no `pop_all()` copy.
+        stack = ExitStack()
+        try:
             stack.callback(writer.close)
             if self._tensorboard is not False:
                 self._live = LiveTensorBoard(self._tensorboard_dir())
             self._install(stack)
-            self._stack = stack.pop_all()
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
         self._writer = writer
         _active = self
         return self
@@ -179,6 +190,8 @@ class Session:
         if full:
             self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
             self._writes.install(stack)
+        self._timeline = TimelineProbe(modules, self._trace_steps, self._writes)
+        self._timeline.install(stack)
 
     def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
         grads = GradStatsProbe(
@@ -240,6 +253,7 @@ class Session:
             stack.close()
         if writer is not None:
             run = load_run(self.run_dir)
+            write_trace(run, self.run_dir / TRACE_FILE)
             findings = run_findings(run)
             self.findings = [stored.finding for stored in findings]
             if self._live is not None:
@@ -297,6 +311,8 @@ class Session:
     def _end_step(self, step: int) -> None:
         self._forwards_at_step_end = self._modules.forwards
         self._flush(finished=True, step=step)
+        if self._timeline is not None:
+            self._timeline.begin_step(step + 1)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
         """Write what the step gathered; read device values queued before this step."""
@@ -312,6 +328,8 @@ class Session:
             writer.write_step(step, counts.items(), finished=finished)
             if self._live is not None:
                 self._live.step(step, counts.items(), finished=finished)
+        if self._timeline is not None and self._timeline.recording:
+            writer.write_timeline(*self._timeline.take(step))
 
     def _store_checkpointed(self, writer: RunWriter) -> None:
         """Modules activation checkpointing ran, stored as they appear (a killed run keeps them)."""

@@ -250,6 +250,9 @@ def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterat
         options = {
             "grad_stats": config != "gt-light-nostats",
             "update_ratio": config == "gt-light-update",
+            # Steady state: the steps timed for trace.json (the first three by default)
+            # cost more on purpose, and each block opens a new session.
+            "trace_steps": "none",
         }
         with Session(run_dir, level=level, **options) as session:
             yield
@@ -763,7 +766,7 @@ def profile_level(
     for _ in range(2):
         work.step()
     profiler = cProfile.Profile()
-    with Session(tmp / f"profile-{model}-{level}", level=level):
+    with Session(tmp / f"profile-{model}-{level}", level=level, trace_steps="none"):
         work.step()  # fill the session's per-op caches outside the profile
         profiler.enable()
         for _ in range(steps):
@@ -801,7 +804,7 @@ def soak(device: torch.device, level: str, steps: int, tmp: Path) -> str:
     lines = [f"# soak: mlp, {steps} steps, level {level}, {device_name(device)}", ""]
     lines.append("| step | host RSS MiB | run dir MiB |")
     lines.append("|---|---|---|")
-    with Session(run_dir, level=level):
+    with Session(run_dir, level=level, trace_steps="none"):
         for step in range(1, steps + 1):
             work.step()
             if step % 1000 == 0:

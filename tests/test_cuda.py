@@ -6,12 +6,15 @@ synchronisation and no device memory, and that training is bitwise unchanged.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from trace_format import check_trace_format
 
+from gradtrace.reporters.chrome_trace import render_trace
 from gradtrace.session import Session
 from gradtrace.store import load_run
 
@@ -171,3 +174,16 @@ def test_update_ratio_and_clipping_add_no_host_synchronisation(tmp_path: Path) -
             train(model, optimizer, steps=2, clip=0.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_backward_spans_get_the_device_threads_tracks(tmp_path: Path) -> None:
+    model, optimizer = make(inplace=False)
+    with Session(tmp_path / "run", trace_steps="0"):
+        train(model, optimizer, steps=1)
+    run = load_run(tmp_path / "run")
+    forward = {span.thread for span in run.spans if span.kind == "forward"}
+    backward = {span.thread for span in run.spans if span.kind == "backward"}
+    assert forward == {threading.get_native_id()}
+    assert backward and not backward & forward  # CUDA backward runs on a device thread
+    assert all(run.threads[thread] != "MainThread" for thread in backward)
+    check_trace_format(render_trace(run))

@@ -51,3 +51,13 @@ def test_no_hooks_pile_up_on_a_leaf_passed_through_a_parameter_free_module(
             loss.backward()
             optimizer.step()
     assert not weight._backward_hooks
+
+
+def test_parameter_hooks_added_during_the_run_are_removed_at_close(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # a second session on the same model must not add to the first's
+        with Session(tmp_path / f"run{_}"):
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())

@@ -65,21 +65,19 @@ class CallerFinder:
         return None
 
 
-def source_line(caller: Caller | None) -> SourceLine | None:
-    """Resolve a caller to file, line, function and the surrounding source text."""
+def source_line(caller: Caller | None, *, context: int = CONTEXT_LINES) -> SourceLine | None:
+    """Resolve a caller to file, line, function and `context` source lines either side."""
     if caller is None:
         return None
     code, line = caller
     file = os.path.abspath(code.co_filename)
-    start = max(1, line - CONTEXT_LINES)
-    context = tuple(
-        linecache.getline(file, n).rstrip("\n") for n in range(start, line + CONTEXT_LINES + 1)
-    )
+    start = max(1, line - context)
+    lines = tuple(linecache.getline(file, n).rstrip("\n") for n in range(start, line + context + 1))
     return SourceLine(
         file=file,
         line=line,
         function=getattr(code, "co_qualname", code.co_name),
         code=linecache.getline(file, line).strip(),
         context_start=start,
-        context=context,
+        context=lines,
     )

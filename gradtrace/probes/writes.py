@@ -13,8 +13,11 @@ NOTE [plain optimizer steps]: a write can only matter if it lands on a live save
 A plain `optimizer.step()` (no closure) that starts with none live usually runs after
 backward freed the graph, and is often more than half of a step's ops (a for-loop AdamW:
 about ten per parameter). The mode steps aside for it, so those writes are not counted.
-A step taken while saved tensors are live (before backward, or with retain_graph) is
-logged as any other code.
+A step taken while saved tensors are live (before backward, or with retain_graph), or on a
+step chosen for the timeline, is logged as any other code.
+NOTE [traced steps]: on the steps chosen for the timeline (`--trace-steps`), `on_write` is
+switched to a method that also hands every write, with its user frame, to the timeline.
+Other steps run `record` itself: the fast path is the same with or without a timeline.
 
 NOTE [versions]: inside `__torch_dispatch__` the version counter is not bumped yet, even
 after the op ran: the bump happens above the Python dispatch key. gradtrace compares versions
@@ -26,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +40,9 @@ from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import Layout, LiveSaved, RawWrite, record_hits
 from gradtrace.probes.steps import StepProbe
+
+if TYPE_CHECKING:
+    from gradtrace.probes.timeline import TimelineProbe
 
 # (op name, positions of written arguments); op name is empty for ops that write nothing.
 _OpInfo = tuple[str, tuple[tuple[int, str], ...]]
@@ -72,6 +78,15 @@ class WriteLogProbe:
         self._seq = itertools.count()
         self._mode = _WriteLogMode(self)
         self._aside = False
+        self._timeline: TimelineProbe | None = None
+        # What the dispatch mode calls for a mutating op: `record`, or on traced steps
+        # `_record_traced` (see NOTE [traced steps]).
+        self.on_write = self.record
+
+    def trace_writes(self, timeline: TimelineProbe | None) -> None:
+        """Hand every write to `timeline` from now on (None: stop)."""
+        self._timeline = timeline
+        self.on_write = self.record if timeline is None else self._record_traced
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(self._mode)
@@ -82,7 +97,7 @@ class WriteLogProbe:
         self._modules.on_root_start(self._step_back)
 
     def _step_aside(self) -> None:
-        if not self._live and not self._aside:
+        if not self._live and not self._aside and self._timeline is None:
             self._aside = _torch_compat.step_aside(self._mode)
 
     def _step_back(self) -> None:
@@ -137,6 +152,15 @@ class WriteLogProbe:
                         ),
                     )
 
+    def _record_traced(
+        self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any
+    ) -> None:
+        self.record(op, written, args, kwargs)
+        timeline = self._timeline
+        if timeline is not None and not in_own_ops():
+            owner, phase = self.owner_and_phase()
+            timeline.add_write(op, owner, phase, self._callers.caller())
+
 
 def _layout(tensor: torch.Tensor) -> Layout:
     return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.element_size()
@@ -155,5 +179,5 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
         if info is None:
             info = self._ops[id(func)] = _op_info(func)
         if info[1]:
-            self._probe.record(info[0], info[1], args, kwargs or {})
+            self._probe.on_write(info[0], info[1], args, kwargs or {})
         return result

@@ -1,24 +1,35 @@
 """`trace.json` in the Chrome trace event format (opens in ui.perfetto.dev, chrome://tracing).
 
-From the store alone: one span per recorded step (the iteration that ended with that
-optimizer step, timed by the steps table), a counter track of in-place writes per owner,
-and findings as global instant markers. Forward/backward spans per module would need a
-timing probe the store does not have yet. Pure: a `Run` in, a JSON-ready dict out.
+From the store alone. On a track of its own: one span per recorded step (the iteration that
+ended with that optimizer step, timed by the steps table), a counter of in-place writes per
+owner, and findings as global instant markers. For the steps chosen with `--trace-steps`,
+one track per thread that ran them: forward and backward spans per module call (nested by
+module), optimizer step spans, and an instant for every in-place write, marked legal or
+finding. Spans come from light hooks (see probes/timeline.py) and can overlap a little where
+the Chrome format needs proper nesting; each span is clipped into the one around it.
+
+Pure: a `Run` in, a JSON-ready dict out.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.store.reader import Run
+from gradtrace.events import BACKWARD, Span, TracedWrite
+from gradtrace.store.reader import Run, StoredFinding
 
 TRACE_FILE = "trace.json"
 PID = 1
-STEPS_TID = 1
+# Not a real thread: native thread ids are never 0.
+STEPS_TID = 0
+
+# (op, module, file, line) of a culprit write -> the finding's kind.
+Culprits = dict[tuple[str, str, str, int], str]
 
 
 def render_trace(run: Run) -> dict[str, Any]:
@@ -28,13 +39,45 @@ def render_trace(run: Run) -> dict[str, Any]:
     origin = started if isinstance(started, int) else (ends[0][1] if ends else 0)
 
     def us(t_ns: int) -> float:
-        return (t_ns - origin) / 1000
+        # Whole nanoseconds: a span's ts + dur is exact in the viewer's own integer units.
+        return round((t_ns - origin) / 1000, 3)
 
     argv = " ".join(run.meta.get("argv") or [str(run.path)])
     events: list[dict[str, Any]] = [
         _meta("process_name", 0, {"name": f"gradtrace {argv}"}),
         _meta("thread_name", STEPS_TID, {"name": "optimizer steps"}),
     ]
+    events += [_meta("thread_name", tid, {"name": name}) for tid, name in _threads(run).items()]
+    findings = run_findings(run)
+    timed = [
+        *_step_track(run, ends, origin, us, findings),
+        *_span_events(run.spans, us),
+        *_write_events(run.traced_writes, us, _culprits(findings)),
+    ]
+    # Parents first among spans starting together (the sort is stable; spans come nested).
+    timed.sort(key=lambda event: (event["ts"], -event.get("dur", 0.0)))
+    traced = sorted({span.step for span in run.spans} | {w.step for w in run.traced_writes})
+    return {
+        "traceEvents": events + timed,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "run": str(run.path),
+            "status": run.status,
+            "steps": run.steps,
+            "traced_steps": traced,
+        },
+    }
+
+
+def _step_track(
+    run: Run,
+    ends: list[tuple[int, int]],
+    origin: int,
+    us: Callable[[int], float],
+    findings: list[StoredFinding],
+) -> list[dict[str, Any]]:
+    """Step spans, write counters at each step's end and finding markers at its start."""
+    events: list[dict[str, Any]] = []
     step_start: dict[int, float] = {}
     step_end: dict[int, float] = {}
     previous = origin
@@ -47,8 +90,7 @@ def render_trace(run: Run) -> dict[str, Any]:
                 "cat": "step",
                 "ph": "X",
                 "ts": us(begin),
-                # From the same rounded µs as ts, so ts + dur is exactly the next span's ts.
-                "dur": max(0.0, us(end_ns) - us(begin)),
+                "dur": round(us(end_ns) - us(begin), 3),
                 "pid": PID,
                 "tid": STEPS_TID,
                 "args": {"step": step},
@@ -72,7 +114,7 @@ def render_trace(run: Run) -> dict[str, Any]:
                 "args": per_step[step],
             }
         )
-    for stored in run_findings(run):
+    for stored in findings:
         finding = stored.finding
         where = f"{finding.file}:{finding.line}" if finding.file else None
         events.append(
@@ -94,11 +136,101 @@ def render_trace(run: Run) -> dict[str, Any]:
                 },
             }
         )
+    return events
+
+
+def _threads(run: Run) -> dict[int, str]:
+    """Every thread with spans or writes, by its recorded name."""
+    seen = {span.thread for span in run.spans} | {w.thread for w in run.traced_writes}
+    return {tid: run.threads.get(tid, f"thread {tid}") for tid in sorted(seen)}
+
+
+def _span_events(spans: list[Span], us: Callable[[int], float]) -> list[dict[str, Any]]:
+    by_thread: dict[int, list[Span]] = {}
+    for span in spans:
+        by_thread.setdefault(span.thread, []).append(span)
+    events = []
+    for thread_spans in by_thread.values():
+        for span, start, end in nested(thread_spans):
+            name = f"{span.name} (backward)" if span.kind == BACKWARD else span.name
+            events.append(
+                {
+                    "name": name,
+                    "cat": span.kind,
+                    "ph": "X",
+                    "ts": us(start),
+                    "dur": round(us(end) - us(start), 3),
+                    "pid": PID,
+                    "tid": span.thread,
+                    "args": {"step": span.step, "phase": span.kind, "name": span.name},
+                }
+            )
+    return events
+
+
+def nested(spans: list[Span]) -> list[tuple[Span, int, int]]:
+    """One thread's spans as (span, start_ns, end_ns), outer before inner, properly nested.
+
+    Spans are ordered by start, longer first, shallower module first; a span that outlasts
+    the span around it is clipped to end with it, as the Chrome format requires.
+    """
+    ordered = sorted(spans, key=lambda s: (s.start_ns, -s.end_ns, s.depth))
+    enclosing: list[int] = []  # end of each span the next one may lie in, innermost last
+    result = []
+    for span in ordered:
+        # The wall clock may step back (NTP) within a span: never a negative duration.
+        start, end = span.start_ns, max(span.start_ns, span.end_ns)
+        while enclosing and enclosing[-1] <= start:
+            enclosing.pop()
+        if enclosing:
+            end = min(end, enclosing[-1])
+        result.append((span, start, end))
+        enclosing.append(end)
+    return result
+
+
+def _culprits(findings: list[StoredFinding]) -> Culprits:
     return {
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "otherData": {"run": str(run.path), "status": run.status, "steps": run.steps},
+        (f.op, f.module, f.file, f.line): f.kind
+        for f in (stored.finding for stored in findings)
+        if f.op is not None and f.module is not None and f.file is not None and f.line is not None
     }
+
+
+def _write_events(
+    writes: list[TracedWrite], us: Callable[[int], float], culprits: Culprits
+) -> list[dict[str, Any]]:
+    """One thread-scoped instant per write; "finding" when a finding names its op and line."""
+    events = []
+    for write in writes:
+        source = write.source
+        kind = (
+            None
+            if source is None
+            else culprits.get((write.op, write.owner, source.file, source.line))
+        )
+        events.append(
+            {
+                "name": write.op,
+                "cat": "write",
+                "ph": "i",
+                "s": "t",
+                "ts": us(write.t_ns),
+                "pid": PID,
+                "tid": write.thread,
+                "args": {
+                    "op": write.op,
+                    "module": write.owner,
+                    "phase": write.phase,
+                    "at": None if source is None else f"{source.file}:{source.line}",
+                    "code": None if source is None else source.code,
+                    "step": write.step,
+                    "verdict": "legal" if kind is None else "finding",
+                    "finding": kind,
+                },
+            }
+        )
+    return events
 
 
 def write_trace(run: Run, out: Path) -> Path:

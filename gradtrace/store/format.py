@@ -99,6 +99,31 @@ CREATE TABLE IF NOT EXISTS rank_norms (
     grad_norm REAL,                  -- NULL means NaN
     param_norm REAL
 );
+CREATE TABLE IF NOT EXISTS spans (   -- traced steps only (--trace-steps)
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,              -- "forward" | "backward" (of a module) | "optimizer"
+    name TEXT NOT NULL,              -- module path, or the optimizer ("AdamW.step")
+    thread INTEGER NOT NULL,         -- native thread id
+    depth INTEGER NOT NULL,          -- module nesting depth in forward, 0 for roots
+    start_ns INTEGER NOT NULL,       -- wall clock, as steps.end_ns
+    end_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traced_writes (   -- every mutating op of traced steps
+    step INTEGER NOT NULL,
+    t_ns INTEGER NOT NULL,
+    thread INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    owner TEXT NOT NULL,             -- as write_counts.owner
+    phase TEXT NOT NULL,
+    file TEXT,                       -- first user frame; NULL when none
+    line INTEGER,
+    function TEXT,
+    code TEXT
+);
+CREATE TABLE IF NOT EXISTS threads (
+    thread INTEGER PRIMARY KEY,      -- native thread id
+    name TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,

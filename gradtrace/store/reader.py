@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import ClipCall, Finding, ParamStat, RankNorms, SourceLine, StepGradStats
+from gradtrace.events import (
+    ClipCall,
+    Finding,
+    ParamStat,
+    RankNorms,
+    SourceLine,
+    Span,
+    StepGradStats,
+    TracedWrite,
+)
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, OK, RUNNING, rank_run_dirs
 
 
@@ -47,6 +56,11 @@ class Run:
     rank: int | None = None
     # A torchrun job's merged view: each rank's own run, by rank. Empty for one process.
     ranks: tuple[Run, ...] = ()
+    # Traced steps (--trace-steps): module and optimizer spans, every write, thread names.
+    # Empty for runs recorded before gradtrace kept them.
+    spans: list[Span] = field(default_factory=list)
+    traced_writes: list[TracedWrite] = field(default_factory=list)
+    threads: dict[int, str] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -135,6 +149,7 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         step_end_ns=dict(db.execute("SELECT step, end_ns FROM steps ORDER BY step")),
         rank_norms=_read_rank_norms(db),
         rank=meta.get("rank"),
+        **_read_timeline(db),
     )
 
 
@@ -166,6 +181,36 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
     return dataclasses.replace(
         first, path=job_dir, meta=meta, findings=findings, rank=None, ranks=tuple(runs)
     )
+
+
+def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
+    """Spans, traced writes and thread names; empty when the run predates these tables."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not {"spans", "traced_writes", "threads"} <= tables:
+        return {}
+    spans = [
+        Span(*row)
+        for row in db.execute(
+            "SELECT step, kind, name, thread, depth, start_ns, end_ns FROM spans ORDER BY rowid"
+        )
+    ]
+    writes = [
+        TracedWrite(
+            step,
+            t_ns,
+            thread,
+            op,
+            owner,
+            phase,
+            None if file is None else SourceLine(file, line, function, code or ""),
+        )
+        for step, t_ns, thread, op, owner, phase, file, line, function, code in db.execute(
+            "SELECT step, t_ns, thread, op, owner, phase, file, line, function, code "
+            "FROM traced_writes ORDER BY rowid"
+        )
+    ]
+    threads = dict(db.execute("SELECT thread, name FROM threads"))
+    return {"spans": spans, "traced_writes": writes, "threads": threads}
 
 
 def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:

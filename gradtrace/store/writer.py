@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, RankNorms, StepGradStats
+from gradtrace.events import Finding, RankNorms, Span, StepGradStats, TracedWrite
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
 
 
@@ -158,6 +158,27 @@ class RunWriter:
                 rows,
             )
 
+    def write_timeline(
+        self, spans: Iterable[Span], writes: Iterable[TracedWrite], threads: dict[int, str]
+    ) -> None:
+        """Store a traced step's spans and writes, and names of threads first seen, at once."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(s.step, s.kind, s.name, s.thread, s.depth, s.start_ns, s.end_ns) for s in spans],
+            )
+            self._db.executemany(
+                "INSERT INTO traced_writes (step, t_ns, thread, op, owner, phase, file, line, "
+                "function, code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*_write_row(w), *_source_row(w)) for w in writes],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", threads.items()
+            )
+            self._db.execute("COMMIT")
+
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
         saved = finding.saved_by
@@ -184,3 +205,14 @@ class RunWriter:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _write_row(write: TracedWrite) -> tuple[object, ...]:
+    return (write.step, write.t_ns, write.thread, write.op, write.owner, write.phase)
+
+
+def _source_row(write: TracedWrite) -> tuple[object, ...]:
+    source = write.source
+    if source is None:
+        return (None, None, None, None)
+    return (source.file, source.line, source.function, source.code)
