@@ -60,11 +60,7 @@ class ModuleStackProbe:
         stack.enter_context(register_module_forward_hook(self._leave, always_call=True))
 
     def _stack(self) -> list[nn.Module]:
-        try:
-            return self._local.stack
-        except AttributeError:
-            self._local.stack = []
-            return self._local.stack
+        return thread_stack(self._local)
 
     def _enter(self, module: nn.Module, args: object) -> None:
         if _torch_compat.compiling():
@@ -170,6 +166,15 @@ class ModuleStackProbe:
                 tensors += module.named_buffers(recurse=False)
             for name, tensor in tensors:
                 yield module, label, f"{path}.{name}" if path else name, tensor
+
+
+def thread_stack(local: threading.local) -> list:
+    """This thread's list in `local.stack`, created on first use (forward runs per thread)."""
+    try:
+        return local.stack
+    except AttributeError:
+        local.stack = []
+        return local.stack
 
 
 def _unwrap(module: nn.Module) -> nn.Module | None:

@@ -43,7 +43,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import BACKWARD, FORWARD, OPTIMIZER, Span, TracedWrite
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, source_line
-from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.modules import ModuleStackProbe, thread_stack
 from gradtrace.probes.writes import WriteLogProbe
 
 DEFAULT_TRACE_STEPS = "0-2"
@@ -220,11 +220,7 @@ class TimelineProbe:
         self._threads[thread] = self._new_threads[thread] = _thread_name(thread, backward)
 
     def _stack(self) -> list[_Call]:
-        try:
-            return self._local.stack
-        except AttributeError:
-            self._local.stack = []
-            return self._local.stack
+        return thread_stack(self._local)
 
     def _enter(self, module: nn.Module, args: object) -> None:
         if _torch_compat.compiling() or self._full():
