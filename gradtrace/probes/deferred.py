@@ -45,7 +45,7 @@ def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
     next to CUDA norms) are moved there: moving a CPU value to a device is an asynchronous
     copy, while moving a device value to the CPU would synchronise.
     """
-    with own_ops():
+    with own_ops(*values):
         device = values[0].device
         if any(v.device != device for v in values):
             device = next(v.device for v in values if v.device.type != "cpu")

@@ -217,7 +217,7 @@ class GradStatsProbe:
         # A container returning its last child's output would only repeat that child's sum.
         repeat = self._last_summed is not None and self._last_summed() is tensor
         if tensor.is_floating_point() and name not in self._outputs and not repeat:
-            with own_ops():
+            with own_ops(tensor):
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
         if isinstance(module, DEAD_UNIT_MODULES) and name not in self._dead and self._sampled():
@@ -233,7 +233,7 @@ class GradStatsProbe:
         """Only reads the output, so ReLU(inplace=True) is as safe as any other module."""
         if tensor.dim() < 2 or not tensor.is_floating_point() or tensor.numel() == 0:
             return
-        with own_ops():
+        with own_ops(tensor):
             self._dead.add(name, tensor)
         self._units[name] = tensor.shape[unit_dim(tensor)]
 
@@ -245,7 +245,7 @@ class GradStatsProbe:
 
     def _output_grad_arrived(self, name: str, grad: torch.Tensor) -> None:
         if self._installed and name not in self._output_grads:
-            with own_ops():
+            with own_ops(grad):
                 self._output_grads.add(name, grad)
 
     def _site_of(self, module: nn.Module) -> Caller | None:
@@ -312,8 +312,8 @@ class GradStatsProbe:
         grad_l2: list[torch.Tensor] = []
         param_l2: list[torch.Tensor] = []
         if with_grad:
-            with own_ops():
-                grads = [p.grad for p in with_grad]
+            grads = [p.grad for p in with_grad]
+            with own_ops(*grads, *with_grad):
                 grad_l2 = _torch_compat.foreach_norm(grads, 2)
                 param_l2 = _torch_compat.foreach_norm(with_grad, 2)
                 values += grad_l2 + param_l2

@@ -3,11 +3,19 @@
 The gradient probe sums module outputs into preallocated slots (`out=`: a write) and copies
 results to pinned memory (`copy_`: a write); the write log would otherwise report those as
 in-place writes of the user's modules.
+
+NOTE [unobserved]: given the tensors it works on, and when they are all plain tensors,
+`own_ops` also runs its ops below Python dispatch: no dispatch mode sees them, neither the
+write log (a Python round trip costs several µs per op, and the gradient statistics launch
+dozens per step) nor a mode of the user's (a FLOP counter should not count gradtrace).
+Tensor subclasses (DTensor, say) need their Python dispatch to compute at all, so with one
+among them nothing is skipped.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 
 import torch
@@ -19,16 +27,41 @@ def in_own_ops() -> bool:
     return getattr(_state, "active", False)
 
 
-class own_ops:
-    """Context: gradtrace's own ops run here, with grad mode off. Cheap enough per module call."""
+def unobserved(*tensors: torch.Tensor) -> AbstractContextManager[object]:
+    """Context where ops on these tensors skip every dispatch mode, if that is safe for them.
 
-    __slots__ = ("_grad", "_outer")
+    See NOTE [unobserved]. Only gradtrace's own ops run inside it, from hooks that do nothing
+    inside compiled regions: a saved-tensor hook's `detach` under this guard, in a module
+    that runs compiled, let Dynamo trace into the write log's mode (torch 2.13).
+    """
+    if tensors and all(type(t) in _PLAIN for t in tensors):
+        return torch._C._DisableTorchDispatch()
+    return nullcontext()
+
+
+# Tensor types that compute without Python dispatch.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class own_ops:
+    """Context: gradtrace's own ops run here, with grad mode off. Cheap enough per module call.
+
+    `own_ops(*tensors)` also hides the ops from dispatch modes when that is safe for these
+    tensors (see `unobserved`).
+    """
+
+    __slots__ = ("_grad", "_hidden", "_outer", "_tensors")
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self._tensors = tensors
 
     def __enter__(self) -> None:
         self._outer = in_own_ops()
         self._grad = torch.is_grad_enabled()
         _state.active = True
         torch.set_grad_enabled(False)
+        self._hidden = unobserved(*self._tensors)
+        self._hidden.__enter__()
 
     def __exit__(
         self,
@@ -36,5 +69,6 @@ class own_ops:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._hidden.__exit__(exc_type, exc, tb)
         torch.set_grad_enabled(self._grad)
         _state.active = self._outer
