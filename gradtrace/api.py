@@ -52,6 +52,7 @@ class Trace:
         front_end: str = "trace",
         every: int = 1,
         update_ratio: bool = False,
+        grad_histograms: int = 0,
         trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
@@ -61,6 +62,7 @@ class Trace:
         self.level = level
         self.every = every
         self.update_ratio = update_ratio
+        self.grad_histograms = grad_histograms
         # Parsed now: a bad spec fails where it is written, not when tracing starts.
         self.trace_steps = TraceSteps.parse(trace_steps)
         self.tensorboard = tensorboard
@@ -104,6 +106,7 @@ class Trace:
             model=self.model,
             every=self.every,
             update_ratio=self.update_ratio,
+            grad_histograms=self.grad_histograms,
             trace_steps=self.trace_steps,
             tensorboard=self.tensorboard,
             check_ranks=self.check_ranks,
@@ -175,6 +178,7 @@ class Trace:
             "front_end": self.front_end,
             "every": self.every,
             "update_ratio": self.update_ratio,
+            "grad_histograms": self.grad_histograms,
             "trace_steps": self.trace_steps,
             "tensorboard": self.tensorboard,
             "check_ranks": self.check_ranks,
@@ -206,6 +210,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    grad_histograms: int = 0,
     trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
@@ -217,6 +222,7 @@ def trace(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    grad_histograms: int = 0,
     trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
@@ -227,7 +233,8 @@ def trace(
     top-level module called is a root). `level` is "full" (names the writing line) or
     "light". `every` records gradient statistics every N optimizer steps. `update_ratio`
     also records ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of the stepped
-    parameters during each recorded `optimizer.step()`. `trace_steps` chooses the optimizer
+    parameters during each recorded `optimizer.step()`. `grad_histograms=N` counts every
+    gradient's values into fixed bins every N optimizer steps. `trace_steps` chooses the optimizer
     steps whose module spans and writes go into `trace.json` ("0-2,10", "none", or step
     indices; default the first three). `tensorboard` writes TensorBoard events live: True
     into the run directory, a path into that logdir (under a `gradtrace` sub-run). Under
@@ -240,6 +247,7 @@ def trace(
         "level": level,
         "every": every,
         "update_ratio": update_ratio,
+        "grad_histograms": grad_histograms,
         "trace_steps": trace_steps,
         "tensorboard": tensorboard,
         "check_ranks": check_ranks,
@@ -256,6 +264,7 @@ def start(
     level: str = DEFAULT_LEVEL,
     every: int = 1,
     update_ratio: bool = False,
+    grad_histograms: int = 0,
     trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
     tensorboard: bool | str | Path = False,
     check_ranks: bool = False,
@@ -267,6 +276,7 @@ def start(
         level=level,
         every=every,
         update_ratio=update_ratio,
+        grad_histograms=grad_histograms,
         trace_steps=trace_steps,
         tensorboard=tensorboard,
         check_ranks=check_ranks,

@@ -60,6 +60,14 @@ def cli() -> None:
     "during each recorded optimizer.step().",
 )
 @click.option(
+    "--grad-histograms",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Also count every gradient's values into fixed bins every N optimizer steps "
+    "(TensorBoard histograms grad_values/...); 0: never.  [default: 0]",
+)
+@click.option(
     "--trace-steps",
     default=DEFAULT_TRACE_STEPS,
     show_default=True,
@@ -106,6 +114,7 @@ def run(
     level: str,
     every: int,
     update_ratio: bool,
+    grad_histograms: int,
     trace_steps: str,
     tensorboard: bool,
     tensorboard_logdir: Path | None,
@@ -135,6 +144,7 @@ def run(
         level=level,
         every=every,
         update_ratio=update_ratio,
+        grad_histograms=grad_histograms,
         trace_steps=steps,
         tensorboard=live,
         check_ranks=check_ranks,
@@ -153,6 +163,7 @@ def _rank_args(context: click.Context, target: Target) -> list[str]:
     if context.params["update_ratio"]:
         forwarded.append("--update-ratio")
     forwarded += ["--trace-steps", context.params["trace_steps"]]
+    forwarded += ["--grad-histograms", str(context.params["grad_histograms"])]
     if context.params["tensorboard"]:
         forwarded.append("--tensorboard")
     if context.params["tensorboard_logdir"] is not None:

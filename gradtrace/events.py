@@ -157,6 +157,22 @@ class StepGradStats:
     dead_units: tuple[tuple[str, int, int], ...] = ()
 
 
+# Gradient value histograms: right edges of the bins, ascending; the last bin is open above.
+# Half-decades of magnitude from 1e-12 to 1e2 on both sides of zero: fixed for every
+# parameter and step, so counting needs no min/max first and steps line up.
+HISTOGRAM_MAGNITUDES = tuple(10.0 ** (k / 2) for k in range(-24, 5))
+HISTOGRAM_EDGES = (*(-m for m in reversed(HISTOGRAM_MAGNITUDES)), *HISTOGRAM_MAGNITUDES)
+
+
+@dataclass(frozen=True)
+class GradHistogram:
+    """How many of a parameter's gradient values fall in each bin of HISTOGRAM_EDGES."""
+
+    step: int
+    param: str
+    counts: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class RankNorms:
     """One recorded step's per-parameter norms on every rank (`--check-ranks`).

@@ -18,13 +18,20 @@ from torch import nn
 
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, RankNorms, StepGradStats
+from gradtrace.events import (
+    HISTOGRAM_EDGES,
+    Finding,
+    GradHistogram,
+    RankNorms,
+    StepGradStats,
+)
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
+from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import SavedTensorProbe
@@ -95,6 +102,7 @@ class Session:
         trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
+        grad_histograms: int = 0,
         **meta: Any,
     ) -> None:
         if level not in LEVELS:
@@ -129,6 +137,12 @@ class Session:
         self._rank_check = (
             RankCheckProbe(self._deferred, self._store_rank_norms) if check_ranks else None
         )
+        # Gradient value histograms every N optimizer steps (0: never).
+        self._histograms = (
+            GradHistogramProbe(grad_histograms, self._deferred, self._store_histograms)
+            if grad_histograms > 0
+            else None
+        )
 
     @property
     def step(self) -> int:
@@ -151,6 +165,7 @@ class Session:
             level=self.level,
             every=self._every,
             update_ratio=self._update_ratio,
+            **({"histogram_edges": list(HISTOGRAM_EDGES)} if self._histograms is not None else {}),
             torch=torch.__version__,
             python=platform.python_version(),
             platform=sys.platform,
@@ -203,6 +218,7 @@ class Session:
             every=self._every,
             update_ratio=self._update_ratio,
             ranks=self._rank_check,
+            histograms=self._histograms,
         )
         scaler = GradScalerProbe(
             self._steps, self._deferred, self._store_scalars, grads.end_iteration
@@ -362,6 +378,12 @@ class Session:
             self._writer.write_grad_stats(stats)
             if self._live is not None:
                 self._live.grad_stats(stats)
+
+    def _store_histograms(self, histograms: list[GradHistogram]) -> None:
+        if self._writer is not None:
+            self._writer.write_histograms(histograms)
+            if self._live is not None:
+                self._live.histograms(histograms)
 
     def _store_rank_norms(self, norms: RankNorms) -> None:
         if self._writer is not None:

@@ -39,6 +39,7 @@ from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
+from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.rank_check import RankCheckProbe
@@ -141,10 +142,12 @@ class GradStatsProbe:
         *,
         every: int = 1,
         ranks: RankCheckProbe | None = None,
+        histograms: GradHistogramProbe | None = None,
         update_ratio: bool = False,
     ) -> None:
         self._modules = modules
         self._ranks = ranks
+        self._histograms = histograms
         self._steps = steps
         self._callers = callers
         self._queue = queue
@@ -263,6 +266,10 @@ class GradStatsProbe:
             self._forget_step()
             return
         with_grad = [p for p in params if p.grad is not None and p.grad.layout is torch.strided]
+        histograms = self._histograms
+        if histograms is not None and histograms.due(self._steps.step):
+            names = [self._param_name(p) for p in with_grad]
+            histograms.count(self._steps.step, names, [p.grad for p in with_grad])
         values, on_ready = self._reductions(optimizer, params, with_grad)
         if self._update_ratio and with_grad:
             with own_ops():

@@ -104,6 +104,7 @@ def _grad_stats(run: Run) -> dict[str, Any]:
         },
         "params": params,
         "output_grad_norm": _output_grads(run),
+        "value_histograms": _value_histograms(run),
         "dead_units": {
             module: _series(series)
             for module, series in dead_unit_fractions(run.grad_steps).items()
@@ -114,6 +115,16 @@ def _grad_stats(run: Run) -> dict[str, Any]:
 
 def _series(points: Iterable[tuple[int, float]]) -> list[list[Any]]:
     return [[step, _json_number(value)] for step, value in points]
+
+
+def _value_histograms(run: Run) -> dict[str, Any]:
+    """--grad-histograms: bin edges, and per parameter [step, counts] pairs."""
+    if not run.grad_histograms:
+        return {}
+    params: dict[str, list[list[Any]]] = {}
+    for histogram in run.grad_histograms:
+        params.setdefault(histogram.param, []).append([histogram.step, list(histogram.counts)])
+    return {"edges": run.meta.get("histogram_edges"), "params": params}
 
 
 def _output_grads(run: Run) -> dict[str, list[list[Any]]]:

@@ -32,7 +32,7 @@ from typing import Any
 from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import clipping, dead_unit_fractions, module_norms
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, StepGradStats
+from gradtrace.events import HISTOGRAM_EDGES, Finding, GradHistogram, StepGradStats
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -116,6 +116,33 @@ class TensorBoardReporter:
         with self._lock:
             for name, value in values.items():
                 self._scalar(name, value, step)
+
+    def histograms(self, histograms: Iterable[GradHistogram]) -> None:
+        """Gradient value histograms (`--grad-histograms`), one per parameter and step."""
+        with self._lock:
+            for histogram in histograms:
+                self._event(self._value_histogram(histogram), histogram.step)
+
+    def _value_histogram(self, histogram: GradHistogram) -> Any:
+        """A HistogramProto over the fixed bins. Values are known only by their bin, so
+        min/max are the outer edges of the outermost non-empty bins and the sums use bin
+        midpoints."""
+        edges = HISTOGRAM_EDGES
+        lower = (edges[0] * 10**0.5, *edges)
+        upper = (*edges, edges[-1] * 10**0.5)
+        used = [i for i, count in enumerate(histogram.counts) if count]
+        middles = [(lower[i] + upper[i]) / 2 for i in range(len(histogram.counts))]
+        proto = self._protos.HistogramProto(
+            min=lower[used[0]] if used else 0.0,
+            max=upper[used[-1]] if used else 0.0,
+            num=sum(histogram.counts),
+            sum=sum(c * m for c, m in zip(histogram.counts, middles, strict=True)),
+            sum_squares=sum(c * m * m for c, m in zip(histogram.counts, middles, strict=True)),
+            bucket_limit=[*edges, sys.float_info.max],
+            bucket=[float(c) for c in histogram.counts],
+        )
+        tag = f"grad_values/{module_tag(histogram.param)}"
+        return self._protos.Summary(value=[self._protos.Summary.Value(tag=tag, histo=proto)])
 
     def step(
         self, step: int, counts: Iterable[tuple[tuple[str, str, str], int]], *, finished: bool
@@ -223,6 +250,9 @@ class LiveTensorBoard:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._guarded(lambda reporter: reporter.scalars(step, values))
 
+    def histograms(self, histograms: list[GradHistogram]) -> None:
+        self._guarded(lambda reporter: reporter.histograms(histograms))
+
     def step(
         self, step: int, counts: Iterable[tuple[tuple[str, str, str], int]], *, finished: bool
     ) -> None:
@@ -269,12 +299,15 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
     for name, series in run.scalars.items():
         for step, value in series:
             scalars.setdefault(step, {})[name] = value
+    histograms: dict[int, list[GradHistogram]] = {}
+    for histogram in run.grad_histograms:
+        histograms.setdefault(histogram.step, []).append(histogram)
     writes: dict[int, list[tuple[tuple[str, str, str], int]]] = {}
     for step, owner, op, phase, count in run.step_write_counts:
         writes.setdefault(step, []).append(((owner, op, phase), count))
     stored = run.findings
     findings = run_findings(run)
-    steps = sorted({*grads, *scalars, *writes, *run.step_end_ns})
+    steps = sorted({*grads, *scalars, *histograms, *writes, *run.step_end_ns})
     tail = max(run.step_end_ns, default=-1) + 1
     try:
         for step in steps:
@@ -282,6 +315,7 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
             reporter.wall_time = end_ns / 1e9 if end_ns is not None else _run_time(run)
             for stats in grads.get(step, ()):
                 reporter.grad_stats(stats)
+            reporter.histograms(histograms.get(step, ()))
             if step in scalars:
                 reporter.scalars(step, scalars[step])
             for found in stored:
@@ -314,12 +348,13 @@ class _Protos:
 
     def __init__(self) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
         from tensorboard.plugins.histogram.summary_v2 import histogram_pb
         from tensorboard.plugins.text.summary_v2 import text_pb
 
         self.Event = Event
         self.Summary = Summary
+        self.HistogramProto = HistogramProto
         self.histogram_pb = histogram_pb
         self.text_pb = text_pb
 

@@ -91,6 +91,11 @@ CREATE TABLE IF NOT EXISTS module_sites (
     module TEXT PRIMARY KEY,
     source TEXT                      -- JSON of gradtrace.events.SourceLine: where it is called
 );
+CREATE TABLE IF NOT EXISTS grad_histograms (
+    step INTEGER NOT NULL,           -- --grad-histograms: every N-th recorded step
+    param TEXT NOT NULL,
+    counts TEXT NOT NULL             -- JSON list, one count per bin of meta.histogram_edges
+);
 CREATE TABLE IF NOT EXISTS rank_norms (
     step INTEGER NOT NULL,           -- --check-ranks: every rank's norms, kept by rank 0
     optimizer TEXT NOT NULL,

@@ -14,6 +14,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     ClipCall,
     Finding,
+    GradHistogram,
     ParamStat,
     RankNorms,
     SourceLine,
@@ -50,6 +51,8 @@ class Run:
     step_write_counts: list[tuple[int, str, str, str, int]] = field(default_factory=list)
     # Finished step -> wall clock (ns) when it ended, in step order.
     step_end_ns: dict[int, int] = field(default_factory=dict)
+    # Gradient value histograms (--grad-histograms), in step order; bins in meta.
+    grad_histograms: list[GradHistogram] = field(default_factory=list)
     # Every rank's per-parameter norms (--check-ranks), in step order; rank 0 keeps them.
     rank_norms: list[RankNorms] = field(default_factory=list)
     # The torchrun rank that wrote this run; None outside distributed runs.
@@ -148,6 +151,7 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         step_write_counts=step_write_counts,
         step_end_ns=dict(db.execute("SELECT step, end_ns FROM steps ORDER BY step")),
         rank_norms=_read_rank_norms(db),
+        grad_histograms=_read_histograms(db),
         rank=meta.get("rank"),
         **_read_timeline(db),
     )
@@ -280,6 +284,17 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
             dead_units=tuple(dead.get((step, optimizer), ())),
         )
         for step, optimizer in keys
+    ]
+
+
+def _read_histograms(db: sqlite3.Connection) -> list[GradHistogram]:
+    if not _columns(db, "grad_histograms"):  # runs recorded before --grad-histograms existed
+        return []
+    return [
+        GradHistogram(step, param, tuple(json.loads(counts)))
+        for step, param, counts in db.execute(
+            "SELECT step, param, counts FROM grad_histograms ORDER BY step, rowid"
+        )
     ]
 
 

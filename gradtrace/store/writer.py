@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.errors import GradtraceError
-from gradtrace.events import Finding, RankNorms, Span, StepGradStats, TracedWrite
+from gradtrace.events import (
+    Finding,
+    GradHistogram,
+    RankNorms,
+    Span,
+    StepGradStats,
+    TracedWrite,
+)
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
 
 
@@ -142,6 +149,13 @@ class RunWriter:
                 ],
             )
             self._db.execute("COMMIT")
+
+    def write_histograms(self, histograms: list[GradHistogram]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
+                [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
+            )
 
     def write_rank_norms(self, norms: RankNorms) -> None:
         rows = [

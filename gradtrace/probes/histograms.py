@@ -1,0 +1,69 @@
+"""Gradient value histograms every N optimizer steps (`--grad-histograms N`), counted on device.
+
+Bins are `HISTOGRAM_EDGES`, fixed for every parameter and step, so the counts need no
+min/max first (reading those would synchronise) and histograms of different steps line
+up. Each gradient is counted in chunks of
+CHUNK_ELEMENTS: `bucketize` makes an int64 index per element, and chunking bounds that
+temporary to a few MiB whatever the parameter's size. The counts are read one step late
+through the deferred queue like every other device value.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from gradtrace.events import HISTOGRAM_EDGES as EDGES
+from gradtrace.events import GradHistogram
+from gradtrace.probes.deferred import DeferredQueue
+from gradtrace.probes.own_ops import own_ops
+
+CHUNK_ELEMENTS = 1 << 20
+
+
+class GradHistogramProbe:
+    def __init__(
+        self, every: int, queue: DeferredQueue, on_histograms: Callable[[list[GradHistogram]], None]
+    ) -> None:
+        self._every = every
+        self._queue = queue
+        self._on_histograms = on_histograms
+        self._edges: dict[torch.device, torch.Tensor] = {}
+        self._ones: dict[torch.device, torch.Tensor] = {}
+
+    def due(self, step: int) -> bool:
+        return step % self._every == 0
+
+    def count(self, step: int, names: list[str], grads: list[torch.Tensor]) -> None:
+        """Queue the histograms of these gradients (names in the same order)."""
+        if not grads:
+            return
+        device = grads[0].device
+        with own_ops(*grads):
+            table = torch.zeros(len(grads), len(EDGES) + 1, dtype=torch.int64, device=device)
+            for row, grad in zip(table, grads, strict=True):
+                self._count_into(row, grad.to(device, non_blocking=True))
+        self._queue.push(table.flatten(), functools.partial(self._read, step, names))
+
+    def _count_into(self, row: torch.Tensor, grad: torch.Tensor) -> None:
+        edges = self._edges.get(row.device)
+        if edges is None:
+            edges = self._edges[row.device] = torch.tensor(EDGES, device=row.device)
+            ones = torch.ones(CHUNK_ELEMENTS, dtype=torch.int64, device=row.device)
+            self._ones[row.device] = ones
+        ones = self._ones[row.device]
+        for chunk in grad.detach().reshape(-1).split(CHUNK_ELEMENTS):
+            # float32: fp16 cannot hold the smallest edges (bf16 could, but rounds them).
+            index = torch.bucketize(chunk.float(), edges, right=True)
+            row.scatter_add_(0, index, ones[: index.numel()])
+
+    def _read(self, step: int, names: list[str], read: list[float]) -> None:
+        width = len(EDGES) + 1
+        self._on_histograms(
+            [
+                GradHistogram(step, name, tuple(int(c) for c in read[i * width : (i + 1) * width]))
+                for i, name in enumerate(names)
+            ]
+        )
