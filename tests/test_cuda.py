@@ -164,16 +164,17 @@ def test_update_ratio_holds_one_parameter_copy_only_during_the_step(tmp_path: Pa
     assert all(len(s.clips) == 1 and s.params[0].update_norm > 0 for s in stats)
 
 
-def test_update_ratio_and_clipping_add_no_host_synchronisation(tmp_path: Path) -> None:
+def test_update_ratio_clipping_and_histograms_add_no_host_synchronisation(tmp_path: Path) -> None:
     model, optimizer = make(inplace=False)
     train(model, optimizer, steps=1, clip=0.5)
     torch.cuda.set_sync_debug_mode("error")
     try:
         train(model, optimizer, steps=1, clip=0.5)
-        with Session(tmp_path / "run", update_ratio=True):
+        with Session(tmp_path / "run", update_ratio=True, grad_histograms=1):
             train(model, optimizer, steps=2, clip=0.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert {h.step for h in load_run(tmp_path / "run").grad_histograms} == {0, 1}
 
 
 def test_backward_spans_get_the_device_threads_tracks(tmp_path: Path) -> None:
