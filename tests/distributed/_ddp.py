@@ -1,5 +1,6 @@
 """Shared by the DDP scripts: a tiny model under DistributedDataParallel on gloo (CPU)."""
 
+import gc
 import os
 
 import torch
@@ -30,7 +31,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup() -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
+def setup(
+    model: type[nn.Module] = Net,
+) -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
     if BACKEND == "nccl":
         torch.cuda.set_device(device())
     dist.init_process_group(BACKEND)
@@ -38,7 +41,7 @@ def setup() -> tuple[int, DistributedDataParallel, torch.optim.Optimizer]:
     torch.manual_seed(0)
     # DDP_BUCKET_VIEW=1: gradients are views into DDP's communication buckets.
     bucket_view = os.environ.get("DDP_BUCKET_VIEW") == "1"
-    ddp = DistributedDataParallel(Net().to(device()), gradient_as_bucket_view=bucket_view)
+    ddp = DistributedDataParallel(model().to(device()), gradient_as_bucket_view=bucket_view)
     return rank, ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -53,3 +56,15 @@ def save_weights(ddp: DistributedDataParallel, rank: int) -> None:
     out = os.environ.get("DDP_WEIGHTS_OUT")
     if out:
         torch.save(ddp.module.state_dict(), f"{out}.rank{rank}.pt")
+
+
+def teardown() -> None:
+    """Destroy the process group while the interpreter is whole, DDP already freed.
+
+    Left to interpreter finalization, gloo's worker threads can abort the process with
+    "terminate called without an active exception" (pytorch/pytorch#179291): a flaky
+    exit status that has nothing to do with the test.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

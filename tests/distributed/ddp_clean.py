@@ -1,18 +1,21 @@
 """A clean DDP training loop: no findings, same weights as without gradtrace."""
 
-import torch.distributed as dist
-from _ddp import batch, save_weights, setup
+from _ddp import batch, save_weights, setup, teardown
 from torch import nn
 
-rank, ddp, optimizer = setup()
-for step in range(6):
-    x, y = batch(rank, step)
-    optimizer.zero_grad()
-    loss = nn.functional.mse_loss(ddp(x), y)
-    loss.backward()
-    optimizer.step()
-    if rank == 0:
-        print(f"step {step} loss {loss.item():.6f}")
-save_weights(ddp, rank)
-dist.barrier()
-dist.destroy_process_group()
+
+def main() -> None:
+    rank, ddp, optimizer = setup()
+    for step in range(6):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        optimizer.step()
+        if rank == 0:
+            print(f"step {step} loss {loss.item():.6f}")
+    save_weights(ddp, rank)
+
+
+main()
+teardown()

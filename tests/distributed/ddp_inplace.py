@@ -1,10 +1,11 @@
 """DDP with an in-place bug in the model's forward: backward fails on every rank."""
 
+import traceback
+
 import torch
 import torch.distributed as dist
-from _ddp import Net, batch
+from _ddp import Net, batch, setup
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 class Buggy(Net):
@@ -15,14 +16,20 @@ class Buggy(Net):
         return self.head(gate)
 
 
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-ddp = DistributedDataParallel(Buggy())
-optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
-for step in range(3):
-    x, y = batch(rank, step)
-    optimizer.zero_grad()
-    nn.functional.mse_loss(ddp(x), y).backward()
-    optimizer.step()
-dist.destroy_process_group()
+def main() -> None:
+    rank, ddp, optimizer = setup(Buggy)
+    for step in range(3):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        optimizer.step()
+
+
+try:
+    main()
+except RuntimeError as error:
+    # Free DDP before its process group goes (see _ddp.teardown); the traceback is intact.
+    traceback.clear_frames(error.__traceback__)
+    raise
+finally:
+    dist.destroy_process_group()
