@@ -63,9 +63,10 @@ def cli() -> None:
     "--grad-histograms",
     type=click.IntRange(min=0),
     default=0,
+    show_default=True,
     metavar="N",
     help="Also count every gradient's values into fixed bins every N optimizer steps "
-    "(TensorBoard histograms grad_values/...); 0: never.  [default: 0]",
+    "(TensorBoard histograms grad_values/...); 0: never.",
 )
 @click.option(
     "--trace-steps",
