@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
 
 import torch
 from rich.console import Console
@@ -21,16 +21,31 @@ from torch import nn
 from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
-from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
+from gradtrace.probes.timeline import TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
-from gradtrace.session import DEFAULT_LEVEL, LEVELS, Session, default_run_dir, describe_exception
+from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
 from gradtrace.store.reader import load_run
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # An exception is annotated with at most this many findings; the run directory has them all.
 MAX_NOTES = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TraceOptions(TypedDict, total=False):
+    """What a trace records, as `trace()` documents it; a missing one takes Session's default."""
+
+    level: str
+    every: int
+    update_ratio: bool
+    grad_histograms: int
+    trace_steps: str | Iterable[int] | TraceSteps
+    tensorboard: bool | str | Path
+    check_ranks: bool
 
 
 class Trace:
@@ -47,26 +62,19 @@ class Trace:
         model: nn.Module | None = None,
         *,
         out: str | Path | None = None,
-        level: str = DEFAULT_LEVEL,
         name: str | None = None,
         front_end: str = "trace",
-        every: int = 1,
-        update_ratio: bool = False,
-        grad_histograms: int = 0,
-        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
-        tensorboard: bool | str | Path = False,
-        check_ranks: bool = False,
+        **options: Unpack[TraceOptions],
     ) -> None:
+        unknown = options.keys() - TraceOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"Unknown trace option(s): {', '.join(sorted(unknown))}.")
+        if "trace_steps" in options:
+            # Parsed now: a bad spec fails where it is written, not when tracing starts.
+            options["trace_steps"] = TraceSteps.parse(options["trace_steps"])
         self.model = model
         self.out = None if out is None else Path(out)
-        self.level = level
-        self.every = every
-        self.update_ratio = update_ratio
-        self.grad_histograms = grad_histograms
-        # Parsed now: a bad spec fails where it is written, not when tracing starts.
-        self.trace_steps = TraceSteps.parse(trace_steps)
-        self.tensorboard = tensorboard
-        self.check_ranks = check_ranks
+        self.options = options
         self.name = name or _default_name(model)
         self.front_end = front_end
         self._session: Session | None = None
@@ -101,17 +109,7 @@ class Trace:
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
-            run_dir,
-            level=self.level,
-            model=self.model,
-            every=self.every,
-            update_ratio=self.update_ratio,
-            grad_histograms=self.grad_histograms,
-            trace_steps=self.trace_steps,
-            tensorboard=self.tensorboard,
-            check_ranks=self.check_ranks,
-            argv=sys.argv[:],
-            front_end=self.front_end,
+            run_dir, model=self.model, argv=sys.argv[:], front_end=self.front_end, **self.options
         )
         session.start()
         self._session = session
@@ -172,22 +170,13 @@ class Trace:
         """
         if self._session is not None:
             raise GradtraceError("A trace that already started cannot decorate a function.")
-        options = {
-            "out": self.out,
-            "level": self.level,
-            "front_end": self.front_end,
-            "every": self.every,
-            "update_ratio": self.update_ratio,
-            "grad_histograms": self.grad_histograms,
-            "trace_steps": self.trace_steps,
-            "tensorboard": self.tensorboard,
-            "check_ranks": self.check_ranks,
-        }
         name = self.name if self.model is not None else func.__name__
 
         @functools.wraps(func)
         def traced(*args: Any, **kwargs: Any) -> Any:
-            run = Trace(self.model, name=name, **options)
+            run = Trace(
+                self.model, out=self.out, name=name, front_end=self.front_end, **self.options
+            )
             traced.gradtrace = run  # type: ignore[attr-defined]
             with run:
                 return func(*args, **kwargs)
@@ -207,80 +196,47 @@ def trace(
     model: nn.Module | None = None,
     *,
     out: str | Path | None = None,
-    level: str = DEFAULT_LEVEL,
-    every: int = 1,
-    update_ratio: bool = False,
-    grad_histograms: int = 0,
-    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
-    tensorboard: bool | str | Path = False,
-    check_ranks: bool = False,
+    **options: Unpack[TraceOptions],
 ) -> Trace: ...
 def trace(
     model: nn.Module | Callable[..., Any] | None = None,
     *,
     out: str | Path | None = None,
-    level: str = DEFAULT_LEVEL,
-    every: int = 1,
-    update_ratio: bool = False,
-    grad_histograms: int = 0,
-    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
-    tensorboard: bool | str | Path = False,
-    check_ranks: bool = False,
+    **options: Unpack[TraceOptions],
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
     `model` is optional: it names module paths from your root module (otherwise each
-    top-level module called is a root). `level` is "full" (names the writing line) or
-    "light". `every` records gradient statistics every N optimizer steps. `update_ratio`
-    also records ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of the stepped
-    parameters during each recorded `optimizer.step()`. `grad_histograms=N` counts every
-    gradient's values into fixed bins every N optimizer steps. `trace_steps` chooses the optimizer
-    steps whose module spans and writes go into `trace.json` ("0-2,10", "none", or step
-    indices; default the first three). `tensorboard` writes TensorBoard events live: True
-    into the run directory, a path into that logdir (under a `gradtrace` sub-run). Under
-    torchrun each rank records into `out/rank-N`;
-    `check_ranks` compares every parameter's norms across ranks at each recorded step. Only
-    one trace may run at a time; starting a second raises GradtraceError.
+    top-level module called is a root). Options (all keyword, see `TraceOptions`):
+
+    - `level`: "full" (default; names the writing line) or "light".
+    - `every`: record gradient statistics every N optimizer steps (default 1).
+    - `update_ratio`: also record ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of
+      the stepped parameters during each recorded `optimizer.step()` (default False).
+    - `grad_histograms`: count every gradient's values into fixed bins every N optimizer
+      steps (default 0: never).
+    - `trace_steps`: the optimizer steps whose module spans and writes go into `trace.json`
+      ("0-2,10", "none", or step indices; default the first three).
+    - `tensorboard`: write TensorBoard events live: True into the run directory, a path into
+      that logdir (under a `gradtrace` sub-run).
+    - `check_ranks`: compare every parameter's norms across ranks at each recorded step.
+
+    Under torchrun each rank records into `out/rank-N`. Only one trace may run at a time;
+    starting a second raises GradtraceError.
     """
-    options: dict[str, Any] = {
-        "out": out,
-        "level": level,
-        "every": every,
-        "update_ratio": update_ratio,
-        "grad_histograms": grad_histograms,
-        "trace_steps": trace_steps,
-        "tensorboard": tensorboard,
-        "check_ranks": check_ranks,
-    }
     if model is not None and not isinstance(model, nn.Module) and inspect.isroutine(model):
-        return Trace(**options)(model)  # bare @gradtrace.trace
-    return Trace(model, **options)  # type: ignore[arg-type]
+        return Trace(out=out, **options)(model)  # bare @gradtrace.trace
+    return Trace(model, out=out, **options)  # type: ignore[arg-type]
 
 
 def start(
     model: nn.Module | None = None,
     *,
     out: str | Path | None = None,
-    level: str = DEFAULT_LEVEL,
-    every: int = 1,
-    update_ratio: bool = False,
-    grad_histograms: int = 0,
-    trace_steps: str | Iterable[int] = DEFAULT_TRACE_STEPS,
-    tensorboard: bool | str | Path = False,
-    check_ranks: bool = False,
+    **options: Unpack[TraceOptions],
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
-    return Trace(
-        model,
-        out=out,
-        level=level,
-        every=every,
-        update_ratio=update_ratio,
-        grad_histograms=grad_histograms,
-        trace_steps=trace_steps,
-        tensorboard=tensorboard,
-        check_ranks=check_ranks,
-    ).start()
+    return Trace(model, out=out, **options).start()
 
 
 def annotate(exception: BaseException, findings: list[Finding]) -> None:

@@ -233,6 +233,16 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def same_bug(self) -> tuple[object, ...]:
+        """What makes two findings one bug: kind, the writing line and op, the saving line.
+
+        The run store counts repeats of it (a bug inside a training loop fires every step),
+        and a job's report shows it once for all the ranks it fired on.
+        """
+        saved = self.saved_by
+        return (self.kind, self.file, self.line, self.op, saved.get("file"), saved.get("line"))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Finding:
         return cls(

@@ -218,3 +218,11 @@ def test_update_ratio_option_of_every_api_form(tmp_path: Path) -> None:
     for name in ("decorated", "block"):
         [stats] = gradtrace.load_run(tmp_path / name).grad_steps
         assert all(p.update_norm > 0 for p in stats.params)
+
+
+def test_a_misspelt_option_is_a_type_error_as_for_any_keyword(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="Unknown trace option.*evry"):
+        gradtrace.trace(out=tmp_path / "run", evry=2)
+    with pytest.raises(TypeError, match="evry"):
+        gradtrace.start(out=tmp_path / "run", evry=2)
+    assert not (tmp_path / "run").exists()

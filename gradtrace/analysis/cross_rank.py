@@ -28,10 +28,11 @@ def diagnose_ranks(
     """The first step at which some parameter's gradient (or value) differs across ranks."""
     for check in checks:
         for quantity, table in (("gradient", check.grad_norms), ("value", check.param_norms)):
+            per_param = [(param, [row[i] for row in table]) for i, param in enumerate(check.params)]
             diverged = [
-                (param, [row[i] for row in table])
-                for i, param in enumerate(check.params)
-                if _deviating_ranks([row[i] for row in table])
+                (param, values, ranks)
+                for param, values in per_param
+                if (ranks := _deviating_ranks(values))
             ]
             if diverged:
                 return [_divergence(check, quantity, diverged, sites)]
@@ -61,11 +62,10 @@ def _same(a: float, b: float) -> bool:
 def _divergence(
     check: RankNorms,
     quantity: str,
-    diverged: list[tuple[str, list[float]]],
+    diverged: list[tuple[str, list[float], list[int]]],
     sites: dict[str, SourceLine | None],
 ) -> Finding:
-    param, values = diverged[0]
-    ranks = _deviating_ranks(values)
+    param, values, ranks = diverged[0]
     module = param.rpartition(".")[0] or None
     per_rank = ", ".join(f"rank {rank} {value:.6g}" for rank, value in enumerate(values))
     others = f" and {len(diverged) - 1} more parameters" if len(diverged) > 1 else ""
@@ -95,7 +95,7 @@ def _divergence(
             "optimizer": check.optimizer,
             "norms": values,
             "ranks": ranks,
-            "parameters": [name for name, _ in diverged],
+            "parameters": [name for name, _, _ in diverged],
         },
         rank=ranks[0],
         **located_at(sites.get(module) if module else None),

@@ -30,8 +30,8 @@ class GradHistogramProbe:
         self._every = every
         self._queue = queue
         self._on_histograms = on_histograms
-        self._edges: dict[torch.device, torch.Tensor] = {}
-        self._ones: dict[torch.device, torch.Tensor] = {}
+        # Per device: the bin edges, and the ones scatter_add_ counts with (one chunk long).
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def due(self, step: int) -> bool:
         return step % self._every == 0
@@ -48,12 +48,12 @@ class GradHistogramProbe:
         self._queue.push(table.flatten(), functools.partial(self._read, step, names))
 
     def _count_into(self, row: torch.Tensor, grad: torch.Tensor) -> None:
-        edges = self._edges.get(row.device)
-        if edges is None:
-            edges = self._edges[row.device] = torch.tensor(EDGES, device=row.device)
+        constants = self._constants.get(row.device)
+        if constants is None:
+            edges = torch.tensor(EDGES, device=row.device)
             ones = torch.ones(CHUNK_ELEMENTS, dtype=torch.int64, device=row.device)
-            self._ones[row.device] = ones
-        ones = self._ones[row.device]
+            constants = self._constants[row.device] = (edges, ones)
+        edges, ones = constants
         for chunk in grad.detach().reshape(-1).split(CHUNK_ELEMENTS):
             # float32: fp16 cannot hold the smallest edges (bf16 could, but rounds them).
             index = torch.bucketize(chunk.float(), edges, right=True)

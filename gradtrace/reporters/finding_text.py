@@ -93,17 +93,8 @@ def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding,
     grouped: dict[tuple[object, ...], tuple[StoredFinding, list[int]]] = {}
     for stored in findings:
         finding = stored.finding
-        saved = finding.saved_by
-        key = (
-            finding.kind,
-            finding.module,
-            finding.parameter,
-            finding.file,
-            finding.line,
-            finding.op,
-            saved.get("file"),
-            saved.get("line"),
-        )
+        # Gradient findings share their module's line: module and parameter tell them apart.
+        key = (*finding.same_bug, finding.module, finding.parameter)
         _, ranks = grouped.setdefault(key, (stored, []))
         if finding.rank is not None:
             ranks.append(finding.rank)

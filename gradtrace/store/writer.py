@@ -195,15 +195,7 @@ class RunWriter:
 
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
-        saved = finding.saved_by
-        key = (
-            finding.kind,
-            finding.file,
-            finding.line,
-            finding.op,
-            saved.get("file"),
-            saved.get("line"),
-        )
+        key = finding.same_bug
         with self._lock:
             known = self._finding_ids.get(key)
             if known is not None:
