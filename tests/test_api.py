@@ -221,7 +221,7 @@ def test_update_ratio_option_of_every_api_form(tmp_path: Path) -> None:
 
 
 def test_a_misspelt_option_is_a_type_error_as_for_any_keyword(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="Unknown trace option.*evry"):
+    with pytest.raises(TypeError, match=r"Unknown trace option.*evry"):
         gradtrace.trace(out=tmp_path / "run", evry=2)
     with pytest.raises(TypeError, match="evry"):
         gradtrace.start(out=tmp_path / "run", evry=2)

@@ -71,3 +71,18 @@ def test_off_by_default(tmp_path: Path) -> None:
         _train(2)
     run = load_run(tmp_path / "run")
     assert run.grad_histograms == [] and "histogram_edges" not in run.meta
+
+
+def test_non_contiguous_gradients_are_counted_slice_by_slice(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 4).t())  # a transposed view: its gradient too
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with Session(tmp_path / "run", grad_histograms=1):
+        (torch.randn(3, 4) @ weight).square().sum().backward()
+        assert not weight.grad.is_contiguous()
+        expected = torch.bucketize(
+            weight.grad.reshape(-1), torch.tensor(HISTOGRAM_EDGES), right=True
+        )
+        optimizer.step()
+    (histogram,) = load_run(tmp_path / "run").grad_histograms
+    assert list(histogram.counts) == expected.bincount(minlength=len(HISTOGRAM_EDGES) + 1).tolist()

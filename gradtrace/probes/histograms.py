@@ -4,14 +4,15 @@ Bins are `HISTOGRAM_EDGES`, fixed for every parameter and step, so the counts ne
 min/max first (reading those would synchronise) and histograms of different steps line
 up. Each gradient is counted in chunks of
 CHUNK_ELEMENTS: `bucketize` makes an int64 index per element, and chunking bounds that
-temporary to a few MiB whatever the parameter's size. The counts are read one step late
+temporary to a few MiB whatever the parameter's size (a non-contiguous gradient is read one
+slice along dim 0 at a time). The counts are read one step late
 through the deferred queue like every other device value.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -54,7 +55,7 @@ class GradHistogramProbe:
             ones = torch.ones(CHUNK_ELEMENTS, dtype=torch.int64, device=row.device)
             constants = self._constants[row.device] = (edges, ones)
         edges, ones = constants
-        for chunk in grad.detach().reshape(-1).split(CHUNK_ELEMENTS):
+        for chunk in _flat_chunks(grad.detach()):
             # float32: fp16 cannot hold the smallest edges (bf16 could, but rounds them).
             index = torch.bucketize(chunk.float(), edges, right=True)
             row.scatter_add_(0, index, ones[: index.numel()])
@@ -67,3 +68,17 @@ class GradHistogramProbe:
                 for i, name in enumerate(names)
             ]
         )
+
+
+def _flat_chunks(grad: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The gradient's values in 1-D chunks, copying at most one slice of it at a time.
+
+    `reshape(-1)` is a view of a contiguous gradient; of any other (a channels_last
+    convolution's, a transposed weight's) it would copy the whole gradient, so those are
+    flattened one slice along dim 0 at a time.
+    """
+    if grad.is_contiguous() or grad.dim() < 2:
+        yield from grad.reshape(-1).split(CHUNK_ELEMENTS)
+        return
+    for part in grad.unbind(0):
+        yield from part.reshape(-1).split(CHUNK_ELEMENTS)
