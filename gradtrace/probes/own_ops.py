@@ -56,10 +56,11 @@ class own_ops:
         self._tensors = tensors
 
     def __enter__(self) -> None:
-        self._outer = in_own_ops()
+        self._outer = getattr(_state, "active", False)
         self._grad = torch.is_grad_enabled()
         _state.active = True
-        torch.set_grad_enabled(False)
+        # The C setter: `torch.set_grad_enabled` builds a context-manager object per call.
+        torch._C._set_grad_enabled(False)
         self._hidden = unobserved(*self._tensors)
         self._hidden.__enter__()
 
@@ -70,5 +71,5 @@ class own_ops:
         tb: TracebackType | None,
     ) -> None:
         self._hidden.__exit__(exc_type, exc, tb)
-        torch.set_grad_enabled(self._grad)
+        torch._C._set_grad_enabled(self._grad)
         _state.active = self._outer
