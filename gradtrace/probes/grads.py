@@ -40,7 +40,7 @@ from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
 from gradtrace.probes.histograms import GradHistogramProbe
-from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
@@ -172,9 +172,7 @@ class GradStatsProbe:
         # steps, and how many units each has.
         self._dead = OutputSums(dead_units_into)
         self._units: dict[str, int] = {}
-        self._parameter_free: weakref.WeakKeyDictionary[nn.Module, bool] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._parameter_free: ByModule[bool] = ByModule()
         self._installed = False
         self._cut: dict[str, None] = {}
         self._last_summed: weakref.ref[torch.Tensor] | None = None

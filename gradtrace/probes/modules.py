@@ -8,10 +8,12 @@ therefore built from forward hooks only; backward writes are attributed by phase
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +25,44 @@ from torch.nn.modules.module import (
 from gradtrace.probes import _torch_compat
 
 LOOP_OWNER = "training loop"
+
+V = TypeVar("V")
+
+
+class ByModule(Generic[V]):
+    """A value per live module, found by identity in one dict lookup.
+
+    `weakref.WeakKeyDictionary` builds a weak reference on every lookup (about 1 µs); these
+    lookups run for every module call and every saved tensor. An entry leaves as its module
+    dies, before the module's id can be reused.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref[nn.Module], V]] = {}
+
+    def get(self, module: nn.Module) -> V | None:
+        item = self._items.get(id(module))
+        return None if item is None or item[0]() is not module else item[1]
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return self.get(module) is not None
+
+    def __setitem__(self, module: nn.Module, value: V) -> None:
+        key = id(module)
+        self._items[key] = (weakref.ref(module, functools.partial(self._drop, key)), value)
+
+    def _drop(self, key: int, ref: weakref.ref[nn.Module]) -> None:
+        item = self._items.get(key)
+        if item is not None and item[0] is ref:
+            del self._items[key]
+
+    def items(self) -> list[tuple[nn.Module, V]]:
+        """The live entries, as a list: modules may die while the caller iterates."""
+        return [
+            (module, value)
+            for ref, value in list(self._items.values())
+            if (module := ref()) is not None
+        ]
 
 
 class ModuleStackProbe:
@@ -38,7 +78,7 @@ class ModuleStackProbe:
     def __init__(self) -> None:
         self._local = threading.local()
         # Module -> its path from its root ("" for a root) and that root.
-        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._names: ByModule[str] = ByModule()
         self._root_of: weakref.WeakKeyDictionary[nn.Module, weakref.ref[nn.Module]] = (
             weakref.WeakKeyDictionary()
         )
@@ -159,7 +199,7 @@ class ModuleStackProbe:
         self, *, buffers: bool
     ) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
         """(module, module label, full name, tensor) for the direct tensors of named modules."""
-        for module, path in list(self._names.items()):
+        for module, path in self._names.items():
             label = path or type(module).__name__
             tensors = list(module.named_parameters(recurse=False))
             if buffers:
