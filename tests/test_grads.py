@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradtrace.probes import deferred
+from gradtrace.probes.grads import ZERO_COUNT_EVERY
 from gradtrace.session import Session
 from gradtrace.store import load_run
 
@@ -305,26 +306,30 @@ def test_exactly_zero_gradients_are_not_called_a_cut() -> None:
     assert "exactly-zero" in zero.message and "never got a gradient" in cut.message
 
 
-def test_gradient_at_parameter_free_module_outputs(tmp_path: Path) -> None:
+def test_gradient_at_parameter_free_module_outputs_on_sampled_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.0), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    grads: dict[str, torch.Tensor] = {}
+    grads: dict[int, dict[str, torch.Tensor]] = {}
     with Session(tmp_path / "run", model=model):
-        for _ in range(2):
+        for step in range(ZERO_COUNT_EVERY + 1):
+            seen = grads.setdefault(step, {})
             hidden = model[0](torch.randn(16, 4))
             act = model[1](hidden)
-            act.register_hook(lambda g: grads.__setitem__("1", g))
+            act.register_hook(lambda g, seen=seen: seen.__setitem__("1", g))
             dropped = model[2](act)
-            dropped.register_hook(lambda g: grads.__setitem__("2", g))
+            dropped.register_hook(lambda g, seen=seen: seen.__setitem__("2", g))
             loss = model[3](dropped).square().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    last = dict(load_run(tmp_path / "run").grad_steps[-1].output_grad_norms)
-    assert set(last) == {"1", "2"}  # Tanh and Dropout: the parameter-free modules
-    for name, grad in grads.items():
-        assert last[name] == pytest.approx(torch.linalg.vector_norm(grad).item(), rel=1e-6)
+    recorded = {s.step: dict(s.output_grad_norms) for s in load_run(tmp_path / "run").grad_steps}
+    assert [step for step, norms in recorded.items() if norms] == [0, ZERO_COUNT_EVERY]
+    for step in (0, ZERO_COUNT_EVERY):
+        assert set(recorded[step]) == {"1", "2"}  # Tanh and Dropout: the parameter-free modules
+        for name, grad in grads[step].items():
+            expected = torch.linalg.vector_norm(grad).item()
+            assert recorded[step][name] == pytest.approx(expected, rel=1e-6)
 
 
 def updated_stepwise(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int):

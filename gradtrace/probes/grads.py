@@ -11,9 +11,10 @@ since the previous step, are queued on the session's deferred queue; nothing is 
 until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
-NaN or Inf anywhere makes it non-finite), on sampled steps each ReLU's output to its count
-of units that are zero for the whole batch, and notes modules whose output left the graph
-although they have trainable parameters. Post-accumulate-grad hooks record the order in
+NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
+although they have trainable parameters. On sampled steps it also reduces each ReLU's
+output to its count of units that are zero for the whole batch, and the gradient reaching
+each parameter-free module's output to its L2 norm. Post-accumulate-grad hooks record the order in
 which gradients arrive, which is backward order.
 
 NOTE [no backward hooks]: module full backward hooks break in-place models (see
@@ -46,8 +47,9 @@ from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
-# parameter. They are taken on every tenth recorded step (as are dead units); other steps
-# store NaN (unknown).
+# parameter. They are taken on every tenth recorded step (as are dead units and the
+# gradient norms at parameter-free modules, which no finding needs every step); other
+# steps store NaN (unknown).
 ZERO_COUNT_EVERY = 10
 
 # Modules whose output is exactly zero wherever the unit is inactive (LeakyReLU, GELU, ...
@@ -166,7 +168,8 @@ class GradStatsProbe:
         # Each module's output sum, first call per step, in completion order; bounded by the
         # module count, so a step that never comes (AMP skips) cannot grow it.
         self._outputs = OutputSums()
-        # L2 norm of the gradient arriving at each parameter-free module's output.
+        # L2 norm of the gradient arriving at each parameter-free module's output (sampled
+        # steps).
         self._output_grads = OutputSums(norm_into)
         # Units of ReLU-like modules' outputs that are zero for the whole batch, on sampled
         # steps, and how many units each has.
@@ -192,7 +195,8 @@ class GradStatsProbe:
         return self._steps.step % self._every == 0
 
     def _sampled(self) -> bool:
-        """Recorded steps that also count zeros: every ZERO_COUNT_EVERY-th recorded step."""
+        """Recorded steps that also count zeros, dead units and gradients at parameter-free
+        modules: every ZERO_COUNT_EVERY-th recorded step."""
         step = self._steps.step
         return step % self._every == 0 and (step // self._every) % ZERO_COUNT_EVERY == 0
 
@@ -213,17 +217,25 @@ class GradStatsProbe:
         if name not in self._seen:
             self._seen.add(name)
             self._new_sites.append((name, self._site_of(module)))
-        if tensor.grad_fn is None and any(p.requires_grad for p in module.parameters()):
+        in_graph = tensor.grad_fn is not None
+        if not in_graph and any(p.requires_grad for p in module.parameters()):
             self._cut.setdefault(name)
         # A container returning its last child's output would only repeat that child's sum.
         repeat = self._last_summed is not None and self._last_summed() is tensor
-        if tensor.is_floating_point() and name not in self._outputs and not repeat:
+        if not repeat and name not in self._outputs and tensor.is_floating_point():
             with own_ops(tensor):
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
-        if isinstance(module, DEAD_UNIT_MODULES) and name not in self._dead and self._sampled():
+        if self._sampled():
+            self._sample_units(module, name, tensor, in_graph=in_graph)
+
+    def _sample_units(
+        self, module: nn.Module, name: str, tensor: torch.Tensor, *, in_graph: bool
+    ) -> None:
+        """On sampled steps: dead units of ReLU-like modules, gradients at parameter-free ones."""
+        if isinstance(module, DEAD_UNIT_MODULES) and name not in self._dead:
             self._count_dead_units(name, tensor)
-        if tensor.grad_fn is not None and self._is_parameter_free(module):
+        if in_graph and self._is_parameter_free(module):
             # A tensor hook that returns None observes the gradient without changing it;
             # it goes away with the tensor, which is why a leaf (a parameter passed through
             # nn.Identity, say) gets none: its hooks would pile up step after step. (Never a
@@ -298,7 +310,7 @@ class GradStatsProbe:
         """The step's device values, and what turns them, once read, into a record.
 
         Read back in this order: gradient norms, parameter norms, non-zero counts (sampled
-        steps), output sums, output-gradient norms, dead units (sampled steps), clip norms
+        steps), output sums, output-gradient norms and dead units (sampled steps), clip norms
         (and tensor max_norms), then update norms when `_after_update` appended them.
         """
         step = self._steps.step
