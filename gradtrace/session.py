@@ -339,13 +339,14 @@ class Session:
         self._queue_logged(writer)
         self._deferred.drain(keep_current=finished)
         self._store_checkpointed(writer)
+        if self._timeline is not None and self._timeline.recording:
+            writer.write_timeline(*self._timeline.take(step))
+        # Last: it commits everything the step wrote.
         counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
             writer.write_step(step, counts.items(), finished=finished)
             if self._live is not None:
                 self._live.step(step, counts.items(), finished=finished)
-        if self._timeline is not None and self._timeline.recording:
-            writer.write_timeline(*self._timeline.take(step))
 
     def _store_checkpointed(self, writer: RunWriter) -> None:
         """Modules activation checkpointing ran, stored as they appear (a killed run keeps them)."""

@@ -1,4 +1,9 @@
-"""Write a run directory incrementally, committing after every step."""
+"""Write a run directory incrementally, committing after every step.
+
+Rows a step produces (its gradient statistics, scalars, histograms, timeline) join one
+transaction that `write_step` commits as the step ends: one commit per step. Metadata and
+findings commit at once, with whatever the step has written so far.
+"""
 
 from __future__ import annotations
 
@@ -58,6 +63,15 @@ class RunWriter:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [(key, json.dumps(value)) for key, value in values.items()],
             )
+            self._commit()
+
+    def _begin(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+
+    def _commit(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
 
     def write_step(
         self,
@@ -66,10 +80,10 @@ class RunWriter:
         *,
         finished: bool,
     ) -> None:
-        """Commit a step's write counts in one transaction; `finished` marks the step done."""
+        """Commit a step's write counts with its other rows; `finished` marks the step done."""
         rows = [(step, owner, op, phase, count) for (owner, op, phase), count in counts]
         with self._lock:
-            self._db.execute("BEGIN")
+            self._begin()
             self._db.executemany(
                 "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
                 rows,
@@ -79,10 +93,11 @@ class RunWriter:
                     "INSERT OR REPLACE INTO steps (step, end_ns) VALUES (?, ?)",
                     (step, time.time_ns()),
                 )
-            self._db.execute("COMMIT")
+            self._commit()
 
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
         with self._lock:
+            self._begin()
             self._db.executemany(
                 "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
                 [(step, name, value) for name, value in values.items()],
@@ -91,7 +106,7 @@ class RunWriter:
     def write_grad_stats(self, stats: StepGradStats) -> None:
         """Store one optimizer's recorded step; committed with the step's other rows."""
         with self._lock:
-            self._db.execute("BEGIN")
+            self._begin()
             self._db.executemany(
                 "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
                 "param_norm, zero_fraction, arrival, update_norm) "
@@ -148,10 +163,10 @@ class RunWriter:
                     for module, source in stats.new_sites
                 ],
             )
-            self._db.execute("COMMIT")
 
     def write_histograms(self, histograms: list[GradHistogram]) -> None:
         with self._lock:
+            self._begin()
             self._db.executemany(
                 "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
                 [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
@@ -166,6 +181,7 @@ class RunWriter:
             for i, param in enumerate(norms.params)
         ]
         with self._lock:
+            self._begin()
             self._db.executemany(
                 "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -175,9 +191,9 @@ class RunWriter:
     def write_timeline(
         self, spans: Iterable[Span], writes: Iterable[TracedWrite], threads: dict[int, str]
     ) -> None:
-        """Store a traced step's spans and writes, and names of threads first seen, at once."""
+        """Store a traced step's spans and writes, and names of threads first seen."""
         with self._lock:
-            self._db.execute("BEGIN")
+            self._begin()
             self._db.executemany(
                 "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -191,7 +207,6 @@ class RunWriter:
             self._db.executemany(
                 "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", threads.items()
             )
-            self._db.execute("COMMIT")
 
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
@@ -200,16 +215,19 @@ class RunWriter:
             known = self._finding_ids.get(key)
             if known is not None:
                 self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
+                self._commit()
                 return False
             cursor = self._db.execute(
                 "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
                 (finding.kind, finding.step, json.dumps(finding.to_dict())),
             )
+            self._commit()
             self._finding_ids[key] = cursor.lastrowid
             return True
 
     def close(self) -> None:
         with self._lock:
+            self._commit()
             self._db.close()
 
 
