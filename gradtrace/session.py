@@ -34,7 +34,7 @@ from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.rank_check import RankCheckProbe
-from gradtrace.probes.saved import SavedTensorProbe
+from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TimelineProbe, TraceSteps
 from gradtrace.probes.writes import WriteLogProbe
@@ -193,17 +193,16 @@ class Session:
         if self._model is not None:
             modules.add_root(self._model)
         callers = CallerFinder()
-        full = self.level == "full"
-        saved = SavedTensorProbe(
-            modules, self._steps, callers, self._add_finding, writes_logged=full
-        )
+        # The write log's map of live saved tensors by storage (level "full" only).
+        live = LiveSaved() if self.level == "full" else None
+        saved = SavedTensorProbe(modules, self._steps, callers, self._add_finding, live=live)
         modules.install(stack)
         self._steps.install(stack)
         if self._grad_stats:
             self._install_grad_stats(stack, callers)
         saved.install(stack)
-        if full:
-            self._writes = WriteLogProbe(saved.live, modules, self._steps, callers)
+        if live is not None:
+            self._writes = WriteLogProbe(live, modules, self._steps, callers)
             self._writes.install(stack)
         self._timeline = TimelineProbe(modules, self._trace_steps, self._writes)
         self._timeline.install(stack)

@@ -73,20 +73,20 @@ class RawWrite:
 
 
 class SavedRecord:
-    """What gradtrace knows of one live saved tensor, and the writes that hit it since.
+    """What gradtrace knows of one saved tensor, and the writes that hit it since.
 
-    Shape, strides, dtype and device are read off `tensor` (the detached alias autograd
-    keeps) only when needed: packing runs for every saved tensor and must stay cheap.
+    Shape, strides, dtype, device and storage are read off `tensor` (the detached alias
+    autograd keeps) only when needed: packing runs for every saved tensor and must stay
+    cheap.
     """
 
     __slots__ = (
         "_blocks",
+        "_first",
         "_last",
         "caller",
-        "first",
         "grad_fn",
         "hits",
-        "key",
         "module",
         "output_nr",
         "reported",
@@ -100,7 +100,6 @@ class SavedRecord:
         tensor: torch.Tensor,
         grad_fn: str | None,
         output_nr: int,
-        key: SpanKey,
         version: int,
         module: str,
         step: int,
@@ -109,13 +108,12 @@ class SavedRecord:
         self.tensor = tensor
         self.grad_fn = grad_fn
         self.output_nr = output_nr
-        self.key = key
-        self.first = tensor.data_ptr()
-        self._last: int | None = None
         self.version = version
         self.module = module
         self.step = step
         self.caller = caller
+        self._first: int | None = None
+        self._last: int | None = None
         self._blocks: list[tuple[int, int]] | None = None
         self.hits: list[RawWrite] = []
         self.reported = False
@@ -130,37 +128,41 @@ class SavedRecord:
         """
         first = write[0]
         last = first + _extent_bytes(write)
+        layout = self._layout()
         if self._last is None:
-            self._last = self.first + _extent_bytes(self._layout())
-        if not (first < self._last and self.first < last):
+            self._last = layout[0] + _extent_bytes(layout)
+        if not (first < self._last and layout[0] < last):
             return False
         if self._blocks is None:
-            self._blocks = byte_blocks(self._layout())
+            self._blocks = byte_blocks(layout)
         return blocks_overlap(self._blocks, byte_blocks(write))
 
     def _layout(self) -> Layout:
         t = self.tensor
-        return self.first, tuple(t.shape), t.stride(), t.element_size()
+        if self._first is None:
+            self._first = t.data_ptr()
+        return self._first, tuple(t.shape), t.stride(), t.element_size()
 
 
 class LiveSaved:
     """Live saved tensors by storage, so a write can ask "did I hit saved memory?" in O(1).
 
-    A record leaves when autograd drops the packed value (after backward, or when the graph
-    is freed), so a storage address is never matched after its memory could be reused.
+    Only the write log needs it. A record leaves when autograd drops the packed value (after
+    backward, or when the graph is freed), so a storage address is never matched after its
+    memory could be reused.
     """
 
     def __init__(self) -> None:
         self._by_storage: dict[SpanKey, list[SavedRecord]] = {}
         self._lock = threading.Lock()
 
-    def add(self, record: SavedRecord) -> None:
+    def add(self, key: SpanKey, record: SavedRecord) -> None:
         with self._lock:
-            self._by_storage.setdefault(record.key, []).append(record)
+            self._by_storage.setdefault(key, []).append(record)
 
-    def discard(self, record: SavedRecord) -> None:
+    def discard(self, key: SpanKey, record: SavedRecord) -> None:
         with self._lock:
-            records = self._by_storage.get(record.key)
+            records = self._by_storage.get(key)
             if records is None:
                 return
             try:
@@ -168,7 +170,7 @@ class LiveSaved:
             except ValueError:
                 return
             if not records:
-                del self._by_storage[record.key]
+                del self._by_storage[key]
 
     def on_storage(self, key: SpanKey) -> list[SavedRecord] | None:
         return self._by_storage.get(key)
@@ -178,21 +180,26 @@ class LiveSaved:
 
 
 class _Packed:
-    """The value autograd keeps for a saved tensor (`record.tensor`) while gradtrace watches."""
+    """What autograd keeps for a saved tensor while the write log watches its storage."""
 
-    __slots__ = ("live", "record")
+    __slots__ = ("key", "live", "record")
 
-    def __init__(self, record: SavedRecord, live: LiveSaved) -> None:
+    def __init__(self, record: SavedRecord, key: SpanKey, live: LiveSaved) -> None:
         self.record = record
+        self.key = key
         self.live = live
-        live.add(record)
+        live.add(key, record)
 
     def __del__(self) -> None:
-        self.live.discard(self.record)
+        self.live.discard(self.key, self.record)
 
 
 class SavedTensorProbe:
-    """Installs the saved-tensor hooks and turns corrupted unpacks into findings."""
+    """Installs the saved-tensor hooks and turns corrupted unpacks into findings.
+
+    With `live` (the write log's map, level "full") every saved tensor is also registered
+    by storage while autograd keeps it; without, autograd keeps the record itself.
+    """
 
     def __init__(
         self,
@@ -201,14 +208,13 @@ class SavedTensorProbe:
         callers: CallerFinder,
         on_finding: Callable[[Finding], None],
         *,
-        writes_logged: bool,
+        live: LiveSaved | None,
     ) -> None:
-        self.live = LiveSaved()
+        self._live = live
         self._modules = modules
         self._steps = steps
         self._callers = callers
         self._on_finding = on_finding
-        self._writes_logged = writes_logged
         self._wording = Wording()
 
     def install(self, stack: ExitStack) -> None:
@@ -217,27 +223,31 @@ class SavedTensorProbe:
 
     def _pack(self, tensor: torch.Tensor) -> object:
         detached = tensor.detach()
-        key = _torch_compat.storage_key(tensor)
         version = _torch_compat.version_of(tensor)
-        if key is None or version is None or tensor.numel() == 0:
+        if version is None or tensor.numel() == 0:
             return detached
         grad_fn = tensor.grad_fn
         record = SavedRecord(
             detached,
             None if grad_fn is None else grad_fn.name(),
             tensor.output_nr,
-            key,
             version,
             self._modules.current() or LOOP_OWNER,
             self._steps.step,
             self._callers.caller(),
         )
-        return _Packed(record, self.live)
+        if self._live is None:
+            return record
+        key = _torch_compat.storage_key(tensor)
+        return detached if key is None else _Packed(record, key, self._live)
 
     def _unpack(self, packed: object) -> torch.Tensor:
-        if not isinstance(packed, _Packed):
+        if isinstance(packed, _Packed):
+            record = packed.record
+        elif isinstance(packed, SavedRecord):
+            record = packed
+        else:
             return packed  # type: ignore[return-value]
-        record = packed.record
         version_now = record.tensor._version
         if version_now != record.version or (record.hits and not record.reported):
             self._check(record, version_now)
@@ -249,7 +259,7 @@ class SavedTensorProbe:
             node=_torch_compat.current_node_name() or "unknown node",
             version_now=version_now,
             writes=tuple(hit.resolve() for hit in record.hits),
-            writes_logged=self._writes_logged,
+            writes_logged=self._live is not None,
         )
         finding = diagnose(evidence)
         if finding is None:
@@ -275,8 +285,12 @@ class SavedTensorProbe:
             source=source_line(record.caller),
             grad_fn=record.grad_fn,
             output_nr=record.output_nr,
-            parameter=self._modules.parameter_name(record.key),
+            parameter=self._parameter_name(tensor),
         )
+
+    def _parameter_name(self, tensor: torch.Tensor) -> str | None:
+        key = _torch_compat.storage_key(tensor)
+        return None if key is None else self._modules.parameter_name(key)
 
 
 @functools.cache
