@@ -85,17 +85,19 @@ def kinds(session: Session) -> list[str]:
 def test_norms_match_vector_norm_per_parameter(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Net()
+    initial = {n: p.detach().norm().item() for n, p in model.named_parameters()}
     with Session(tmp_path / "run"):
         train(model, 3)
         expected = {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.named_parameters()}
-        params = {n: p.detach().norm().item() for n, p in model.named_parameters()}
-    last = load_run(tmp_path / "run").grad_steps[-1]
+    first, *_, last = load_run(tmp_path / "run").grad_steps
     assert {p.name for p in last.params} == set(expected)
     for stat in last.params:
         assert stat.grad_norm == pytest.approx(expected[stat.name], rel=1e-6)
         assert stat.module == stat.name.rsplit(".", 1)[0]
-    # Parameter norms are taken before the step updates them.
-    assert all(stat.param_norm != params[stat.name] for stat in last.params)
+    # Parameter norms come on sampled steps (step 0 is one), taken before the update.
+    for stat in first.params:
+        assert stat.param_norm == pytest.approx(initial[stat.name], rel=1e-6)
+    assert all(math.isnan(stat.param_norm) for stat in last.params)
     assert sorted(stat.arrival for stat in last.params) == list(range(6))
     head = {stat.name: stat.arrival for stat in last.params}
     assert head["head.weight"] < head["first.weight"]  # backward order: head first
@@ -258,16 +260,19 @@ def test_vanishing_is_relative_to_the_rest_of_the_model() -> None:
     from gradtrace.events import ParamStat, StepGradStats
 
     def step(i: int, early: float, late: float) -> StepGradStats:
+        # Parameter norms are taken on sampled steps only (here step 0): the last one stands.
+        weight = 1.0 if i == 0 else math.nan
         params = (
-            ParamStat("early.weight", "early", 10, early, 1.0, 0.0, 1),
-            ParamStat("mid.weight", "mid", 10, late, 1.0, 0.0, 0),
-            ParamStat("late.weight", "late", 10, late, 1.0, 0.0, 0),
+            ParamStat("early.weight", "early", 10, early, weight, 0.0, 1),
+            ParamStat("mid.weight", "mid", 10, late, weight, 0.0, 0),
+            ParamStat("late.weight", "late", 10, late, weight, 0.0, 0),
         )
         return StepGradStats(i, "SGD.step", params, (), (), (), ())
 
     starved = [step(i, 1e-12, 1e-2) for i in range(4)]
     [finding] = diagnose_gradients(starved, {})
     assert (finding.kind, finding.module) == ("vanishing", "early")
+    assert "all 4 recorded steps" in finding.message
     converged = [step(i, 1e-12, 1e-11) for i in range(4)]  # loss ~ 0 everywhere: not vanishing
     assert diagnose_gradients(converged, {}) == []
 

@@ -42,7 +42,10 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class ModuleNorms:
-    """Per-module series: sqrt of summed squares over the module's own parameters."""
+    """Per-module series: sqrt of summed squares over the module's own parameters.
+
+    `param` has points only where parameter norms were taken (sampled steps).
+    """
 
     grad: dict[str, list[tuple[int, float]]]
     param: dict[str, list[tuple[int, float]]]
@@ -63,14 +66,16 @@ def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
         update_sq: dict[str, float] = {}
         for p in stats.params:
             grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
-            param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
+            if not math.isnan(p.param_norm):  # NaN: not taken at this step
+                param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
             if not math.isnan(p.update_norm):
                 update_sq[p.module] = update_sq.get(p.module, 0.0) + p.update_norm**2
         for module, value in grad_sq.items():
             grad.setdefault(module, []).append((stats.step, math.sqrt(value)))
-            param.setdefault(module, []).append((stats.step, math.sqrt(param_sq[module])))
+        for module, value in param_sq.items():
+            param.setdefault(module, []).append((stats.step, math.sqrt(value)))
         for module, value in update_sq.items():
-            ratio = _ratio(math.sqrt(value), math.sqrt(param_sq[module]))
+            ratio = _ratio(math.sqrt(value), math.sqrt(param_sq.get(module, math.nan)))
             update_ratio.setdefault(module, []).append((stats.step, ratio))
         if stats.params:
             global_grad.append((stats.step, math.sqrt(sum(grad_sq.values()))))
@@ -280,8 +285,14 @@ def _vanishing(
     """
     ratios: dict[str, dict[int, float]] = {}
     for module, series in norms.grad.items():
-        params = dict(norms.param[module])
-        ratios[module] = {step: v / params[step] for step, v in series if params.get(step)}
+        taken = dict(norms.param.get(module, ()))
+        ratios[module] = {}
+        param = None
+        for step, value in series:
+            # Parameter norms are sampled; between samples the last one stands.
+            param = taken.get(step, param)
+            if param:
+                ratios[module][step] = value / param
     medians: dict[int, float] = {}
     for step in {step for by_step in ratios.values() for step in by_step}:
         values = [r[step] for r in ratios.values() if step in r and math.isfinite(r[step])]

@@ -2,20 +2,20 @@
 
 At every recorded `optimizer.step()`, once its gradients are final (before the update, after
 the closure if there is one; under AMP already unscaled by `GradScaler.step`), the probe
-launches batched reductions over the optimizer's parameters: gradient L2 norms, parameter
-L2 norms and, every ZERO_COUNT_EVERY recorded steps, non-zero counts (`torch._foreach_norm`
-with ord 2 and 0). With `update_ratio`, it also copies those parameters on their device and,
-once the optimizer has updated them, reduces the difference to one norm per parameter (the
-copy is freed right then). The results, with the norms any `clip_grad_norm_` call returned
-since the previous step, are queued on the session's deferred queue; nothing is read back
-until the next step ends.
+launches batched reductions over the optimizer's parameters: gradient L2 norms and, every
+ZERO_COUNT_EVERY recorded steps, parameter L2 norms and non-zero counts
+(`torch._foreach_norm` with ord 2 and 0). With `update_ratio`, it also copies those
+parameters on their device and, once the optimizer has updated them, reduces the difference
+to one norm per parameter (the copy is freed right then). The results, with the norms any
+`clip_grad_norm_` call returned since the previous step, are queued on the session's
+deferred queue; nothing is read back until the next step ends.
 
 During forward it also reduces each module's output to one number (its sum in float32:
 NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
 although they have trainable parameters. On sampled steps it also reduces each ReLU's
 output to its count of units that are zero for the whole batch, and the gradient reaching
-each parameter-free module's output to its L2 norm. Post-accumulate-grad hooks record the order in
-which gradients arrive, which is backward order.
+each parameter-free module's output to its L2 norm. Post-accumulate-grad hooks record the
+order in which gradients arrive, which is backward order.
 
 NOTE [no backward hooks]: module full backward hooks break in-place models (see
 modules.py); post-accumulate-grad hooks on parameters and forward hooks are safe.
@@ -47,9 +47,10 @@ from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
-# parameter. They are taken on every tenth recorded step (as are dead units and the
-# gradient norms at parameter-free modules, which no finding needs every step); other
-# steps store NaN (unknown).
+# parameter. They are taken on every tenth recorded step, as are parameter norms (weights
+# move slowly; with the update ratio or the rank check they are taken every step), dead
+# units and the gradient norms at parameter-free modules, which no finding needs every
+# step. Other steps store NaN (unknown).
 ZERO_COUNT_EVERY = 10
 
 # Modules whose output is exactly zero wherever the unit is inactive (LeakyReLU, GELU, ...
@@ -195,8 +196,8 @@ class GradStatsProbe:
         return self._steps.step % self._every == 0
 
     def _sampled(self) -> bool:
-        """Recorded steps that also count zeros, dead units and gradients at parameter-free
-        modules: every ZERO_COUNT_EVERY-th recorded step."""
+        """Recorded steps that also take parameter norms, zero counts, dead units and
+        gradients at parameter-free modules: every ZERO_COUNT_EVERY-th recorded step."""
         step = self._steps.step
         return step % self._every == 0 and (step // self._every) % ZERO_COUNT_EVERY == 0
 
@@ -309,9 +310,10 @@ class GradStatsProbe:
     ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
         """The step's device values, and what turns them, once read, into a record.
 
-        Read back in this order: gradient norms, parameter norms, non-zero counts (sampled
-        steps), output sums, output-gradient norms and dead units (sampled steps), clip norms
-        (and tensor max_norms), then update norms when `_after_update` appended them.
+        Read back in this order: gradient norms, parameter norms (sampled steps, or every
+        step with the update ratio or the rank check), non-zero counts (sampled steps),
+        output sums, output-gradient norms and dead units (sampled steps), clip norms (and
+        tensor max_norms), then update norms when `_after_update` appended them.
         """
         step = self._steps.step
         missing = tuple(
@@ -325,6 +327,9 @@ class GradStatsProbe:
         units, self._units = self._units, {}
         clips, self._clips = self._clips, []
         count_zeros = self._sampled()
+        # Weights move slowly: their norms come with the sampled steps, unless the update
+        # ratio or the rank check needs them at every recorded step.
+        weigh = count_zeros or self._update_ratio or self._ranks is not None
         values: list[torch.Tensor] = []
         grad_l2: list[torch.Tensor] = []
         param_l2: list[torch.Tensor] = []
@@ -332,7 +337,8 @@ class GradStatsProbe:
             grads = [p.grad for p in with_grad]
             with own_ops(*grads, *with_grad):
                 grad_l2 = _torch_compat.foreach_norm(grads, 2)
-                param_l2 = _torch_compat.foreach_norm(with_grad, 2)
+                if weigh:
+                    param_l2 = _torch_compat.foreach_norm(with_grad, 2)
                 values += grad_l2 + param_l2
                 if count_zeros:
                     values += _torch_compat.foreach_norm(grads, 0)
@@ -363,7 +369,8 @@ class GradStatsProbe:
         def on_ready(read: list[float]) -> None:
             n = len(described)
             cursor = iter(read)
-            grad, norm = _take(cursor, n), _take(cursor, n)
+            grad = _take(cursor, n)
+            norm = _take(cursor, n) if weigh else [math.nan] * n
             nonzero = _take(cursor, n) if count_zeros else [math.nan] * n
             finite = _take(cursor, len(output_names))
             output_grads = _take(cursor, len(grad_names))

@@ -97,7 +97,7 @@ def _grad_stats(run: Run) -> dict[str, Any]:
         "modules": {
             module: {
                 "grad_norm": _series(series),
-                "param_norm": _series(norms.param[module]),
+                "param_norm": _series(norms.param.get(module, ())),
                 "update_ratio": _series(norms.update_ratio.get(module, ())),
             }
             for module, series in norms.grad.items()

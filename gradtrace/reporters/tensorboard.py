@@ -197,10 +197,11 @@ class TensorBoardReporter:
             self._scalar("global/clip_max_norm", clip.max_norm, step)
         for module, series in norms.grad.items():
             grad = series[-1][1]
-            param = norms.param[module][-1][1]
             tag = module_tag(module)
             self._scalar(f"grad_norm/{tag}", grad, step)
-            self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
+            if module in norms.param:  # parameter norms are taken on sampled steps
+                param = norms.param[module][-1][1]
+                self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
         for module, series in norms.update_ratio.items():
             self._scalar(f"update_ratio/{module_tag(module)}", series[-1][1], step)
         for module, series in dead_unit_fractions([merged]).items():

@@ -221,7 +221,8 @@ def _health_table(run: Run, of_rank: str) -> Table:
     ranked = sorted(norms.grad, key=lambda m: _sort_key(norms.grad[m][-1][1]), reverse=True)
     for module in ranked[:TOP_OWNERS]:
         series = norms.grad[module]
-        param = norms.param[module][-1][1]
+        taken = norms.param.get(module)  # sampled: the latest
+        param = taken[-1][1] if taken else math.nan
         ratio = series[-1][1] / param if param else math.nan
         update = [_number(updates[module][-1][1]) if module in updates else ""] if updates else []
         table.add_row(module, _number(series[-1][1]), _number(ratio), *update, _sparkline(series))
