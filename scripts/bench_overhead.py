@@ -9,9 +9,10 @@ the order rotated each round) so that thermal or background drift hits all of th
 on with the update ratio instead, then times the statistics' own reductions per recorded
 step against the limit memory bandwidth sets (measured with a device-to-device copy).
 
-Reported per model and configuration: median step time, its ratio to untraced with the
-min/max of the per-round ratios, peak CUDA memory (reset per block) and host RSS (peak per
-block where the kernel lets the high-water mark be reset, plus RSS growth over the blocks).
+Reported per model and configuration: median step time, its ratio to untraced (the median
+of per-round ratios, each block against its own round's untraced block) with their min/max,
+peak CUDA memory (reset per block) and host RSS (peak per block where the kernel lets the
+high-water mark be reset, plus RSS growth over the blocks).
 
     python scripts/bench_overhead.py --quick           # < 60 s on a 2-core CPU
     python scripts/bench_overhead.py --device cuda --json results.json
@@ -580,8 +581,10 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
 
 
-def ratio(res: ConfigResult, base: ConfigResult) -> float:
-    return res.median_ms / base.median_ms
+def ratio(res: ConfigResult) -> float:
+    """The median of the per-round ratios: each block against the untraced block of its own
+    round (paired), so a machine that drifts between rounds moves both sides alike."""
+    return statistics.median(res.round_ratio)
 
 
 def summary_table(models: list[dict[str, Any]], configs: tuple[str, ...]) -> str:
@@ -598,9 +601,7 @@ def summary_table(models: list[dict[str, Any]], configs: tuple[str, ...]) -> str
         cells = [entry["model"], f"{base.median_ms:.2f}"]
         for config in configs[1:]:
             r = res[config]
-            cells.append(
-                f"{ratio(r, base):.2f}× ({min(r.round_ratio):.2f}–{max(r.round_ratio):.2f})"
-            )
+            cells.append(f"{ratio(r):.2f}× ({min(r.round_ratio):.2f}–{max(r.round_ratio):.2f})")
         loads = [share for r in res.values() for share in r.foreign_cpu]
         cells.append(
             f"{100 * statistics.median(loads):.0f} / {100 * max(loads):.0f}" if loads else "n/a"
@@ -625,14 +626,13 @@ def detail_table(models: list[dict[str, Any]], configs: tuple[str, ...], cuda: b
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in models:
         res = entry["results"]
-        base = res["untraced"]
         for config in configs:
             r = res[config]
             cells = [
                 entry["model"],
                 CONFIG_LABELS[config],
                 f"{r.median_ms:.2f}",
-                f"{ratio(r, base):.2f}×",
+                f"{ratio(r):.2f}×",
                 f"{min(r.round_ratio):.2f}–{max(r.round_ratio):.2f}",
                 f"{max(r.rss_peak_rise_mib):.1f}" if r.rss_peak_rise_mib else "n/a",
                 f"{sum(r.rss_growth_mib):+.1f}" if r.rss_growth_mib else "n/a",
@@ -685,8 +685,8 @@ def grad_stat_cost(work: Workload, device: torch.device, repeats: int) -> dict[s
     """Time of the reductions the probe launches per recorded step, and their lower bound.
 
     The same `_torch_compat` calls as probes/grads.py, on the workload's real gradients:
-    norms (gradient and parameter L2 norms: reads every gradient and parameter once), a
-    sampled step (adds the zero counts: the gradients once more), and the update ratio
+    norms (gradient L2 norms: reads every gradient once), a sampled step (adds parameter
+    norms and zero counts: every parameter and the gradients once more), and the update ratio
     (copy, subtract, norm: six parameter-sized passes). The limit is the bytes those passes
     must move divided by the measured copy bandwidth.
     """
@@ -699,10 +699,12 @@ def grad_stat_cost(work: Workload, device: torch.device, repeats: int) -> dict[s
     param_bytes = sum(p.numel() * p.element_size() for p in params)
 
     def norms() -> list[torch.Tensor]:
-        return _torch_compat.foreach_norm(grads, 2) + _torch_compat.foreach_norm(params, 2)
+        return _torch_compat.foreach_norm(grads, 2)
 
     def sampled() -> list[torch.Tensor]:
-        return norms() + _torch_compat.foreach_norm(grads, 0)
+        return (
+            norms() + _torch_compat.foreach_norm(params, 2) + _torch_compat.foreach_norm(grads, 0)
+        )
 
     def update() -> list[torch.Tensor]:
         before = _torch_compat.foreach_copy(params)
@@ -711,7 +713,7 @@ def grad_stat_cost(work: Workload, device: torch.device, repeats: int) -> dict[s
 
     bandwidth = copy_bandwidth(device, max(256 * 2**20, 2 * grad_bytes))
     passes = {
-        "norms": (norms, grad_bytes + param_bytes),
+        "norms": (norms, grad_bytes),
         "sampled": (sampled, 2 * grad_bytes + param_bytes),
         "update_ratio": (update, 6 * param_bytes),
     }
@@ -970,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
             costs = [grad_stat_cost(build_workload(m, device), device, repeats) for m in models]
         total_s = time.perf_counter() - t0
 
-    print("## Step time ratio to untraced (median; min–max of per-round ratios)\n")
+    print("## Step time ratio to untraced (median of per-round ratios; their min–max)\n")
     print(summary_table(entries, configs))
     discards = ", ".join(f"{e['model']} {len(e['discarded_rounds'])}" for e in entries)
     print(
