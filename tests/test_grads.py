@@ -123,6 +123,48 @@ def test_log_of_zero_is_traced_to_its_module(tmp_path: Path) -> None:
     assert finding.function == "LogHead.forward"
 
 
+class Activated(nn.Module):
+    """Linear, then Tanh on its output as-is, scaled, or after an in-place write."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+        self.act = nn.Tanh()
+        self.out = nn.Linear(8, 1)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.how == "scaled":
+            h = h * 2
+        elif self.how == "written":
+            h[0, 0] = math.inf
+        return self.out(self.act(h))
+
+
+@pytest.mark.parametrize(
+    ("how", "act_summed"), [("as-is", False), ("scaled", True), ("written", True)]
+)
+def test_a_bounded_activation_of_a_summed_output_is_not_summed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, act_summed: bool
+) -> None:
+    from gradtrace.probes import grads
+
+    summed: list[str] = []
+    add = grads.OutputSums.add
+
+    def spy(sums: grads.OutputSums, name: str, tensor: torch.Tensor) -> None:
+        if sums._reduce is grads.sum_into:  # output sums, not gradient norms or dead units
+            summed.append(name)
+        add(sums, name, tensor)
+
+    monkeypatch.setattr(grads.OutputSums, "add", spy)
+    torch.manual_seed(0)
+    traced(tmp_path, Activated(how), steps=1)
+    assert ("act" in summed) == act_summed, summed
+    assert {"lin", "out"} <= set(summed)
+
+
 def test_exploding_learning_rate_names_the_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Net()

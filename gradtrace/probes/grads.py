@@ -57,6 +57,23 @@ ZERO_COUNT_EVERY = 10
 # never are): their units are counted as dead when zero for the whole batch.
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
 
+# Modules whose output is finite wherever their input is (|f(x)| <= max(|x|, 1)). Called on
+# the output summed just before, unchanged since, they cannot be the first non-finite
+# output, so their own sum is skipped (a kernel and its Python per activation).
+BOUNDED_MODULES = (
+    nn.ReLU,
+    nn.Hardtanh,  # and ReLU6
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Softsign,
+    nn.Identity,
+)
+
 
 def sum_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
     """The tensor's sum in float32: NaN or Inf anywhere makes it non-finite."""
@@ -180,6 +197,7 @@ class GradStatsProbe:
         self._installed = False
         self._cut: dict[str, None] = {}
         self._last_summed: weakref.ref[torch.Tensor] | None = None
+        self._last_summed_version = -1
         self._seen: set[str] = set()
         self._new_sites: list[tuple[str, Caller | None]] = []
 
@@ -223,12 +241,25 @@ class GradStatsProbe:
             self._cut.setdefault(name)
         # A container returning its last child's output would only repeat that child's sum.
         repeat = self._last_summed is not None and self._last_summed() is tensor
-        if not repeat and name not in self._outputs and tensor.is_floating_point():
+        if (
+            not repeat
+            and name not in self._outputs
+            and tensor.is_floating_point()
+            and not self._answered_for(module, args)
+        ):
             with own_ops(tensor):
                 self._outputs.add(name, tensor)
             self._last_summed = weakref.ref(tensor)
+            self._last_summed_version = tensor._version
         if self._sampled():
             self._sample_units(module, name, tensor, in_graph=in_graph)
+
+    def _answered_for(self, module: nn.Module, args: object) -> bool:
+        """A bounded module applied to the output summed last, unchanged since."""
+        if not isinstance(module, BOUNDED_MODULES) or not isinstance(args, tuple) or not args:
+            return False
+        last = None if self._last_summed is None else self._last_summed()
+        return last is not None and last is args[0] and last._version == self._last_summed_version
 
     def _sample_units(
         self, module: nn.Module, name: str, tensor: torch.Tensor, *, in_graph: bool
