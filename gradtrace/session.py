@@ -23,12 +23,14 @@ from gradtrace.events import (
     Finding,
     GradHistogram,
     RankNorms,
+    Span,
     StepGradStats,
+    TracedWrite,
 )
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.clip import GradClipProbe
-from gradtrace.probes.deferred import DeferredQueue, stack_scalars
+from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.histograms import GradHistogramProbe
@@ -46,6 +48,7 @@ from gradtrace.reporters.tensorboard import (
     tensorboard_dir,
 )
 from gradtrace.store.format import FAILED, OK, RUNNING
+from gradtrace.store.jobs import StoreJobs
 from gradtrace.store.reader import load_run
 from gradtrace.store.writer import RunWriter
 
@@ -123,6 +126,7 @@ class Session:
         self._timeline: TimelineProbe | None = None
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
+        self._jobs: StoreJobs | None = None
         self._writes: WriteLogProbe | None = None
         self._steps = StepProbe(self._end_step)
         self._deferred = DeferredQueue()
@@ -175,8 +179,10 @@ class Session:
         # Probes keep this stack and add to it later (hooks on parameters first seen in a
         # step), so it must be the one `close()` unwinds: no `pop_all()` copy.
         stack = ExitStack()
+        jobs = StoreJobs()
         try:
             stack.callback(writer.close)
+            stack.callback(jobs.close)  # before the writer closes
             if self._tensorboard is not False:
                 self._live = LiveTensorBoard(self._tensorboard_dir())
             self._install(stack)
@@ -185,6 +191,7 @@ class Session:
             raise
         self._stack = stack
         self._writer = writer
+        self._jobs = jobs
         _active = self
         return self
 
@@ -255,6 +262,8 @@ class Session:
         try:
             if writer is not None:
                 self._flush(finished=False)
+                if self._jobs is not None:
+                    self._jobs.wait()  # every step stored before the run's final status
                 writer.set_meta(
                     status=status,
                     exit_code=exit_code,
@@ -330,22 +339,38 @@ class Session:
             self._timeline.begin_step(step + 1)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
-        """Write what the step gathered; read device values queued before this step."""
-        writer = self._writer
-        if writer is None:
+        """Hand the store thread what the step gathered and the values queued before it."""
+        writer, jobs = self._writer, self._jobs
+        if writer is None or jobs is None:
             return
         step = self.step if step is None else step
         self._queue_logged(writer)
-        self._deferred.drain(keep_current=finished)
+        ready = self._deferred.take(keep_current=finished)
         self._store_checkpointed(writer)
+        timeline = None
         if self._timeline is not None and self._timeline.recording:
-            writer.write_timeline(*self._timeline.take(step))
+            timeline = self._timeline.take(step)
+        counts = tuple(self._writes.take_counts().items()) if self._writes is not None else ()
+        jobs.submit(self._store_step, writer, step, ready, timeline, counts, finished)
+
+    def _store_step(
+        self,
+        writer: RunWriter,
+        step: int,
+        ready: list[Ready],
+        timeline: tuple[list[Span], list[TracedWrite], dict[int, str]] | None,
+        counts: tuple[tuple[tuple[str, str, str], int], ...],
+        finished: bool,
+    ) -> None:
+        """On the store thread: read the values, store them and the step, commit."""
+        deliver(ready)
+        if timeline is not None:
+            writer.write_timeline(*timeline)
         # Last: it commits everything the step wrote.
-        counts = self._writes.take_counts() if self._writes is not None else {}
         if finished or counts:
-            writer.write_step(step, counts.items(), finished=finished)
+            writer.write_step(step, counts, finished=finished)
             if self._live is not None:
-                self._live.step(step, counts.items(), finished=finished)
+                self._live.step(step, counts, finished=finished)
 
     def _store_checkpointed(self, writer: RunWriter) -> None:
         """Modules activation checkpointing ran, stored as they appear (a killed run keeps them)."""

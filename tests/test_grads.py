@@ -212,21 +212,23 @@ def test_every_n_steps_and_one_read_per_recorded_step(tmp_path: Path, monkeypatc
 
 
 def test_a_logged_loss_does_not_make_its_step_read_early(tmp_path: Path, monkeypatch) -> None:
-    """Step N's statistics are read when step N+1 ends, even with a tensor logged at step N."""
-    read_at: list[int] = []
-    original = deferred.DeferredValues.read
+    """Step N's statistics are handed over to be read when step N+1 ends, even with a tensor
+    logged at step N."""
+    taken_at: list[tuple[int, int]] = []
+    original = deferred.DeferredQueue.take
     session = Session(tmp_path / "run")
 
-    def noting_read(self):
-        read_at.append(session.step)
-        return original(self)
+    def noting_take(self, *, keep_current: bool = False):
+        ready = original(self, keep_current=keep_current)
+        taken_at.append((session.step, len(ready)))
+        return ready
 
-    monkeypatch.setattr(deferred.DeferredValues, "read", noting_read)
+    monkeypatch.setattr(deferred.DeferredQueue, "take", noting_take)
     torch.manual_seed(0)
     with session:
         train(Net(), 3, session=session)
-        # Steps 0 and 1 (grad stats and loss each) were read as steps 1 and 2 ended.
-        assert read_at == [1, 1, 2, 2]
+        # Steps 0 and 1 (grad stats and loss each) were taken as steps 1 and 2 ended.
+        assert taken_at == [(0, 0), (1, 2), (2, 2)]
 
 
 def test_grad_scaler_skips_are_normal_until_they_persist(tmp_path: Path) -> None:

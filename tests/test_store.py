@@ -116,3 +116,51 @@ def test_a_run_written_before_update_norms_clipping_and_dead_units_opens(tmp_pat
     [old] = load_run(tmp_path / "run").grad_steps
     assert old.params[0].grad_norm == 0.5
     assert math.isnan(old.params[0].update_norm) and old.clips == old.dead_units == ()
+
+
+def test_store_jobs_run_in_order_off_the_caller_thread_and_raise_on_it() -> None:
+    import threading
+
+    from gradtrace.store.jobs import MAX_IN_FLIGHT, StoreJobs
+
+    ran: list[tuple[int, str]] = []
+    jobs = StoreJobs()
+    for i in range(MAX_IN_FLIGHT * 3):
+        jobs.submit(lambda i=i: ran.append((i, threading.current_thread().name)))
+    jobs.wait()
+    assert [i for i, _ in ran] == list(range(MAX_IN_FLIGHT * 3))
+    assert all(name.startswith("gradtrace-store") for _, name in ran)
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    jobs.submit(broken)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        jobs.close()
+
+
+def test_a_session_stores_its_steps_on_the_store_thread(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import torch
+
+    from gradtrace.session import Session
+
+    threads: set[str] = set()
+    write_step = RunWriter.write_step
+
+    def noting(self: RunWriter, *args, **kwargs) -> None:
+        threads.add(threading.current_thread().name)
+        write_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunWriter, "write_step", noting)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Session(tmp_path / "run", model=model):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+    assert {name.split("_")[0] for name in threads} == {"gradtrace-store"}
+    run = load_run(tmp_path / "run")
+    assert run.steps == 3 and [s.step for s in run.grad_steps] == [0, 1, 2]

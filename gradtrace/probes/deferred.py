@@ -38,6 +38,10 @@ class DeferredValues:
         return self._host.tolist()
 
 
+# Values taken from the queue, with what to do with the numbers.
+Ready = tuple[DeferredValues, Callable[[list[float]], None]]
+
+
 def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
     """One 1-D tensor from 0-d tensors, in as few ops as possible (one, usually).
 
@@ -56,22 +60,28 @@ def stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
 class DeferredQueue:
     """Results waiting to be read, each with what to do with the numbers once read.
 
-    `drain(keep_current=True)` at a step end reads only what was queued before the previous
-    step end, so the host never waits for GPU work of the step that just ended (its
-    gradient statistics, its logged loss, its optimizer update). `drain()` reads everything.
+    `take(keep_current=True)` at a step end hands over only what was queued before the
+    previous step end, so reading never waits for GPU work of the step that just ended (its
+    gradient statistics, its logged loss, its optimizer update). `take()` hands over
+    everything. `deliver` reads what was taken and passes the numbers on; it may run on
+    another thread.
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[DeferredValues, Callable[[list[float]], None]]] = []
+        self._pending: list[Ready] = []
         # Entries queued before the last step end: readable at the next one.
         self._previous = 0
 
     def push(self, values: torch.Tensor, on_ready: Callable[[list[float]], None]) -> None:
         self._pending.append((DeferredValues(values), on_ready))
 
-    def drain(self, *, keep_current: bool = False) -> None:
+    def take(self, *, keep_current: bool = False) -> list[Ready]:
         ready = self._pending[: self._previous if keep_current else len(self._pending)]
         del self._pending[: len(ready)]
         self._previous = len(self._pending)
-        for values, on_ready in ready:
-            on_ready(values.read())
+        return ready
+
+
+def deliver(ready: list[Ready]) -> None:
+    for values, on_ready in ready:
+        on_ready(values.read())
