@@ -124,12 +124,13 @@ def test_log_of_zero_is_traced_to_its_module(tmp_path: Path) -> None:
 
 
 class Activated(nn.Module):
-    """Linear, then Tanh on its output as-is, scaled, or after an in-place write."""
+    """Linear, then an activation of its output: as-is, in place, scaled, after a write, or
+    in place after an in-place residual add that overflows."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 8)
-        self.act = nn.Tanh()
+        self.act = nn.ReLU(inplace=True) if "inplace" in how else nn.Tanh()
         self.out = nn.Linear(8, 1)
         self.how = how
 
@@ -139,11 +140,20 @@ class Activated(nn.Module):
             h = h * 2
         elif self.how == "written":
             h[0, 0] = math.inf
+        elif self.how == "inplace-residual":
+            h += 1e39  # float32 overflow: Inf
         return self.out(self.act(h))
 
 
 @pytest.mark.parametrize(
-    ("how", "act_summed"), [("as-is", False), ("scaled", True), ("written", True)]
+    ("how", "act_summed"),
+    [
+        ("as-is", False),
+        ("inplace", False),
+        ("scaled", True),
+        ("written", True),
+        ("inplace-residual", True),
+    ],
 )
 def test_a_bounded_activation_of_a_summed_output_is_not_summed_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, act_summed: bool
@@ -163,6 +173,14 @@ def test_a_bounded_activation_of_a_summed_output_is_not_summed_again(
     traced(tmp_path, Activated(how), steps=1)
     assert ("act" in summed) == act_summed, summed
     assert {"lin", "out"} <= set(summed)
+
+
+def test_an_in_place_residual_overflow_is_found_at_the_activation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    session = traced(tmp_path, Activated("inplace-residual"), steps=1)
+    [finding] = [f for f in session.findings if f.kind == "non-finite"]
+    assert finding.module == "act"  # `lin` was finite; `h += 1e39` then `relu_` are not
+    assert finding.details["nonfinite_outputs"][0] == "act"
 
 
 def test_exploding_learning_rate_names_the_layer(tmp_path: Path) -> None:

@@ -57,9 +57,9 @@ ZERO_COUNT_EVERY = 10
 # never are): their units are counted as dead when zero for the whole batch.
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
 
-# Modules whose output is finite wherever their input is (|f(x)| <= max(|x|, 1)). Called on
-# the output summed just before, unchanged since, they cannot be the first non-finite
-# output, so their own sum is skipped (a kernel and its Python per activation).
+# Modules whose output is finite wherever their input is (|f(x)| <= max(|x|, 1)). Applied
+# to the output whose finiteness was known last, unchanged since, they cannot be the first
+# non-finite output, so their own sum is skipped (a kernel and its Python per activation).
 BOUNDED_MODULES = (
     nn.ReLU,
     nn.Hardtanh,  # and ReLU6
@@ -196,8 +196,10 @@ class GradStatsProbe:
         self._parameter_free: ByModule[bool] = ByModule()
         self._installed = False
         self._cut: dict[str, None] = {}
-        self._last_summed: weakref.ref[torch.Tensor] | None = None
-        self._last_summed_version = -1
+        # The last module output whose finiteness is known (summed, or a bounded function of
+        # a summed one), and its version then.
+        self._known: weakref.ref[torch.Tensor] | None = None
+        self._known_version = -1
         self._seen: set[str] = set()
         self._new_sites: list[tuple[str, Caller | None]] = []
 
@@ -239,27 +241,40 @@ class GradStatsProbe:
         in_graph = tensor.grad_fn is not None
         if not in_graph and any(p.requires_grad for p in module.parameters()):
             self._cut.setdefault(name)
-        # A container returning its last child's output would only repeat that child's sum.
-        repeat = self._last_summed is not None and self._last_summed() is tensor
-        if (
-            not repeat
-            and name not in self._outputs
-            and tensor.is_floating_point()
-            and not self._answered_for(module, args)
-        ):
-            with own_ops(tensor):
-                self._outputs.add(name, tensor)
-            self._last_summed = weakref.ref(tensor)
-            self._last_summed_version = tensor._version
+        if name not in self._outputs and tensor.is_floating_point():
+            self._check_finite(module, name, args, tensor)
         if self._sampled():
             self._sample_units(module, name, tensor, in_graph=in_graph)
 
-    def _answered_for(self, module: nn.Module, args: object) -> bool:
-        """A bounded module applied to the output summed last, unchanged since."""
-        if not isinstance(module, BOUNDED_MODULES) or not isinstance(args, tuple) or not args:
-            return False
-        last = None if self._last_summed is None else self._last_summed()
-        return last is not None and last is args[0] and last._version == self._last_summed_version
+    def _check_finite(
+        self, module: nn.Module, name: str, args: object, tensor: torch.Tensor
+    ) -> None:
+        """Sum the output into its slot, unless its finiteness is already known."""
+        known = None if self._known is None else self._known()
+        if known is None or not (
+            self._unchanged(known, tensor) or self._bounded_of(module, args, known, tensor)
+        ):
+            with own_ops(tensor):
+                self._outputs.add(name, tensor)
+        self._known = weakref.ref(tensor)
+        self._known_version = tensor._version
+
+    def _unchanged(self, known: torch.Tensor, tensor: torch.Tensor) -> bool:
+        """The tensor known last, not written since: a container returning a child's output."""
+        return tensor is known and tensor._version == self._known_version
+
+    def _bounded_of(
+        self, module: nn.Module, args: object, known: torch.Tensor, tensor: torch.Tensor
+    ) -> bool:
+        """A bounded module applied to the tensor known last (ReLU after a Linear), not
+        written since; in place, the activation's own write is the one bump allowed."""
+        return (
+            isinstance(module, BOUNDED_MODULES)
+            and isinstance(args, tuple)
+            and bool(args)
+            and args[0] is known
+            and known._version == self._known_version + (tensor is known)
+        )
 
     def _sample_units(
         self, module: nn.Module, name: str, tensor: torch.Tensor, *, in_graph: bool
