@@ -30,9 +30,9 @@ def in_own_ops() -> bool:
 def unobserved(*tensors: torch.Tensor) -> AbstractContextManager[object]:
     """Context where ops on these tensors skip every dispatch mode, if that is safe for them.
 
-    See NOTE [unobserved]. Only gradtrace's own ops run inside it, from hooks that do nothing
-    inside compiled regions: a saved-tensor hook's `detach` under this guard, in a module
-    that runs compiled, let Dynamo trace into the write log's mode (torch 2.13).
+    See NOTE [unobserved]. Only gradtrace's own ops run inside it, never while Dynamo
+    traces: a saved-tensor hook's `detach` under this guard, traced in a compiled module,
+    let Dynamo trace into the write log's mode (torch 2.13).
     """
     if tensors and all(type(t) in _PLAIN for t in tensors):
         return torch._C._DisableTorchDispatch()

@@ -32,6 +32,7 @@ from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEven
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
+from gradtrace.probes.own_ops import unobserved
 from gradtrace.probes.steps import StepProbe
 
 # Writes kept per saved tensor: the first one is the culprit, a few more are context. A graph
@@ -222,7 +223,12 @@ class SavedTensorProbe:
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
 
     def _pack(self, tensor: torch.Tensor) -> object:
-        detached = tensor.detach()
+        if self._live is None or _torch_compat.compiling():
+            detached = tensor.detach()
+        else:
+            # Below the write log's mode: a dispatched op costs its Python round trip.
+            with unobserved(tensor):
+                detached = tensor.detach()
         version = _torch_compat.version_of(tensor)
         if version is None or tensor.numel() == 0:
             return detached
