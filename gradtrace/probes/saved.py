@@ -129,20 +129,18 @@ class SavedRecord:
         """
         first = write[0]
         last = first + _extent_bytes(write)
-        layout = self._layout()
-        if self._last is None:
-            self._last = layout[0] + _extent_bytes(layout)
-        if not (first < self._last and layout[0] < last):
+        if self._first is None or self._last is None:
+            layout = self._layout()
+            self._first, self._last = layout[0], layout[0] + _extent_bytes(layout)
+        if not (first < self._last and self._first < last):
             return False
         if self._blocks is None:
-            self._blocks = byte_blocks(layout)
+            self._blocks = byte_blocks(self._layout())
         return blocks_overlap(self._blocks, byte_blocks(write))
 
     def _layout(self) -> Layout:
         t = self.tensor
-        if self._first is None:
-            self._first = t.data_ptr()
-        return self._first, tuple(t.shape), t.stride(), t.element_size()
+        return t.data_ptr(), tuple(t.shape), t.stride(), t.element_size()
 
 
 class LiveSaved:
