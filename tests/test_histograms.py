@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,12 @@ def test_non_contiguous_gradients_are_counted_slice_by_slice(tmp_path: Path) -> 
         expected = torch.bucketize(
             weight.grad.reshape(-1), torch.tensor(HISTOGRAM_EDGES), right=True
         )
-        optimizer.step()
+        torch.set_warn_always(True)  # torch warns once per process otherwise
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # gradtrace's own ops must not warn the user
+                optimizer.step()
+        finally:
+            torch.set_warn_always(False)
     (histogram,) = load_run(tmp_path / "run").grad_histograms
     assert list(histogram.counts) == expected.bincount(minlength=len(HISTOGRAM_EDGES) + 1).tolist()

@@ -57,7 +57,8 @@ class GradHistogramProbe:
         edges, ones = constants
         for chunk in _flat_chunks(grad.detach()):
             # float32: fp16 cannot hold the smallest edges (bf16 could, but rounds them).
-            index = torch.bucketize(chunk.float(), edges, right=True)
+            # Contiguous: bucketize would copy a strided chunk anyway, and warn the user.
+            index = torch.bucketize(chunk.float().contiguous(), edges, right=True)
             row.scatter_add_(0, index, ones[: index.numel()])
 
     def _read(self, step: int, names: list[str], read: list[float]) -> None:
