@@ -1,7 +1,9 @@
-"""Checkpointing, eval loops and autocast under gradtrace: same behaviour, right findings."""
+"""Checkpointing, eval loops, autocast and forked processes under gradtrace: same behaviour,
+right findings."""
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
 from pathlib import Path
 
@@ -131,3 +133,32 @@ def test_no_checkpointing_no_note(tmp_path: Path) -> None:
     with Session(tmp_path / "run"):
         model(torch.randn(2, 4)).sum().backward()
     assert "checkpointed" not in load_run(tmp_path / "run").meta
+
+
+def _train_steps(steps: int) -> None:
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+def test_a_process_forked_while_tracing_trains_and_leaves_the_run_alone(tmp_path: Path) -> None:
+    """The child inherits the hooks but not the store thread: it must neither hang at a step
+    end nor write into the parent's run."""
+    with Session(tmp_path / "run"):
+        _train_steps(2)
+        child = multiprocessing.get_context("fork").Process(target=_train_steps, args=(5,))
+        child.start()
+        child.join(timeout=60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        _train_steps(1)
+    assert not alive and child.exitcode == 0
+    run = load_run(tmp_path / "run")
+    assert run.steps == 3 and [s.step for s in run.grad_steps] == [0, 1, 2]
