@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -339,58 +340,69 @@ class Session:
             self._timeline.begin_step(step + 1)
 
     def _flush(self, *, finished: bool, step: int | None = None) -> None:
-        """Hand the store thread what the step gathered and the values queued before it."""
+        """Hand the store thread what the step gathered and the values queued before it.
+
+        Everything that reaches SQLite goes through that thread: the training thread never
+        waits for the writer's lock at a step end.
+        """
         writer, jobs = self._writer, self._jobs
         if writer is None or jobs is None:
             return
         step = self.step if step is None else step
-        self._queue_logged(writer)
-        ready = self._deferred.take(keep_current=finished)
-        self._store_checkpointed(writer)
-        timeline = None
-        if self._timeline is not None and self._timeline.recording:
-            timeline = self._timeline.take(step)
-        counts = tuple(self._writes.take_counts().items()) if self._writes is not None else ()
-        jobs.submit(self._store_step, writer, step, ready, timeline, counts, finished)
+        scalars = self._queue_logged()
+        gathered = _Gathered(
+            step=step,
+            finished=finished,
+            ready=self._deferred.take(keep_current=finished),
+            scalars=scalars,
+            checkpointed=self._new_checkpointed(),
+            timeline=(
+                self._timeline.take(step)
+                if self._timeline is not None and self._timeline.recording
+                else None
+            ),
+            counts=tuple(self._writes.take_counts().items()) if self._writes is not None else (),
+        )
+        jobs.submit(self._store_step, writer, gathered)
 
-    def _store_step(
-        self,
-        writer: RunWriter,
-        step: int,
-        ready: list[Ready],
-        timeline: tuple[list[Span], list[TracedWrite], dict[int, str]] | None,
-        counts: tuple[tuple[tuple[str, str, str], int], ...],
-        finished: bool,
-    ) -> None:
+    def _store_step(self, writer: RunWriter, gathered: _Gathered) -> None:
         """On the store thread: read the values, store them and the step, commit."""
-        deliver(ready)
-        if timeline is not None:
-            writer.write_timeline(*timeline)
+        for step, values in gathered.scalars:
+            self._store_scalars(step, values)
+        deliver(gathered.ready)
+        if gathered.checkpointed is not None:
+            writer.set_meta(checkpointed=gathered.checkpointed)
+        if gathered.timeline is not None:
+            writer.write_timeline(*gathered.timeline)
         # Last: it commits everything the step wrote.
-        if finished or counts:
-            writer.write_step(step, counts, finished=finished)
+        if gathered.finished or gathered.counts:
+            writer.write_step(gathered.step, gathered.counts, finished=gathered.finished)
             if self._live is not None:
-                self._live.step(step, counts, finished=finished)
+                self._live.step(gathered.step, gathered.counts, finished=gathered.finished)
 
-    def _store_checkpointed(self, writer: RunWriter) -> None:
-        """Modules activation checkpointing ran, stored as they appear (a killed run keeps them)."""
+    def _new_checkpointed(self) -> dict[str, str] | None:
+        """Modules activation checkpointing ran, when one appeared (a killed run keeps them)."""
         checkpointed = dict(self._modules.checkpointed)  # one atomic copy: backward adds too
-        if len(checkpointed) != self._checkpointed_stored:
-            writer.set_meta(checkpointed=checkpointed)
-            self._checkpointed_stored = len(checkpointed)
+        if len(checkpointed) == self._checkpointed_stored:
+            return None
+        self._checkpointed_stored = len(checkpointed)
+        return checkpointed
 
-    def _queue_logged(self, writer: RunWriter) -> None:
+    def _queue_logged(self) -> list[tuple[int, dict[str, float]]]:
+        """Queue logged tensors to be read late; return the plain numbers, by step."""
         logged, self._logged = self._logged, {}
+        plain_by_step = []
         for step, values in logged.items():
             plain = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
             if plain:
-                self._store_scalars(step, plain)
+                plain_by_step.append((step, plain))
             names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
             if names:
                 self._deferred.push(
                     stack_scalars([values[name] for name in names]),
                     functools.partial(_write_named, self._store_scalars, step, names),
                 )
+        return plain_by_step
 
     def _store_scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
@@ -419,6 +431,22 @@ class Session:
             self.findings.append(finding)
             if self._live is not None:
                 self._live.finding(finding)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """What a step end hands the store thread."""
+
+    step: int
+    finished: bool
+    # Device values queued before the previous step end, with what to do with them.
+    ready: list[Ready]
+    # Plain numbers given to `log`, by step.
+    scalars: list[tuple[int, dict[str, float]]]
+    # Modules checkpointing ran, when one appeared since the last step end.
+    checkpointed: dict[str, str] | None
+    timeline: tuple[list[Span], list[TracedWrite], dict[int, str]] | None
+    counts: tuple[tuple[tuple[str, str, str], int], ...]
 
 
 def _write_named(
