@@ -130,17 +130,13 @@ class SavedRecord:
         first = write[0]
         last = first + _extent_bytes(write)
         if self._first is None or self._last is None:
-            layout = self._layout()
+            layout = layout_of(self.tensor)
             self._first, self._last = layout[0], layout[0] + _extent_bytes(layout)
         if not (first < self._last and self._first < last):
             return False
         if self._blocks is None:
-            self._blocks = byte_blocks(self._layout())
+            self._blocks = byte_blocks(layout_of(self.tensor))
         return blocks_overlap(self._blocks, byte_blocks(write))
-
-    def _layout(self) -> Layout:
-        t = self.tensor
-        return t.data_ptr(), tuple(t.shape), t.stride(), t.element_size()
 
 
 class LiveSaved:
@@ -308,6 +304,10 @@ def _wording() -> Wording:
     if wording == Wording():
         _learnt_wording.cache_clear()
     return wording
+
+
+def layout_of(tensor: torch.Tensor) -> Layout:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.element_size()
 
 
 def record_hits(

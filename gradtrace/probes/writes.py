@@ -38,7 +38,7 @@ from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
-from gradtrace.probes.saved import Layout, LiveSaved, RawWrite, record_hits
+from gradtrace.probes.saved import LiveSaved, RawWrite, layout_of, record_hits
 from gradtrace.probes.steps import StepProbe
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class WriteLogProbe:
                 if records:
                     record_hits(
                         records,
-                        _layout(tensor),
+                        layout_of(tensor),
                         lambda: RawWrite(
                             next(self._seq),
                             op,
@@ -160,10 +160,6 @@ class WriteLogProbe:
         if timeline is not None and not in_own_ops():
             owner, phase = self.owner_and_phase()
             timeline.add_write(op, owner, phase, self._callers.caller())
-
-
-def _layout(tensor: torch.Tensor) -> Layout:
-    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.element_size()
 
 
 class _WriteLogMode(_torch_compat.UntracedDynamoMode):
