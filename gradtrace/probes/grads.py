@@ -329,7 +329,7 @@ class GradStatsProbe:
             histograms.count(self._steps.step, names, [p.grad for p in with_grad])
         values, on_ready = self._reductions(optimizer, params, with_grad)
         if self._update_ratio and with_grad:
-            with own_ops():
+            with own_ops(*with_grad):
                 before = _torch_compat.foreach_copy(with_grad)
             self._stepping[id(optimizer)] = _Stepping(with_grad, before, values, on_ready)
         else:
@@ -340,7 +340,7 @@ class GradStatsProbe:
         stepping = self._stepping.pop(id(optimizer), None)
         if stepping is None:
             return
-        with own_ops():
+        with own_ops(*stepping.params):
             _torch_compat.foreach_sub_(stepping.before, stepping.params)
             update_norms = _torch_compat.foreach_norm(stepping.before, 2)
         self._push(stepping.values + update_norms, stepping.on_ready)
