@@ -227,7 +227,8 @@ class Finding:
     # Gradient findings: the parameter concerned and the numbers behind the verdict.
     parameter: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
-    # The torchrun rank that recorded it; None outside distributed runs.
+    # The torchrun rank that recorded it (for rank-divergence: the rank that deviates); None
+    # outside distributed runs.
     rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -596,3 +596,17 @@ def test_dead_units_must_stay_dead_in_every_sample() -> None:
     assert kinds_of([(("a", 5, 8),), (("a", 4, 8),)]) == ["dead-units"]
     assert kinds_of([(("a", 5, 8),), (("a", 3, 8),)]) == []  # revived: below half once
     assert kinds_of([(("a", 8, 8),)]) == []  # one sample is not enough
+
+
+def test_two_optimizers_in_one_step_make_one_global_norm_point() -> None:
+    from gradtrace.analysis.grad_health import module_norms
+    from gradtrace.events import ParamStat, StepGradStats
+
+    def record(step: int, optimizer: str, module: str, norm: float) -> StepGradStats:
+        param = ParamStat(f"{module}.weight", module, 4, norm, 1.0, 0.0, 0)
+        return StepGradStats(step, optimizer, (param,), (), (), (), ())
+
+    records = [record(0, "SGD.step", "encoder", 3.0), record(0, "Adam.step", "head", 4.0)]
+    norms = module_norms(records)
+    assert norms.global_grad == [(0, 5.0)]  # what clip_grad_norm_ over both would see
+    assert norms.grad == {"encoder": [(0, 3.0)], "head": [(0, 4.0)]}

@@ -12,18 +12,26 @@ from gradtrace.store.reader import Run, StoredFinding
 def run_findings(run: Run) -> list[StoredFinding]:
     """Stored (in-place) findings first, then gradient findings derived from the series.
 
-    A torchrun job's findings are each rank's, in rank order, tagged with the rank.
+    A torchrun job's stored findings come tagged with their rank (see `merge_ranks`); its
+    derived ones follow, each rank's in rank order, tagged the same way. Live TensorBoard
+    relies on stored findings coming first.
     """
     if run.ranks:
-        return [_on_rank(stored, rank.rank) for rank in run.ranks for stored in run_findings(rank)]
-    derived = [
+        derived = [_on_rank(stored, rank.rank) for rank in run.ranks for stored in _derived(rank)]
+        return [*run.findings, *derived]
+    return [*run.findings, *_derived(run)]
+
+
+def _derived(run: Run) -> list[StoredFinding]:
+    findings = [
         *diagnose_gradients(run.grad_steps, run.module_sites, run.scalars),
         *diagnose_ranks(run.rank_norms, run.module_sites),
     ]
-    return [*run.findings, *(StoredFinding(finding, 1) for finding in derived)]
+    return [StoredFinding(finding, 1) for finding in findings]
 
 
 def _on_rank(stored: StoredFinding, rank: int | None) -> StoredFinding:
+    """Tag with the recording rank; a rank-divergence finding keeps the rank it blames."""
     if stored.finding.rank is not None:
         return stored
     return StoredFinding(dataclasses.replace(stored.finding, rank=rank), stored.count)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gradtrace.events import ClipCall, Finding, ParamStat, SourceLine, StepGradStats, located_at
 
@@ -51,34 +51,40 @@ class ModuleNorms:
     param: dict[str, list[tuple[int, float]]]
     global_grad: list[tuple[int, float]]
     # ‖Δp‖/‖p‖ of the module's own parameters, on steps where updates were recorded.
-    update_ratio: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    update_ratio: dict[str, list[tuple[int, float]]]
 
 
 def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
-    """Aggregate parameter norms into module and global norms (what clip_grad_norm_ sees)."""
+    """Aggregate parameter norms into module and global norms (what clip_grad_norm_ sees).
+
+    Several optimizers stepping in one step (one record each) are one model: one point.
+    """
     grad: dict[str, list[tuple[int, float]]] = {}
     param: dict[str, list[tuple[int, float]]] = {}
     update_ratio: dict[str, list[tuple[int, float]]] = {}
     global_grad: list[tuple[int, float]] = []
+    by_step: dict[int, list[ParamStat]] = {}
     for stats in steps:
+        by_step.setdefault(stats.step, []).extend(stats.params)
+    for step, params in by_step.items():
         grad_sq: dict[str, float] = {}
         param_sq: dict[str, float] = {}
         update_sq: dict[str, float] = {}
-        for p in stats.params:
+        for p in params:
             grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
             if not math.isnan(p.param_norm):  # NaN: not taken at this step
                 param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
             if not math.isnan(p.update_norm):
                 update_sq[p.module] = update_sq.get(p.module, 0.0) + p.update_norm**2
         for module, value in grad_sq.items():
-            grad.setdefault(module, []).append((stats.step, math.sqrt(value)))
+            grad.setdefault(module, []).append((step, math.sqrt(value)))
         for module, value in param_sq.items():
-            param.setdefault(module, []).append((stats.step, math.sqrt(value)))
+            param.setdefault(module, []).append((step, math.sqrt(value)))
         for module, value in update_sq.items():
             ratio = _ratio(math.sqrt(value), math.sqrt(param_sq.get(module, math.nan)))
-            update_ratio.setdefault(module, []).append((stats.step, ratio))
-        if stats.params:
-            global_grad.append((stats.step, math.sqrt(sum(grad_sq.values()))))
+            update_ratio.setdefault(module, []).append((step, ratio))
+        if params:
+            global_grad.append((step, math.sqrt(sum(grad_sq.values()))))
     return ModuleNorms(grad=grad, param=param, global_grad=global_grad, update_ratio=update_ratio)
 
 
@@ -110,7 +116,7 @@ class ClipStep:
 
 
 def clipping(steps: Sequence[StepGradStats]) -> list[ClipStep]:
-    """Recorded steps that clipped, in step order (empty when the run never clipped)."""
+    """Recorded steps that called clip_grad_norm_, in step order (empty if none did)."""
     calls: dict[int, list[ClipCall]] = {}
     grad_sq: dict[int, float] = {}
     for stats in steps:

@@ -108,7 +108,7 @@ def render_html(run: Run) -> str:
 
 
 def _clipping_sections(run: Run) -> list[str]:
-    """The norm clip_grad_norm_ saw, when the run clipped (the curve above is after it)."""
+    """The norm clip_grad_norm_ saw, when the run called it (the curve above is after it)."""
     clips = clipping(run.grad_steps)
     if not clips:
         return []

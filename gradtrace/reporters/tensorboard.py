@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,17 +181,10 @@ class TensorBoardReporter:
 
     def _write_grads(self, records: Sequence[StepGradStats]) -> None:
         step = records[0].step
-        # One record per optimizer that stepped: together they are the step's model.
-        merged = replace(
-            records[0],
-            params=tuple(p for stats in records for p in stats.params),
-            clips=tuple(c for stats in records for c in stats.clips),
-            dead_units=tuple(d for stats in records for d in stats.dead_units),
-        )
-        norms = module_norms([merged])
+        norms = module_norms(records)  # one record per optimizer that stepped: one model
         for _, value in norms.global_grad:
             self._scalar("global/grad_norm", value, step)
-        for clip in clipping([merged]):
+        for clip in clipping(records):
             self._scalar("global/grad_norm_before_clip", clip.norm_before, step)
             self._scalar("global/clip_max_norm", clip.max_norm, step)
         for module, series in norms.grad.items():
@@ -204,7 +196,7 @@ class TensorBoardReporter:
                 self._scalar(f"grad_to_param/{tag}", grad / param if param else math.nan, step)
         for module, series in norms.update_ratio.items():
             self._scalar(f"update_ratio/{module_tag(module)}", series[-1][1], step)
-        for module, series in dead_unit_fractions([merged]).items():
+        for module, series in dead_unit_fractions(records).items():
             self._scalar(f"dead_units/{module_tag(module)}", series[-1][1], step)
         values = [p.grad_norm for stats in records for p in stats.params]
         finite = [v for v in values if math.isfinite(v)]
