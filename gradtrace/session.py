@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 import time
@@ -128,6 +129,7 @@ class Session:
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
         self._jobs: StoreJobs | None = None
+        self._pid = os.getpid()
         self._writes: WriteLogProbe | None = None
         self._steps = StepProbe(self._end_step)
         self._deferred = DeferredQueue()
@@ -193,6 +195,7 @@ class Session:
         self._stack = stack
         self._writer = writer
         self._jobs = jobs
+        self._pid = os.getpid()
         _active = self
         return self
 
@@ -254,17 +257,22 @@ class Session:
         exit_code: int | None = 0,
         exception: dict[str, str] | None = None,
     ) -> None:
-        """Remove every probe and finish the run record. Idempotent."""
+        """Remove every probe and finish the run record. Idempotent.
+
+        In a forked child it does nothing (NOTE [fork]).
+        """
         global _active
+        if not self._in_owner():
+            return
         stack, self._stack = self._stack, None
         if stack is None:
             return
         writer = self._writer
         try:
             if writer is not None:
-                self._flush(finished=False)
-                if self._jobs is not None:
-                    self._jobs.wait()  # every step stored before the run's final status
+                # Here, not on the store thread (NOTE [at exit] in store/jobs.py), and
+                # before the run's final status.
+                self._flush(finished=False, here=True)
                 writer.set_meta(
                     status=status,
                     exit_code=exit_code,
@@ -339,11 +347,12 @@ class Session:
         if self._timeline is not None:
             self._timeline.begin_step(step + 1)
 
-    def _flush(self, *, finished: bool, step: int | None = None) -> None:
+    def _flush(self, *, finished: bool, step: int | None = None, here: bool = False) -> None:
         """Hand the store thread what the step gathered and the values queued before it.
 
-        Everything that reaches SQLite goes through that thread: the training thread never
-        waits for the writer's lock at a step end.
+        Everything that reaches SQLite at a step end goes through that thread: the training
+        thread never waits for the writer's lock there. `here`: store it on this thread,
+        after what the store thread holds.
         """
         writer, jobs = self._writer, self._jobs
         if writer is None or jobs is None:
@@ -363,7 +372,22 @@ class Session:
             ),
             counts=tuple(self._writes.take_counts().items()) if self._writes is not None else (),
         )
-        jobs.submit(self._store_step, writer, gathered)
+        if not self._in_owner():
+            return  # gathered to forget it: the run is the parent's
+        if here:
+            jobs.run_here(self._store_step, writer, gathered)
+        else:
+            jobs.submit(self._store_step, writer, gathered)
+
+    def _in_owner(self) -> bool:
+        """False in a process forked while tracing.
+
+        NOTE [fork]: a child forked while tracing (multiprocessing's default on Linux)
+        inherits the session and its hooks, but neither the store thread nor the right to
+        the database: SQLite connections must not cross a fork, and the run is the
+        parent's. The child trains as usual and records nothing.
+        """
+        return os.getpid() == self._pid
 
     def _store_step(self, writer: RunWriter, gathered: _Gathered) -> None:
         """On the store thread: read the values, store them and the step, commit."""
@@ -427,6 +451,8 @@ class Session:
             self._writer.write_rank_norms(norms)
 
     def _add_finding(self, finding: Finding) -> None:
+        if not self._in_owner():
+            return
         if self._writer is not None and self._writer.add_finding(finding):
             self.findings.append(finding)
             if self._live is not None:

@@ -144,6 +144,16 @@ def _train_steps(steps: int) -> None:
         optimizer.step()
 
 
+def _train_and_close(steps: int) -> None:
+    """A forked child that also reaches the end of the `with Session` block it inherited."""
+    from gradtrace.session import active
+
+    _train_steps(steps)
+    session = active()
+    assert session is not None
+    session.close()
+
+
 @pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
 )
@@ -152,12 +162,13 @@ def test_a_process_forked_while_tracing_trains_and_leaves_the_run_alone(tmp_path
     end nor write into the parent's run."""
     with Session(tmp_path / "run"):
         _train_steps(2)
-        child = multiprocessing.get_context("fork").Process(target=_train_steps, args=(5,))
+        child = multiprocessing.get_context("fork").Process(target=_train_and_close, args=(5,))
         child.start()
         child.join(timeout=60)
         alive = child.is_alive()
         if alive:
             child.kill()
+        assert not (tmp_path / "run" / "trace.json").exists()  # the child's close did nothing
         _train_steps(1)
     assert not alive and child.exitcode == 0
     run = load_run(tmp_path / "run")

@@ -164,3 +164,38 @@ def test_a_session_stores_its_steps_on_the_store_thread(tmp_path: Path, monkeypa
     assert {name.split("_")[0] for name in threads} == {"gradtrace-store"}
     run = load_run(tmp_path / "run")
     assert run.steps == 3 and [s.step for s in run.grad_steps] == [0, 1, 2]
+
+
+def test_a_session_closed_at_interpreter_exit_stores_its_last_step(tmp_path: Path) -> None:
+    """The interpreter stops the store thread before atexit handlers run (hf.py closes there)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import atexit, sys, torch
+            from gradtrace.session import Session
+            session = Session(sys.argv[1]).start()
+            atexit.register(session.close)
+            model = torch.nn.Linear(4, 1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(2, 4)).sum().backward()
+                optimizer.step()
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    run = load_run(tmp_path / "run")
+    assert run.status == "ok" and run.steps == 3
+    assert [s.step for s in run.grad_steps] == [0, 1, 2]

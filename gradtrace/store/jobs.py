@@ -5,13 +5,15 @@ NOTE [why a thread]: at every step end the session reads the values queued a ste
 The training loop need not wait for that Python and I/O: on a GPU machine its thread goes
 on launching the next step, and on a CPU the work overlaps with ops that release the GIL.
 One worker keeps the jobs in order. At most MAX_IN_FLIGHT jobs wait, so a store slower
-than training holds the loop back instead of piling up records. A forked child has no
-worker (see NOTE [fork] in writer.py): its jobs are dropped, and it never waits.
+than training holds the loop back instead of piling up records.
+
+NOTE [at exit]: the interpreter stops every executor's worker before `atexit` handlers run,
+and a session may be closed from one (see hf.py); its last job therefore runs on the
+caller's thread (`run_here`).
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,25 +28,23 @@ class StoreJobs:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradtrace-store")
         self._in_flight: deque[Future[None]] = deque()
-        self._pid = os.getpid()
 
     def submit(self, job: Callable[..., None], *args: Any) -> None:
-        if os.getpid() != self._pid:
-            return
         while len(self._in_flight) >= MAX_IN_FLIGHT:
             self._in_flight.popleft().result()
         self._in_flight.append(self._executor.submit(job, *args))
 
     def wait(self) -> None:
         """Return once every job submitted so far has run (raising the first error)."""
-        if os.getpid() != self._pid:
-            return
         while self._in_flight:
             self._in_flight.popleft().result()
 
+    def run_here(self, job: Callable[..., None], *args: Any) -> None:
+        """Run a job on the caller's thread, after every job submitted before it."""
+        self.wait()
+        job(*args)
+
     def close(self) -> None:
-        if os.getpid() != self._pid:
-            return
         try:
             self.wait()
         finally:

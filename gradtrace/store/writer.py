@@ -7,13 +7,11 @@ findings commit at once, with whatever the step has written so far.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,6 @@ from gradtrace.events import (
     TracedWrite,
 )
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
-
-_Method = Callable[..., Any]
-
-
-def _owner_only(method: _Method) -> _Method:
-    """NOTE [fork]: a process forked while tracing (multiprocessing's default on Linux)
-    inherits the writer and the hooks, but neither the database's locks nor the store
-    thread. The run is the parent's: in the child every write is dropped."""
-
-    @functools.wraps(method)
-    def guarded(self: RunWriter, *args: Any, **kwargs: Any) -> Any:
-        if os.getpid() != self.owner_pid:
-            return None
-        return method(self, *args, **kwargs)
-
-    return guarded
 
 
 class RunWriter:
@@ -72,11 +54,9 @@ class RunWriter:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self.owner_pid = os.getpid()
         self._finding_ids: dict[tuple[object, ...], int] = {}
         self.set_meta(format=FORMAT_VERSION)
 
-    @_owner_only
     def set_meta(self, **values: Any) -> None:
         with self._lock:
             self._db.executemany(
@@ -93,7 +73,6 @@ class RunWriter:
         if self._db.in_transaction:
             self._db.execute("COMMIT")
 
-    @_owner_only
     def write_step(
         self,
         step: int,
@@ -116,7 +95,6 @@ class RunWriter:
                 )
             self._commit()
 
-    @_owner_only
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
         with self._lock:
             self._begin()
@@ -125,7 +103,6 @@ class RunWriter:
                 [(step, name, value) for name, value in values.items()],
             )
 
-    @_owner_only
     def write_grad_stats(self, stats: StepGradStats) -> None:
         """Store one optimizer's recorded step; committed with the step's other rows."""
         with self._lock:
@@ -187,7 +164,6 @@ class RunWriter:
                 ],
             )
 
-    @_owner_only
     def write_histograms(self, histograms: list[GradHistogram]) -> None:
         with self._lock:
             self._begin()
@@ -196,7 +172,6 @@ class RunWriter:
                 [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
             )
 
-    @_owner_only
     def write_rank_norms(self, norms: RankNorms) -> None:
         rows = [
             (norms.step, norms.optimizer, param, rank, grads[i], params[i])
@@ -213,7 +188,6 @@ class RunWriter:
                 rows,
             )
 
-    @_owner_only
     def write_timeline(
         self, spans: Iterable[Span], writes: Iterable[TracedWrite], threads: dict[int, str]
     ) -> None:
@@ -234,7 +208,6 @@ class RunWriter:
                 "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", threads.items()
             )
 
-    @_owner_only
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
         key = finding.same_bug
@@ -252,7 +225,6 @@ class RunWriter:
             self._finding_ids[key] = cursor.lastrowid
             return True
 
-    @_owner_only
     def close(self) -> None:
         with self._lock:
             self._commit()
