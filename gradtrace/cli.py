@@ -98,7 +98,7 @@ def cli() -> None:
     "--check-ranks",
     is_flag=True,
     help="Distributed: compare every parameter's gradient and value norms across ranks at "
-    "each recorded step (one small all_reduce per step).",
+    "each recorded step (one small all_reduce per recorded step).",
 )
 @click.option(
     "--summary/--no-summary",

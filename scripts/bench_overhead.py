@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\nTime of the probe's own reductions on the model's gradients after a step "
             "(median of 5 batches of back-to-back runs). Limit = bytes they must move "
-            "(norms: gradients + parameters; sampled step: gradients twice + parameters; "
+            "(norms: gradients; sampled step: gradients twice + parameters; "
             "update ratio: 6 × parameters) ÷ the device-to-device copy bandwidth measured "
             "here (read + write)."
         )

@@ -189,8 +189,7 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
 
 def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
     """Spans, traced writes and thread names; empty when the run predates these tables."""
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not {"spans", "traced_writes", "threads"} <= tables:
+    if not all(_columns(db, table) for table in ("spans", "traced_writes", "threads")):
         return {}
     spans = [
         Span(*row)

@@ -2,7 +2,8 @@
 
 Rows a step produces (its gradient statistics, scalars, histograms, timeline) join one
 transaction that `write_step` commits as the step ends: one commit per step. Metadata and
-findings commit at once, with whatever the step has written so far.
+new findings commit at once, with whatever the step has written so far; a repeat of a
+known finding only bumps its count, in the step's transaction.
 """
 
 from __future__ import annotations
@@ -214,8 +215,8 @@ class RunWriter:
         with self._lock:
             known = self._finding_ids.get(key)
             if known is not None:
+                self._begin()
                 self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
-                self._commit()
                 return False
             cursor = self._db.execute(
                 "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
