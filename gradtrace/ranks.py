@@ -5,7 +5,8 @@ writes a complete run of its own to `RUN_DIR/rank-<RANK>` (no two processes ever
 database), and `load_run(RUN_DIR)` merges them. Ranks started without `--out` must still
 agree on RUN_DIR although their clocks tick apart: rank 0 names it and publishes the name
 through the key-value store torchrun's agent already runs for the job (MASTER_ADDR and
-MASTER_PORT), which is what `init_process_group` itself connects to.
+MASTER_PORT, when torchrun sets TORCHELASTIC_USE_AGENT_STORE=True), which is what
+`init_process_group` itself connects to. Other launchers need `--out`.
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ def agree_on_job_dir(proposed: Path, rank: Rank, environ: Mapping[str, str] = os
     from torch.distributed import TCPStore
 
     host, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
-    if not host or not port or not port.isdigit():
+    # torchrun says whether its agent serves a store there; otherwise nothing would answer
+    # and every rank would wait AGREE_TIMEOUT for nothing (torch's rendezvous asks the same).
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not agent_store or not host or not port or not port.isdigit():
         raise GradtraceError(
-            "This rank has no MASTER_ADDR/MASTER_PORT to agree on a run directory with the "
-            "other ranks; pass the same --out to every rank."
+            "This rank has no torchrun agent store (MASTER_ADDR/MASTER_PORT) to agree on a "
+            "run directory with the other ranks; pass the same --out to every rank."
         )
     key = f"gradtrace/run_dir/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:

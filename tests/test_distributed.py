@@ -23,7 +23,7 @@ from gradtrace.analysis.cross_rank import RANK_DIVERGENCE, diagnose_ranks
 from gradtrace.errors import GradtraceError
 from gradtrace.events import RankNorms
 from gradtrace.probes._torch_compat import unwrapped_path
-from gradtrace.ranks import current_rank
+from gradtrace.ranks import agree_on_job_dir, current_rank
 from gradtrace.store.reader import load_run
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed"
@@ -230,6 +230,18 @@ def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
         current_rank({"RANK": "one", "WORLD_SIZE": "2"})
     with pytest.raises(GradtraceError, match="outside WORLD_SIZE"):
         current_rank({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_without_torchruns_agent_store_a_rank_is_told_to_pass_out_at_once() -> None:
+    """A launcher that sets RANK and MASTER_* without torchrun's agent store: nothing would
+    answer, so asking would wait AGREE_TIMEOUT (two minutes)."""
+    import time
+
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    started = time.monotonic()
+    with pytest.raises(GradtraceError, match="pass the same --out to every rank"):
+        agree_on_job_dir(Path("gradtrace-runs/x"), current_rank(environ), environ)
+    assert time.monotonic() - started < 5
 
 
 def test_wrapper_components_leave_module_paths() -> None:
