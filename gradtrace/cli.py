@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from gradtrace.api import print_summary
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
 from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
@@ -137,7 +138,7 @@ def run(
     if nproc_per_node is not None:
         exit_code = launch_ranks(nproc_per_node, run_dir, _rank_args(context, target))
         if summary:
-            TerminalReporter(Console(stderr=True)).render(load_run(run_dir))
+            print_summary(run_dir)  # a job no rank got to record in keeps the ranks' exit code
         return exit_code
     live: bool | Path = tensorboard_logdir or tensorboard
     session = Session(
@@ -152,7 +153,6 @@ def run(
         argv=[target.name, *target.args],
     )
     exit_code = run_target(target, session)
-    sys.stdout.flush()
     if summary:
         _print_summary(session)
     return exit_code
@@ -183,10 +183,9 @@ def _print_summary(session: Session) -> None:
     rank = session.rank
     if rank is not None and rank.rank != 0 and not session.findings:
         return
-    console = Console(stderr=True)
-    TerminalReporter(console).render(load_run(session.run_dir))
+    print_summary(session.run_dir)
     if rank is not None:
-        console.print(
+        Console(stderr=True).print(
             f"Rank {rank.rank} of {rank.world_size}. All ranks: "
             f"[bold]gradtrace report {session.job_dir}[/]"
         )
