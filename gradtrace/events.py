@@ -178,6 +178,7 @@ class RankNorms:
     """One recorded step's per-parameter norms on every rank (`--check-ranks`).
 
     `grad_norms[r][i]` is rank r's gradient L2 norm of `params[i]`; likewise `param_norms`.
+    Both are -1 where rank r had no gradient for the parameter (its norms were not taken).
     """
 
     step: int
@@ -188,7 +189,7 @@ class RankNorms:
 
 
 def located_at(source: SourceLine | None) -> dict[str, Any]:
-    """The `Finding` fields that point at a line of code; empty when the line is unknown."""
+    """The `Finding` fields that point at a line of code; all None when it is unknown."""
     if source is None:
         return {"file": None, "line": None, "function": None, "code": None}
     return {

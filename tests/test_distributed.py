@@ -223,6 +223,18 @@ def test_the_rank_off_the_majority_is_named_at_the_first_diverging_step() -> Non
     assert finding.details["norms"] == [3.0, 3.0, 3.5]
 
 
+def test_a_rank_without_a_gradient_is_said_so() -> None:
+    # -1: the rank had no gradient for the parameter, so neither norm was taken.
+    (finding,) = diagnose_ranks([_norms(0, [[1.0], [-1.0]], [[2.0], [-1.0]])], {})
+    assert (finding.parameter, finding.rank, finding.details["quantity"]) == (
+        "layer0.weight",
+        1,
+        "gradient",
+    )
+    assert "rank 1 no gradient" in finding.message
+    assert "computed no gradient" in finding.message
+
+
 def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
     assert current_rank({}) is None
     assert current_rank({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).world_size == 4

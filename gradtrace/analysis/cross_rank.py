@@ -44,9 +44,8 @@ def _deviating_ranks(values: list[float]) -> list[int]:
     keys = [_key(value) for value in values]
     counts = Counter(keys)
     reference = max(counts, key=lambda key: (counts[key], key == keys[0]))
-    return [
-        rank for rank, value in enumerate(values) if not _same(value, values[keys.index(reference)])
-    ]
+    held = values[keys.index(reference)]
+    return [rank for rank, value in enumerate(values) if not _same(value, held)]
 
 
 def _key(value: float) -> float | str:
@@ -67,15 +66,23 @@ def _divergence(
 ) -> Finding:
     param, values, ranks = diverged[0]
     module = param.rpartition(".")[0] or None
-    per_rank = ", ".join(f"rank {rank} {value:.6g}" for rank, value in enumerate(values))
-    others = f" and {len(diverged) - 1} more parameters" if len(diverged) > 1 else ""
-    cause = (
-        "a rank changed its gradients after DDP's all-reduce (an in-place write into .grad "
-        "or a bucket view, a rank-dependent branch)"
-        if quantity == "gradient"
-        else "parameters drifted apart (a rank skipped or changed an update, or buffers are "
-        "not synchronised)"
+    per_rank = ", ".join(
+        f"rank {rank} {'no gradient' if value < 0 else f'{value:.6g}'}"
+        for rank, value in enumerate(values)
     )
+    others = f" and {len(diverged) - 1} more parameters" if len(diverged) > 1 else ""
+    if any(values[rank] < 0 for rank in ranks):
+        cause = "a rank computed no gradient for it (a rank-dependent branch skipped it)"
+    elif quantity == "gradient":
+        cause = (
+            "a rank changed its gradients after DDP's all-reduce (an in-place write into "
+            ".grad or a bucket view, a rank-dependent branch)"
+        )
+    else:
+        cause = (
+            "parameters drifted apart (a rank skipped or changed an update, or buffers are "
+            "not synchronised)"
+        )
     return Finding(
         kind=RANK_DIVERGENCE,
         message=(
