@@ -46,20 +46,24 @@ class CallerFinder:
 
     Only the code object and line number are kept: a frame object would keep the user's
     locals (and their tensors) alive.
+
+    NOTE [code objects by id]: verdicts are keyed by `id(code)`, not by the code object:
+    hashing a code object hashes its contents every time (about 0.5 µs, per frame walked,
+    for every saved tensor). Each entry keeps its code object, so its id cannot be reused.
     """
 
     def __init__(self) -> None:
-        self._is_user: dict[CodeType, bool] = {}
+        self._is_user: dict[int, tuple[CodeType, bool]] = {}
 
     def caller(self) -> Caller | None:
         frame = sys._getframe(1)
         is_user = self._is_user
         while frame is not None:
             code = frame.f_code
-            verdict = is_user.get(code)
-            if verdict is None:
-                verdict = is_user[code] = is_user_code(code)
-            if verdict:
+            entry = is_user.get(id(code))
+            if entry is None:
+                entry = is_user[id(code)] = (code, is_user_code(code))
+            if entry[1]:
                 return code, frame.f_lineno
             frame = frame.f_back
         return None
