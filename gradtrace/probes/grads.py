@@ -362,11 +362,7 @@ class GradStatsProbe:
         tensor max_norms), then update norms when `_after_update` appended them.
         """
         step = self._steps.step
-        missing = tuple(
-            (self._param_name(p), self._modules.owner_of(p))
-            for p in params
-            if p.requires_grad and p.grad is None
-        )
+        missing = tuple(self._describe(p) for p in params if p.requires_grad and p.grad is None)
         output_names, output_sums = self._outputs.take()
         grad_names, grad_norms = self._output_grads.take()
         dead_names, dead_counts = self._dead.take()
@@ -399,10 +395,7 @@ class GradStatsProbe:
             for _, m, norm_type in clips
         ]
         arrived = self._arrived
-        described = [
-            (self._param_name(p), self._modules.owner_of(p), p.numel(), arrived.get(id(p), -1))
-            for p in with_grad
-        ]
+        described = [(*self._describe(p), p.numel(), arrived.get(id(p), -1)) for p in with_grad]
         cut, self._cut = tuple(self._cut), {}
         new_sites = tuple((name, source_line(site)) for name, site in self._new_sites)
         self._new_sites.clear()
@@ -506,7 +499,14 @@ class GradStatsProbe:
         self._arrived.setdefault(id(param), next(self._arrival))
 
     def _param_name(self, param: torch.Tensor) -> str:
-        return self._modules.parameter_path(param) or f"<unnamed {tuple(param.shape)}>"
+        return self._describe(param)[0]
+
+    def _describe(self, param: torch.Tensor) -> tuple[str, str]:
+        """(name, owning module) of a parameter, in one lookup."""
+        entry = self._modules.parameter_entry(param)
+        if entry is None:
+            return f"<unnamed {tuple(param.shape)}>", "?"
+        return entry
 
 
 def _take(cursor: Iterator[float], n: int) -> list[float]:

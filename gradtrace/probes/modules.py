@@ -99,7 +99,9 @@ class ModuleStackProbe:
         stack.enter_context(register_module_forward_pre_hook(self._enter))
         stack.enter_context(register_module_forward_hook(self._leave, always_call=True))
 
-    def _stack(self) -> list[nn.Module]:
+    def _stack(self) -> list[tuple[nn.Module, str]]:
+        """This thread's running modules with their paths: `current()` runs for every saved
+        tensor and write, so the path is looked up once per module call."""
         return thread_stack(self._local)
 
     def _enter(self, module: nn.Module, args: object) -> None:
@@ -110,12 +112,16 @@ class ModuleStackProbe:
             self.forwards += 1
             for callback in self._root_starts:
                 callback()
-        if module not in self._names:
-            self._name_tree(stack[0] if stack else module)
-        stack.append(module)
+        path = self._names.get(module)
+        if path is None:
+            self._name_tree(stack[0][0] if stack else module)
+            stack[:] = [(outer, self.name_of(outer)) for outer, _ in stack]
+            path = self._names.get(module)
+        name = path or self.name_of(module)
+        stack.append((module, name))
         how = _torch_compat.checkpointing()
         if how is not None:
-            self.checkpointed.setdefault(self.name_of(module), how)
+            self.checkpointed.setdefault(name, how)
 
     def _leave(self, module: nn.Module, args: object, output: object) -> None:
         if _torch_compat.compiling():
@@ -123,7 +129,7 @@ class ModuleStackProbe:
         stack = self._stack()
         # Pop down to this module: a forward that raised may have left inner ones behind.
         while stack:
-            if stack.pop() is module:
+            if stack.pop()[0] is module:
                 break
 
     def on_root_start(self, callback: Callable[[], None]) -> None:
@@ -158,7 +164,7 @@ class ModuleStackProbe:
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""
         stack = self._stack()
-        return self.name_of(stack[-1]) if stack else None
+        return stack[-1][1] if stack else None
 
     def name_of(self, module: nn.Module) -> str:
         path = self._names.get(module)
@@ -170,15 +176,16 @@ class ModuleStackProbe:
 
     def parameter_path(self, param: torch.Tensor) -> str | None:
         """`encoder.0.weight` for a parameter of a named module, else None."""
-        entry = self._param_entry(param)
+        entry = self.parameter_entry(param)
         return None if entry is None else entry[0]
 
     def owner_of(self, param: torch.Tensor) -> str:
         """Path of the module that holds the parameter directly."""
-        entry = self._param_entry(param)
+        entry = self.parameter_entry(param)
         return "?" if entry is None else entry[1]
 
-    def _param_entry(self, param: torch.Tensor) -> tuple[str, str] | None:
+    def parameter_entry(self, param: torch.Tensor) -> tuple[str, str] | None:
+        """(parameter path, path of the module holding it) for a parameter of a named module."""
         entry = self._params.get(id(param))
         if entry is None and not self._params:
             for _, path, name, tensor in self._named_tensors(buffers=False):
