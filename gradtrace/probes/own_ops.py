@@ -34,13 +34,16 @@ def unobserved(*tensors: torch.Tensor) -> AbstractContextManager[object]:
     traces: a saved-tensor hook's `detach` under this guard, traced in a compiled module,
     let Dynamo trace into the write log's mode (torch 2.13).
     """
-    if tensors and all(type(t) in _PLAIN for t in tensors):
+    # With no mode on the stack (it counts torch's infra modes too) there is nothing to skip.
+    if tensors and torch._C._len_torch_dispatch_stack() and all(type(t) in _PLAIN for t in tensors):
         return torch._C._DisableTorchDispatch()
-    return nullcontext()
+    return _NOTHING
 
 
 # Tensor types that compute without Python dispatch.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Reusable: it keeps no state.
+_NOTHING = nullcontext()
 
 
 class own_ops:
