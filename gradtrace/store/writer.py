@@ -60,11 +60,17 @@ class RunWriter:
 
     def set_meta(self, **values: Any) -> None:
         with self._lock:
-            self._db.executemany(
+            self._insert(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [(key, json.dumps(value)) for key, value in values.items()],
             )
             self._commit()
+
+    def _insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """`executemany`, skipped for no rows: most of a step's tables get none, and each
+        empty call still costs a statement lookup on the store thread."""
+        if rows:
+            self._db.executemany(sql, rows)
 
     def _begin(self) -> None:
         if not self._db.in_transaction:
@@ -85,7 +91,7 @@ class RunWriter:
         rows = [(step, owner, op, phase, count) for (owner, op, phase), count in counts]
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
@@ -99,7 +105,7 @@ class RunWriter:
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
                 [(step, name, value) for name, value in values.items()],
             )
@@ -108,7 +114,7 @@ class RunWriter:
         """Store one optimizer's recorded step; committed with the step's other rows."""
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
                 "param_norm, zero_fraction, arrival, update_norm) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -128,19 +134,19 @@ class RunWriter:
                     for p in stats.params
                 ],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO missing_grads (step, optimizer, param, module) VALUES (?, ?, ?, ?)",
                 [(stats.step, stats.optimizer, param, module) for param, module in stats.missing],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO nonfinite_outputs (step, position, module) VALUES (?, ?, ?)",
                 [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
                 [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO grad_clips (step, optimizer, norm_before, max_norm, norm_type) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [
@@ -148,16 +154,16 @@ class RunWriter:
                     for c in stats.clips
                 ],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO dead_units (step, optimizer, module, dead, units) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
                 [(stats.step, module) for module in stats.cut],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT OR IGNORE INTO module_sites (module, source) VALUES (?, ?)",
                 [
                     (module, json.dumps(asdict(source)) if source else None)
@@ -168,7 +174,7 @@ class RunWriter:
     def write_histograms(self, histograms: list[GradHistogram]) -> None:
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
                 [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
             )
@@ -183,7 +189,7 @@ class RunWriter:
         ]
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
@@ -195,18 +201,18 @@ class RunWriter:
         """Store a traced step's spans and writes, and names of threads first seen."""
         with self._lock:
             self._begin()
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(s.step, s.kind, s.name, s.thread, s.depth, s.start_ns, s.end_ns) for s in spans],
             )
-            self._db.executemany(
+            self._insert(
                 "INSERT INTO traced_writes (step, t_ns, thread, op, owner, phase, file, line, "
                 "function, code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*_write_row(w), *_source_row(w)) for w in writes],
             )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", threads.items()
+            self._insert(
+                "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
             )
 
     def add_finding(self, finding: Finding) -> bool:
