@@ -18,6 +18,7 @@ high-water mark be reset, plus RSS growth over the blocks).
     python scripts/bench_overhead.py --device cuda --json results.json
     python scripts/bench_overhead.py --grad-stats --quick  # grad stats off/on, vs bandwidth
     python scripts/bench_overhead.py --profile         # cProfile of full-level GPT steps
+    python scripts/bench_overhead.py --hook-time --profile-level light --profile-model cnn
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
+import importlib
 import io
 import json
 import os
@@ -34,6 +37,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -799,6 +803,92 @@ def profile_level(
     return out.getvalue()
 
 
+# The methods torch calls into gradtrace, by probe: every host microsecond gradtrace adds to a
+# step starts in one of them (the store thread's work aside).
+HOOKS = {
+    "gradtrace.probes.modules:ModuleStackProbe": ("_enter", "_leave"),
+    "gradtrace.probes.grads:GradStatsProbe": (
+        "_after_forward",
+        "_output_grad_arrived",
+        "_arrived_hook",
+    ),
+    "gradtrace.probes.saved:SavedTensorProbe": ("_pack", "_unpack"),
+    "gradtrace.probes.saved:_Packed": ("__del__",),
+    "gradtrace.probes.steps:StepProbe": ("_before", "_after"),
+    "gradtrace.probes.writes:_WriteLogMode": ("__torch_dispatch__",),
+}
+
+
+@contextlib.contextmanager
+def timed_hooks(totals: dict[str, list[float]]) -> Iterator[None]:
+    """Wrap every hook in HOOKS with a host timer; `totals[name]` gets [seconds, calls].
+
+    Only the outermost hook on a thread is timed (a hook's own ops may call others), and the
+    wrapper adds about 0.5 µs per call.
+    """
+    depth = threading.local()
+    originals = []
+    for where, names in HOOKS.items():
+        module_name, class_name = where.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        for name in names:
+            original = cls.__dict__[name]
+            originals.append((cls, name, original))
+            setattr(cls, name, _timed(original, f"{class_name}.{name}", totals, depth))
+    try:
+        yield
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+def _timed(
+    hook: Callable[..., Any], label: str, totals: dict[str, list[float]], depth: threading.local
+) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if getattr(depth, "n", 0):
+            return hook(*args, **kwargs)
+        depth.n = 1
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            entry = totals.setdefault(label, [0.0, 0])
+            entry[0] += time.perf_counter() - start
+            entry[1] += 1
+            depth.n = 0
+
+    return timed
+
+
+def hook_time(device: torch.device, model: str, level: str, steps: int, tmp: Path) -> str:
+    """Host time spent inside gradtrace's hooks per step, per hook: where the overhead starts.
+
+    Unlike step-time ratios this hardly moves with the machine's load, so it can compare two
+    commits on a shared box.
+    """
+    work = build_workload(model, device)
+    for _ in range(2):
+        work.step()
+    totals: dict[str, list[float]] = {}
+    run_dir = tmp / f"hooks-{model}-{level}"
+    with timed_hooks(totals), Session(run_dir, level=level, trace_steps="none"):
+        work.step()  # fill the session's per-op caches outside the count
+        totals.clear()
+        for _ in range(steps):
+            work.step()
+    lines = ["| hook | ms per step | calls per step | µs per call |", "|---|---|---|---|"]
+    for label, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        lines.append(
+            f"| {label} | {seconds / steps * 1e3:.3f} | {calls / steps:.1f} | "
+            f"{seconds / calls * 1e6:.1f} |"
+        )
+    total = sum(seconds for seconds, _ in totals.values())
+    lines.append(f"| total | {total / steps * 1e3:.3f} | | |")
+    return "\n".join(lines)
+
+
 def soak(device: torch.device, level: str, steps: int, tmp: Path) -> str:
     """Host memory over a long run, and how fast the run directory grows."""
     work = build_workload("mlp", device)
@@ -849,6 +939,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile gradtrace steps (see --profile-level)"
+    )
+    parser.add_argument(
+        "--hook-time",
+        action="store_true",
+        help="instead: host time inside each gradtrace hook per step (see --profile-level, "
+        "--profile-model, --profile-steps)",
     )
     parser.add_argument("--profile-level", choices=("light", "full"), default="full")
     parser.add_argument("--profile-model", choices=MODELS, default="gpt")
@@ -906,6 +1002,16 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         if args.soak:
             print(soak(device, args.profile_level, args.soak, tmp))
+            return 0
+        if args.hook_time:
+            print(
+                f"# gradtrace {args.profile_level}-level hook time: {args.profile_model}, "
+                f"{args.profile_steps} steps; {header['device']}; torch {header['torch']}; "
+                f"gradtrace {header['gradtrace']}\n"
+            )
+            print(
+                hook_time(device, args.profile_model, args.profile_level, args.profile_steps, tmp)
+            )
             return 0
         if args.profile:
             print(

@@ -1,0 +1,41 @@
+"""The overhead benchmark's hook timing: it must keep finding the hooks it times."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_overhead.py"
+
+
+def hook_rows(level: str) -> dict[str, tuple[float, float]]:
+    """{hook: (ms per step, calls per step)} from a short `--hook-time` run on the MLP."""
+    options = ["--hook-time", "--profile-level", level, "--profile-model", "mlp"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", *options, "--profile-steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[2].replace(".", "").isdigit():
+            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+    return rows
+
+
+@pytest.mark.parametrize("level", ["light", "full"])
+def test_hook_time_counts_every_kind_of_hook_a_step_calls(level: str) -> None:
+    rows = hook_rows(level)
+    # The MLP: the model, its Sequential, 4 linear layers and 3 ReLUs; one AdamW step.
+    assert rows["ModuleStackProbe._enter"][1] == 9.0
+    assert rows["GradStatsProbe._after_forward"][1] == 9.0
+    assert rows["SavedTensorProbe._pack"][1] == rows["SavedTensorProbe._unpack"][1] > 0
+    assert rows["StepProbe._before"][1] == rows["StepProbe._after"][1] == 1.0
+    assert ("_WriteLogMode.__torch_dispatch__" in rows) == (level == "full")
+    assert all(ms > 0 for ms, _ in rows.values())
