@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-shot check on a lent CUDA machine: CUDA tests, the corpus on this torch, the example,
-# and the overhead benchmark. Everything goes under $OUT (default ./gpu-out). Uses the torch
-# installed there; gradtrace comes from this checkout via PYTHONPATH (no network needed).
+# One-shot check on a lent CUDA machine: CUDA tests, the overhead benchmark and hook times,
+# the example, DDP on NCCL, CPU tests on this torch and the gradient-statistics benchmark, in
+# that order (most wanted first: a run cut short still returns what it wrote). Everything
+# goes under $OUT (default ./gpu-out). Uses the torch installed there; gradtrace comes from
+# this checkout via PYTHONPATH (no network needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -18,6 +20,17 @@ timeout 120 python -m pytest -q -m cuda tests/test_cuda.py -rA -p no:cacheprovid
   > "$out/cuda_tests.txt" 2>&1
 echo "cuda tests exit $?" >> "$out/cuda_tests.txt"
 
+timeout 280 python scripts/bench_overhead.py --device cuda --steps 20 --rounds 5 \
+  --json "$out/bench.json" > "$out/bench.md" 2>&1
+echo "bench exit $?" >> "$out/bench.md"
+
+# Host time inside each hook per GPT-2-small step: launch-bound steps pay it one to one.
+for level in light full; do
+  timeout 60 python scripts/bench_overhead.py --device cuda --hook-time --profile-model gpt \
+    --profile-level "$level" --profile-steps 50 > "$out/hook_time_$level.md" 2>&1
+  echo "hook time exit $?" >> "$out/hook_time_$level.md"
+done
+
 COLUMNS=110 timeout 60 python -m gradtrace run --out "$out/example-run" examples/inplace_bug.py \
   > "$out/example.txt" 2>&1
 echo "example exit $?" >> "$out/example.txt"
@@ -27,9 +40,6 @@ DDP_BACKEND=nccl timeout 90 python -m gradtrace run --out "$out/ddp-nccl" --npro
   --check-ranks tests/distributed/ddp_clean.py > "$out/ddp_nccl.txt" 2>&1
 echo "ddp nccl exit $?" >> "$out/ddp_nccl.txt"
 
-timeout 280 python scripts/bench_overhead.py --device cuda --steps 20 --rounds 5 \
-  --json "$out/bench.json" > "$out/bench.md" 2>&1
-echo "bench exit $?" >> "$out/bench.md"
 
 # In-process CPU tests on the device's torch (the subprocess corpus is too slow to fit here).
 timeout 120 python -m pytest -q tests/test_grads.py tests/test_api.py tests/test_analysis.py \
@@ -44,4 +54,5 @@ echo "grad-stats bench exit $?" >> "$out/bench_grad_stats.md"
 
 tail -n 3 "$out"/cuda_tests.txt "$out"/cpu_tests_on_this_torch.txt "$out"/ddp_nccl.txt
 tail -n 25 "$out"/bench.md
+tail -n 16 "$out"/hook_time_*.md
 tail -n 12 "$out"/bench_grad_stats.md
