@@ -30,6 +30,7 @@ import functools
 import importlib
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -815,8 +816,11 @@ HOOKS = {
     "gradtrace.probes.saved:SavedTensorProbe": ("_pack", "_unpack"),
     "gradtrace.probes.saved:_Packed": ("__del__",),
     "gradtrace.probes.steps:StepProbe": ("_before", "_after"),
-    "gradtrace.probes.writes:_WriteLogMode": ("__torch_dispatch__",),
+    "gradtrace.probes.writes:WriteLogProbe": ("record",),
 }
+# Counted, not timed: the write log's dispatch runs the op itself inside, so its time is
+# mostly the op's. Its own cost per op is the Python round trip (see docs/benchmarks.md).
+COUNTED_HOOKS = {"gradtrace.probes.writes:_WriteLogMode": ("__torch_dispatch__",)}
 
 
 @contextlib.contextmanager
@@ -824,17 +828,19 @@ def timed_hooks(totals: dict[str, list[float]]) -> Iterator[None]:
     """Wrap every hook in HOOKS with a host timer; `totals[name]` gets [seconds, calls].
 
     Only the outermost hook on a thread is timed (a hook's own ops may call others), and the
-    wrapper adds about 0.5 µs per call.
+    wrapper adds about 0.5 µs per call. COUNTED_HOOKS get calls only (seconds stay NaN).
     """
     depth = threading.local()
     originals = []
-    for where, names in HOOKS.items():
-        module_name, class_name = where.split(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        for name in names:
-            original = cls.__dict__[name]
-            originals.append((cls, name, original))
-            setattr(cls, name, _timed(original, f"{class_name}.{name}", totals, depth))
+    for hooks, timed in ((HOOKS, True), (COUNTED_HOOKS, False)):
+        for where, names in hooks.items():
+            module_name, class_name = where.split(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            for name in names:
+                original = cls.__dict__[name]
+                originals.append((cls, name, original))
+                label = f"{class_name}.{name}"
+                setattr(cls, name, _timed(original, label, totals, depth if timed else None))
     try:
         yield
     finally:
@@ -843,20 +849,25 @@ def timed_hooks(totals: dict[str, list[float]]) -> Iterator[None]:
 
 
 def _timed(
-    hook: Callable[..., Any], label: str, totals: dict[str, list[float]], depth: threading.local
+    hook: Callable[..., Any],
+    label: str,
+    totals: dict[str, list[float]],
+    depth: threading.local | None,
 ) -> Callable[..., Any]:
+    """`hook` with a timer around it, or (no `depth`) a call counter only."""
+
     @functools.wraps(hook)
     def timed(*args: Any, **kwargs: Any) -> Any:
-        if getattr(depth, "n", 0):
+        entry = totals.setdefault(label, [0.0 if depth is not None else math.nan, 0])
+        entry[1] += 1
+        if depth is None or getattr(depth, "n", 0):
             return hook(*args, **kwargs)
         depth.n = 1
         start = time.perf_counter()
         try:
             return hook(*args, **kwargs)
         finally:
-            entry = totals.setdefault(label, [0.0, 0])
             entry[0] += time.perf_counter() - start
-            entry[1] += 1
             depth.n = 0
 
     return timed
@@ -879,13 +890,17 @@ def hook_time(device: torch.device, model: str, level: str, steps: int, tmp: Pat
         for _ in range(steps):
             work.step()
     lines = ["| hook | ms per step | calls per step | µs per call |", "|---|---|---|---|"]
-    for label, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+    timed = {label: entry for label, entry in totals.items() if not math.isnan(entry[0])}
+    for label, (seconds, calls) in sorted(timed.items(), key=lambda kv: -kv[1][0]):
         lines.append(
             f"| {label} | {seconds / steps * 1e3:.3f} | {calls / steps:.1f} | "
             f"{seconds / calls * 1e6:.1f} |"
         )
-    total = sum(seconds for seconds, _ in totals.values())
+    total = sum(seconds for seconds, _ in timed.values())
     lines.append(f"| total | {total / steps * 1e3:.3f} | | |")
+    for label, (_, calls) in totals.items():
+        if label not in timed:
+            lines.append(f"| {label} (counted only: runs the op) | – | {calls / steps:.1f} | – |")
     return "\n".join(lines)
 
 

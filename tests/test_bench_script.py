@@ -25,7 +25,7 @@ def hook_rows(level: str) -> dict[str, tuple[float, float]]:
     for line in result.stdout.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) == 4 and cells[2].replace(".", "").isdigit():
-            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+            rows[cells[0]] = (float(cells[1].replace("–", "nan")), float(cells[2]))
     return rows
 
 
@@ -37,5 +37,6 @@ def test_hook_time_counts_every_kind_of_hook_a_step_calls(level: str) -> None:
     assert rows["GradStatsProbe._after_forward"][1] == 9.0
     assert rows["SavedTensorProbe._pack"][1] == rows["SavedTensorProbe._unpack"][1] > 0
     assert rows["StepProbe._before"][1] == rows["StepProbe._after"][1] == 1.0
-    assert ("_WriteLogMode.__torch_dispatch__" in rows) == (level == "full")
-    assert all(ms > 0 for ms, _ in rows.values())
+    dispatch = "_WriteLogMode.__torch_dispatch__ (counted only: runs the op)"
+    assert (dispatch in rows) == (level == "full")
+    assert all(ms > 0 for hook, (ms, _) in rows.items() if hook != dispatch)
