@@ -51,11 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradtrace.session as gt_session
+from gradtrace.probes import _torch_compat
 from gradtrace.session import Session
 
 CONFIGS = ("untraced", "gt-light", "gt-full", "anomaly-nonan", "anomaly")
 # --grad-stats: the gradient statistics on and off, and with the opt-in update ratio.
 GRAD_STAT_CONFIGS = ("untraced", "gt-light-nostats", "gt-light", "gt-light-update")
+# --floors: the least each level's mechanisms cost with nothing done in them, next to gradtrace.
+FLOOR_CONFIGS = ("untraced", "floor-hooks", "floor-light", "gt-light", "floor-full", "gt-full")
 CONFIG_LABELS = {
     "untraced": "untraced",
     "gt-light-nostats": "gradtrace light, grad stats off",
@@ -64,6 +67,9 @@ CONFIG_LABELS = {
     "gt-full": "gradtrace full",
     "anomaly-nonan": "detect_anomaly(check_nan=False)",
     "anomaly": "detect_anomaly()",
+    "floor-hooks": "floor: empty module hooks + saved-tensor version check",
+    "floor-light": "floor: + output sums + gradient norms",
+    "floor-full": "floor: + empty dispatch mode",
 }
 MODELS = ("mlp", "cnn", "gpt")
 
@@ -263,6 +269,9 @@ def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterat
         with Session(run_dir, level=level, **options) as session:
             yield
         holder["findings"] = len(session.findings)
+    elif config.startswith("floor-"):
+        with floor_mechanisms(config):
+            yield
     elif config in ("anomaly-nonan", "anomaly"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Anomaly Detection has been enabled..."
@@ -270,6 +279,79 @@ def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterat
                 yield
     else:
         raise ValueError(config)
+
+
+@contextlib.contextmanager
+def floor_mechanisms(config: str) -> Iterator[None]:
+    """The mechanisms a level stands on, each doing the least it must and nothing else.
+
+    floor-hooks: a global forward pre-hook and forward hook that return at once, and
+    saved-tensor hooks that keep a detached alias with its version and compare it at unpack
+    (installing hooks turns torch's own check off). floor-light adds a float32 sum of every
+    module output and, in an optimizer pre-hook, one `_foreach_norm` of the gradients and a
+    `stack` of the results. floor-full adds a dispatch mode that only calls the op, on from
+    one optimizer step's end to the next one's start (gradtrace steps aside for a plain step).
+    No names, no frames, no store: what is left between these and gradtrace is gradtrace's
+    own Python.
+    """
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    def pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return tensor.detach(), tensor._version
+
+    def unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+        tensor, version = packed
+        if tensor._version != version:
+            raise RuntimeError("saved tensor modified")
+        return tensor
+
+    sums: list[torch.Tensor] = []
+
+    def sum_output(module: nn.Module, args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            with torch.no_grad():
+                sums.append(output.sum(dtype=torch.float32))
+
+    def norms(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        with torch.no_grad():
+            torch.stack(_torch_compat.foreach_norm(grads, 2) + sums)
+        sums.clear()
+
+    mode = _FloorMode()
+
+    def mode_off(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        _torch_compat.step_aside(mode)
+
+    def mode_on(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        _torch_compat.step_back(mode)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(register_module_forward_pre_hook(lambda module, args: None))
+        stack.enter_context(register_module_forward_hook(lambda module, args, output: None))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
+        if config in ("floor-light", "floor-full"):
+            stack.enter_context(register_module_forward_hook(sum_output))
+            stack.enter_context(register_optimizer_step_pre_hook(norms))
+        if config == "floor-full":
+            stack.enter_context(mode)
+            stack.enter_context(register_optimizer_step_pre_hook(mode_off))
+            stack.enter_context(register_optimizer_step_post_hook(mode_on))
+        yield
+
+
+class _FloorMode(_torch_compat.UntracedDynamoMode):
+    """A dispatch mode that only calls the op (on the same base as gradtrace's write log)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return func(*args, **(kwargs or {}))
 
 
 def global_state() -> dict[str, Any]:
@@ -953,6 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory-bandwidth limit",
     )
     parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="instead of the five configurations: each level's mechanisms doing nothing "
+        "(empty hooks, version check, output sums and norms, an empty dispatch mode) next to "
+        "gradtrace light and full",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="cProfile gradtrace steps (see --profile-level)"
     )
     parser.add_argument(
@@ -990,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     if steps < 1 or rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
-    configs = GRAD_STAT_CONFIGS if args.grad_stats else CONFIGS
+    configs = GRAD_STAT_CONFIGS if args.grad_stats else FLOOR_CONFIGS if args.floors else CONFIGS
 
     header = {
         "device": device_name(device),

@@ -40,3 +40,19 @@ def test_hook_time_counts_every_kind_of_hook_a_step_calls(level: str) -> None:
     dispatch = "_WriteLogMode.__torch_dispatch__ (counted only: runs the op)"
     assert (dispatch in rows) == (level == "full")
     assert all(ms > 0 for hook, (ms, _) in rows.items() if hook != dispatch)
+
+
+def test_floors_run_each_mechanism_and_leave_torch_as_they_found_it() -> None:
+    # The script stops with "torch global state changed" if a configuration leaves a hook,
+    # a mode or saved-tensor hooks behind.
+    options = ["--floors", "--models", "mlp", "--steps", "2", "--rounds", "1", "--warmup", "1"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| model |"))
+    for column in ("floor: empty module hooks", "floor: + empty dispatch mode", "gradtrace full"):
+        assert column in header
