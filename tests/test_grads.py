@@ -610,3 +610,43 @@ def test_two_optimizers_in_one_step_make_one_global_norm_point() -> None:
     norms = module_norms(records)
     assert norms.global_grad == [(0, 5.0)]  # what clip_grad_norm_ over both would see
     assert norms.grad == {"encoder": [(0, 3.0)], "head": [(0, 4.0)]}
+
+
+def test_running_median_is_statistics_median_of_every_prefix() -> None:
+    import random
+    import statistics
+
+    from gradtrace.analysis.grad_health import RunningMedian
+
+    rng = random.Random(0)
+    values = [rng.choice([rng.gauss(0, 1), rng.randint(-3, 3), 1e-30, 5e30]) for _ in range(500)]
+    running = RunningMedian()
+    for i, value in enumerate(values, start=1):
+        running.add(value)
+        assert len(running) == i
+        assert running.median() == statistics.median(values[:i])
+
+
+def test_exploding_needs_ten_finite_values_before_the_jump() -> None:
+    from gradtrace.analysis.grad_health import diagnose_gradients
+    from gradtrace.events import ParamStat, StepGradStats
+
+    nan, inf = math.nan, math.inf
+    norms = [1.0, 1.0, nan, 1.0, 1.0, 1.0, inf, 1.0, 1.0, 1.0, 50.0, 1.0, 20.0]
+
+    def step(i: int) -> StepGradStats:
+        # A non-finite norm is its own finding; only "exploding" matters here.
+        param = ParamStat("fc.weight", "fc", 8, norms[i], 1.0, 0.0, 0)
+        return StepGradStats(i, "SGD.step", (param,), (), (), (), ())
+
+    exploding = [
+        f for f in diagnose_gradients([step(i) for i in range(13)], {}) if f.kind == "exploding"
+    ]
+    # Step 10 (50.0) has 8 finite values before it: too few to judge. Step 12 has ten, with
+    # 50.0 among them, and their median is still 1.0.
+    [finding] = exploding
+    assert (finding.step, finding.details["median"], finding.details["grad_norm"]) == (
+        12,
+        1.0,
+        20.0,
+    )

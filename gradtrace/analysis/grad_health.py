@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
 from collections.abc import Sequence
@@ -247,15 +248,15 @@ def _exploding(
     """The first step at which some module's norm jumps over its own running median."""
     jumps: dict[int, list[tuple[float, str, float, float]]] = {}
     for module, series in norms.grad.items():
-        for i in range(limits.explode_history, len(series)):
-            history = [v for _, v in series[:i] if math.isfinite(v)]
-            if len(history) < limits.explode_history:
-                continue
-            median = statistics.median(history)
-            step, value = series[i]
-            if median > 0 and math.isfinite(value) and value > limits.explode_factor * median:
-                jumps.setdefault(step, []).append((value / median, module, value, median))
-                break
+        history = RunningMedian()  # the finite values before the one judged
+        for step, value in series:
+            if len(history) >= limits.explode_history:
+                median = history.median()
+                if median > 0 and math.isfinite(value) and value > limits.explode_factor * median:
+                    jumps.setdefault(step, []).append((value / median, module, value, median))
+                    break
+            if math.isfinite(value):
+                history.add(value)
     if not jumps:
         return []
     step = min(jumps)
@@ -279,6 +280,37 @@ def _exploding(
             },
         )
     ]
+
+
+class RunningMedian:
+    """The median of the values added so far, as `statistics.median` gives it.
+
+    Two heaps (the lower half as a max-heap of negated values, the upper half as a min-heap)
+    make each `add` O(log n): the exploding check asks for the median of every prefix of a
+    module's series, which re-sorting made quadratic in the run's length.
+    """
+
+    def __init__(self) -> None:
+        self._low: list[float] = []
+        self._high: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._low) + len(self._high)
+
+    def add(self, value: float) -> None:
+        if self._low and value > -self._low[0]:
+            heapq.heappush(self._high, value)
+        else:
+            heapq.heappush(self._low, -value)
+        if len(self._low) > len(self._high) + 1:
+            heapq.heappush(self._high, -heapq.heappop(self._low))
+        elif len(self._high) > len(self._low):
+            heapq.heappush(self._low, -heapq.heappop(self._high))
+
+    def median(self) -> float:
+        if len(self._low) > len(self._high):
+            return -self._low[0]
+        return (-self._low[0] + self._high[0]) / 2
 
 
 def _vanishing(
