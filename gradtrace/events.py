@@ -109,7 +109,7 @@ class CorruptionEvidence:
     writes_logged: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: reading a long run back makes millions
 class ParamStat:
     name: str
     module: str
@@ -124,7 +124,7 @@ class ParamStat:
     update_norm: float = math.nan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClipCall:
     """One `clip_grad_norm_` call before an optimizer step."""
 
@@ -134,7 +134,7 @@ class ClipCall:
     norm_type: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepGradStats:
     """One recorded step of one optimizer: the numbers and the facts around them."""
 

@@ -219,20 +219,24 @@ def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
 def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
     params: dict[tuple[int, str], list[ParamStat]] = {}
     update = "update_norm" if "update_norm" in _columns(db, "param_stats") else "NULL"
+    # One string object per distinct name: SQLite hands out a new one per row, and a long
+    # run has (parameters × steps) rows of the same few hundred names.
+    names: dict[str, str] = {}
+    nan = math.nan
     for step, optimizer, name, module, numel, grad, norm, zeros, arrival, moved in db.execute(
         "SELECT step, optimizer, param, module, numel, grad_norm, param_norm, zero_fraction, "
         f"arrival, {update} FROM param_stats ORDER BY rowid"
     ):
-        params.setdefault((step, optimizer), []).append(
+        params.setdefault((step, names.setdefault(optimizer, optimizer)), []).append(
             ParamStat(
-                name,
-                module,
+                names.setdefault(name, name),
+                names.setdefault(module, module),
                 numel,
-                _real(grad),
-                _real(norm),
-                _real(zeros),
+                nan if grad is None else grad,  # SQLite stores NaN as NULL
+                nan if norm is None else norm,
+                nan if zeros is None else zeros,
                 arrival,
-                _real(moved),
+                nan if moved is None else moved,
             )
         )
     missing: dict[tuple[int, str], list[tuple[str, str]]] = {}
