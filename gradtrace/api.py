@@ -25,7 +25,7 @@ from gradtrace.probes.timeline import TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
-from gradtrace.store.reader import load_run
+from gradtrace.store.reader import Run, load_run
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -152,6 +152,12 @@ class Trace:
         assert self._session is not None
         self._session.log(**values)
 
+    def summarize_at_stop(self) -> None:
+        """Print the terminal summary as the trace stops, from the read `stop` makes anyway."""
+        if self._session is None:
+            raise GradtraceError("Start the trace before asking for its summary.")
+        self._session.after_close(functools.partial(print_summary, self._session.run_dir))
+
     def __enter__(self) -> Trace:
         return self.start()
 
@@ -250,16 +256,17 @@ def annotate(exception: BaseException, findings: list[Finding]) -> None:
             add_note(explain(finding))
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(run_dir: Path, run: Run | None = None) -> None:
     """Print the run's terminal summary to stderr; never raise into the training loop.
 
+    `run`: the run already read back (see `Session.after_close`), else it is read here.
     It runs inside the framework's exception handler too, where raising would replace the
     user's exception with ours.
     """
     sys.stdout.flush()
     console = Console(stderr=True)
     try:
-        TerminalReporter(console).render(load_run(run_dir))
+        TerminalReporter(console).render(load_run(run_dir) if run is None else run)
     except Exception as error:
         console.print(f"gradtrace: could not render the summary ({error!r}).", markup=False)
         console.print(f"run directory: {run_dir}", markup=False)
@@ -287,6 +294,13 @@ class CallbackTrace:
         self.level = level
         self.summary = summary
         self.trace = None
+
+    def _begin(self, trace: Trace) -> None:
+        """Start tracing; with `summary`, the summary prints as the trace stops."""
+        trace.start()
+        if self.summary:
+            trace.summarize_at_stop()
+        self.trace = trace
 
     @property
     def run_dir(self) -> Path | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gradtrace.api import CallbackTrace, Trace, print_summary
+from gradtrace.api import CallbackTrace, Trace
 from gradtrace.session import DEFAULT_LEVEL
 from gradtrace.store.format import FAILED
 
@@ -51,9 +51,7 @@ class GradTraceCallback(CallbackTrace, TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.close()  # a previous train() that raised (see NOTE [no exception event])
-        trace = Trace(kwargs.get("model"), out=self.out, level=self.level, front_end="hf")
-        trace.start()
-        self.trace = trace
+        self._begin(Trace(kwargs.get("model"), out=self.out, level=self.level, front_end="hf"))
         atexit.register(self._close_at_exit)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -89,8 +87,6 @@ class GradTraceCallback(CallbackTrace, TrainerCallback):
             trace.stop(exception=exception)
         else:
             trace.stop(status=FAILED, exit_code=None)
-        if self.summary and trace.run_dir is not None:
-            print_summary(trace.run_dir)
 
     def _close_at_exit(self) -> None:
         # An uncaught exception is in sys.last_value by the time atexit handlers run.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace import session
-from gradtrace.api import CallbackTrace, Trace, print_summary
+from gradtrace.api import CallbackTrace, Trace
 from gradtrace.errors import GradtraceError
 from gradtrace.session import DEFAULT_LEVEL
 
@@ -72,15 +72,15 @@ class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        trace = Trace(
-            pl_module,
-            out=self.out,
-            level=self.level,
-            front_end="lightning",
-            tensorboard=self._tensorboard_target(trainer),
+        self._begin(
+            Trace(
+                pl_module,
+                out=self.out,
+                level=self.level,
+                front_end="lightning",
+                tensorboard=self._tensorboard_target(trainer),
+            )
         )
-        trace.start()
-        self.trace = trace
 
     def _tensorboard_target(self, trainer: Any) -> bool | str | Path:
         if self.tensorboard is not None:
@@ -115,8 +115,6 @@ class GradTraceCallback(CallbackTrace, *_callback_bases()):  # type: ignore[misc
         if trace is None or not trace.active:
             return
         trace.stop(exception=exception)
-        if self.summary and trace.run_dir is not None:
-            print_summary(trace.run_dir)
 
 
 __all__ = ["GradTraceCallback"]

@@ -51,7 +51,7 @@ from gradtrace.reporters.tensorboard import (
 )
 from gradtrace.store.format import FAILED, OK, RUNNING
 from gradtrace.store.jobs import StoreJobs
-from gradtrace.store.reader import load_run
+from gradtrace.store.reader import Run, load_run
 from gradtrace.store.writer import RunWriter
 
 # "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
@@ -150,6 +150,7 @@ class Session:
             if grad_histograms > 0
             else None
         )
+        self._after_close: list[Callable[[Run], None]] = []
 
     @property
     def step(self) -> int:
@@ -291,6 +292,17 @@ class Session:
             self.findings = [stored.finding for stored in findings]
             if self._live is not None:
                 self._live.close(findings, step=self.step)
+            for callback in self._after_close:
+                callback(run)
+
+    def after_close(self, callback: Callable[[Run], None]) -> None:
+        """Call `callback` with the run as stored, once `close` has read it back.
+
+        Close reads the whole store once (for findings and trace.json); a summary printed
+        from that same read spares reading a long run twice (millions of rows at 20 000
+        steps of a 150-parameter model).
+        """
+        self._after_close.append(callback)
 
     def _tensorboard_dir(self) -> Path:
         """Where live events go; in a user's logdir, a job's ranks sit side by side."""

@@ -226,3 +226,33 @@ def test_a_misspelt_option_is_a_type_error_as_for_any_keyword(tmp_path: Path) ->
     with pytest.raises(TypeError, match="evry"):
         gradtrace.start(out=tmp_path / "run", evry=2)
     assert not (tmp_path / "run").exists()
+
+
+def test_summary_at_stop_comes_from_the_one_read_close_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A 20 000-step run of a 150-parameter model is millions of rows: read them once.
+    import gradtrace.api
+    import gradtrace.session
+
+    reads = []
+
+    def counted(path: Path) -> object:
+        reads.append(path)
+        return load_run(path)
+
+    load_run = gradtrace.session.load_run
+    monkeypatch.setattr(gradtrace.session, "load_run", counted)
+    monkeypatch.setattr(gradtrace.api, "load_run", counted)
+    model = Gated(inplace_bug=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trace = Trace(model, out=tmp_path / "run", level="light")
+    trace.start()
+    trace.summarize_at_stop()
+    for _ in range(2):
+        train_step(model, optimizer, trace)
+    trace.stop()
+    assert reads == [tmp_path / "run"]
+    summary = capsys.readouterr().err
+    assert "run directory:" in summary
+    assert "could not render" not in summary
