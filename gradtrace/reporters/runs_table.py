@@ -19,16 +19,20 @@ STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red
 
 @dataclass(frozen=True)
 class RunEntry:
-    """A run directory as `ls` shows it: its run, or why it could not be read."""
+    """A run directory as `ls` shows it: a few facts of its run, or why it could not be read.
+
+    Only the facts are kept, not the run: a directory of long runs must not hold every
+    run's series in memory at once.
+    """
 
     path: Path
-    run: Run | None
+    status: str = ""
+    exit_code: int | None = None
+    steps: int = 0
+    findings: int = 0
+    started_ns: int = 0
+    argv: tuple[str, ...] = ()
     error: str | None = None
-
-    @property
-    def started_ns(self) -> int:
-        started = self.run.meta.get("started_ns") if self.run is not None else None
-        return started if isinstance(started, int) else 0
 
 
 def find_runs(directory: Path) -> list[RunEntry]:
@@ -47,10 +51,23 @@ def find_runs(directory: Path) -> list[RunEntry]:
         if not (child / DATABASE).is_file() and not rank_run_dirs(child):
             continue
         try:
-            entries.append(RunEntry(child, load_run(child)))
+            entries.append(_entry(child, load_run(child)))
         except GradtraceError as error:
-            entries.append(RunEntry(child, None, str(error)))
+            entries.append(RunEntry(child, error=str(error)))
     return sorted(entries, key=lambda entry: entry.started_ns)
+
+
+def _entry(path: Path, run: Run) -> RunEntry:
+    started = run.meta.get("started_ns")
+    return RunEntry(
+        path,
+        status=run.status,
+        exit_code=run.meta.get("exit_code"),
+        steps=run.steps,
+        findings=len(run_findings(run)),
+        started_ns=started if isinstance(started, int) else 0,
+        argv=tuple(run.meta.get("argv") or ()),
+    )
 
 
 def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
@@ -63,20 +80,18 @@ def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
     table.add_column("command")
     for entry in entries:
         name = entry.path.name
-        run = entry.run
-        if run is None:
-            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error or "")
+        if entry.error is not None:
+            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error)
             continue
-        findings = len(run_findings(run))
-        exit_code = run.meta.get("exit_code")
-        status = run.status if exit_code in (None, 0) else f"{run.status} ({exit_code})"
+        exit_code = entry.exit_code
+        status = entry.status if exit_code in (None, 0) else f"{entry.status} ({exit_code})"
         table.add_row(
             name,
-            Text(status, style=STATUS_STYLES.get(run.status, "")),
-            str(run.steps),
-            Text(str(findings), style="bold red" if findings else "green"),
+            Text(status, style=STATUS_STYLES.get(entry.status, "")),
+            str(entry.steps),
+            Text(str(entry.findings), style="bold red" if entry.findings else "green"),
             _started(entry.started_ns),
-            " ".join(run.meta.get("argv") or []),
+            " ".join(entry.argv),
         )
     return table
 
