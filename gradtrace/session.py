@@ -49,10 +49,10 @@ from gradtrace.reporters.tensorboard import (
     require_tensorboard,
     tensorboard_dir,
 )
-from gradtrace.store.format import FAILED, OK, RUNNING
+from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, OK, RUNNING
 from gradtrace.store.jobs import StoreJobs
 from gradtrace.store.reader import Run, load_run
-from gradtrace.store.writer import RunWriter
+from gradtrace.store.writer import RunWriter, add_meta
 
 # "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
 # who saved it and where). "full": adds the write log, which names the line that wrote.
@@ -290,6 +290,7 @@ class Session:
             write_trace(run, self.run_dir / TRACE_FILE)
             findings = run_findings(run)
             self.findings = [stored.finding for stored in findings]
+            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(findings)})
             if self._live is not None:
                 self._live.close(findings, step=self.step)
             for callback in self._after_close:

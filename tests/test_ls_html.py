@@ -19,9 +19,9 @@ from events_factory import evidence, write
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import ParamStat, StepGradStats
 from gradtrace.reporters.html import render_html
-from gradtrace.store.format import FAILED, INTERRUPTED, OK, RUNNING
+from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, INTERRUPTED, OK, RUNNING
 from gradtrace.store.reader import Run, StoredFinding, load_run
-from gradtrace.store.writer import RunWriter
+from gradtrace.store.writer import RunWriter, add_meta
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -83,6 +83,40 @@ def test_ls_lists_runs_skips_foreign_dirs_and_flags_corrupt_ones(tmp_path: Path)
     assert re.search(r"f-corrupt\s+│ unreadable", result.stdout)
     assert "e-foreign" not in result.stdout
     assert "loose-file" not in result.stdout
+
+
+def test_ls_counts_a_closed_runs_findings_without_reading_its_series(tmp_path: Path) -> None:
+    import sqlite3
+
+    runs = tmp_path / "gradtrace-runs"
+    stored_run(runs / "closed", OK, steps=5, argv=["train.py"])
+    add_meta(runs / "closed", **{FINDINGS_AT_CLOSE: 2})
+    stored_run(runs / "killed", RUNNING, steps=3, argv=["oom.py"])
+    for name in ("closed", "killed"):
+        with sqlite3.connect(runs / name / "run.sqlite") as db:
+            db.execute("DROP TABLE param_stats")  # a series nobody should need to list runs
+    result = gradtrace("ls", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"closed\s+│ ok\s+│\s+5 │\s+2 │", result.stdout)
+    # Counting a killed run's findings means analysing its series: here they are gone.
+    assert re.search(r"killed\s+│ unreadable", result.stdout)
+
+
+def test_close_stores_how_many_findings_it_found(tmp_path: Path) -> None:
+    import torch
+
+    from gradtrace.session import Session
+
+    model = torch.nn.Linear(4, 4)
+    with Session(tmp_path / "run", level="light") as session:
+        x = torch.randn(2, 4, requires_grad=True)
+        y = torch.sigmoid(model(x))
+        y.mul_(2)  # overwrites what sigmoid saved
+        with pytest.raises(RuntimeError):
+            y.sum().backward()
+    assert session.findings
+    meta = load_run(tmp_path / "run").meta
+    assert meta[FINDINGS_AT_CLOSE] == len(session.findings)
 
 
 def test_ls_of_a_missing_directory_is_one_line(tmp_path: Path) -> None:

@@ -11,8 +11,16 @@ from rich.text import Text
 
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
-from gradtrace.store.format import DATABASE, FAILED, INTERRUPTED, KILLED, OK, rank_run_dirs
-from gradtrace.store.reader import Run, load_run
+from gradtrace.store.format import (
+    DATABASE,
+    FAILED,
+    FINDINGS_AT_CLOSE,
+    INTERRUPTED,
+    KILLED,
+    OK,
+    rank_run_dirs,
+)
+from gradtrace.store.reader import Run, RunFacts, load_facts, load_run
 
 STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red"}
 
@@ -51,22 +59,29 @@ def find_runs(directory: Path) -> list[RunEntry]:
         if not (child / DATABASE).is_file() and not rank_run_dirs(child):
             continue
         try:
-            entries.append(_entry(child, load_run(child)))
+            entries.append(_entry(child))
         except GradtraceError as error:
             entries.append(RunEntry(child, error=str(error)))
     return sorted(entries, key=lambda entry: entry.started_ns)
 
 
-def _entry(path: Path, run: Run) -> RunEntry:
-    started = run.meta.get("started_ns")
+def _entry(path: Path) -> RunEntry:
+    """A closed run's facts alone (its findings were counted at close); any other run, a
+    killed one or a torchrun job, is read whole to count what its series show."""
+    facts: RunFacts | Run | None = load_facts(path)
+    count = None if facts is None else facts.meta.get(FINDINGS_AT_CLOSE)
+    if facts is None or not isinstance(count, int):
+        facts = load_run(path)
+        count = len(run_findings(facts))
+    started = facts.meta.get("started_ns")
     return RunEntry(
         path,
-        status=run.status,
-        exit_code=run.meta.get("exit_code"),
-        steps=run.steps,
-        findings=len(run_findings(run)),
+        status=facts.status,
+        exit_code=facts.meta.get("exit_code"),
+        steps=facts.steps,
+        findings=count,
         started_ns=started if isinstance(started, int) else 0,
-        argv=tuple(run.meta.get("argv") or ()),
+        argv=tuple(facts.meta.get("argv") or ()),
     )
 
 

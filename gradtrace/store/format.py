@@ -15,6 +15,10 @@ from pathlib import Path
 FORMAT_VERSION = 1
 DATABASE = "run.sqlite"
 
+# Meta key: the number of findings `close` found (stored plus derived from the series), so
+# that listing runs need not read a closed run's series back. Absent for a killed run.
+FINDINGS_AT_CLOSE = "findings_at_close"
+
 # A torchrun job's run directory holds one run directory per rank, `rank-<RANK>`, and no
 # database of its own: every process writes only its own files.
 RANK_DIR_PREFIX = "rank-"

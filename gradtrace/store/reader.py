@@ -6,9 +6,10 @@ import dataclasses
 import json
 import math
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
@@ -23,6 +24,8 @@ from gradtrace.events import (
     TracedWrite,
 )
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, OK, RUNNING, rank_run_dirs
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,26 @@ class Run:
 
     @property
     def status(self) -> str:
-        status = self.meta.get("status", RUNNING)
-        return KILLED if status == RUNNING else status
+        return run_status(self.meta)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """A run's metadata and finished-step count, read without its series."""
+
+    path: Path
+    meta: dict[str, Any]
+    steps: int
+
+    @property
+    def status(self) -> str:
+        return run_status(self.meta)
+
+
+def run_status(meta: dict[str, Any]) -> str:
+    """How the run ended; a run still marked running when read was killed (or still runs)."""
+    status = meta.get("status", RUNNING)
+    return KILLED if status == RUNNING else status
 
 
 def load_run(path: str | Path) -> Run:
@@ -80,12 +101,32 @@ def load_run(path: str | Path) -> Run:
 
     A torchrun job's directory (one `rank-N` run per rank) opens as one merged run.
     """
+    run_dir = _run_dir(path)
+    if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
+        return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
+    return _open(run_dir, _read)
+
+
+def load_facts(path: str | Path) -> RunFacts | None:
+    """A run's metadata and step count, checked as `load_run` checks them, in one query of
+    each: for listing runs whose series would take seconds to read. None for a torchrun
+    job's directory (it has no database of its own)."""
+    run_dir = _run_dir(path)
+    if not (run_dir / DATABASE).is_file() and rank_run_dirs(run_dir):
+        return None
+    return _open(run_dir, _read_facts)
+
+
+def _run_dir(path: str | Path) -> Path:
     run_dir = Path(path)
-    database = run_dir / DATABASE
     if not run_dir.is_dir():
         raise GradtraceError(f"No gradtrace run at '{run_dir}' (not a directory).")
-    if not database.is_file() and (ranks := rank_run_dirs(run_dir)):
-        return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
+    return run_dir
+
+
+def _open(run_dir: Path, read: Callable[[Path, sqlite3.Connection], T]) -> T:
+    """`read` the run's database, read-only; anything unreadable is a one-line error."""
+    database = run_dir / DATABASE
     if not database.is_file():
         raise GradtraceError(
             f"No gradtrace run at '{run_dir}' (no {DATABASE}). "
@@ -94,7 +135,7 @@ def load_run(path: str | Path) -> Run:
     try:
         db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            return _read(run_dir, db)
+            return read(run_dir, db)
         finally:
             db.close()
     except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError, TypeError) as error:
@@ -104,7 +145,11 @@ def load_run(path: str | Path) -> Run:
         ) from None
 
 
-def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
+def _read_facts(run_dir: Path, db: sqlite3.Connection) -> RunFacts:
+    return RunFacts(run_dir, _read_meta(run_dir, db), _count_steps(db))
+
+
+def _read_meta(run_dir: Path, db: sqlite3.Connection) -> dict[str, Any]:
     meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
     version = meta.get("format")
     if not isinstance(version, int):
@@ -114,11 +159,21 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
             f"'{run_dir}' was written in run format {version}; this gradtrace reads up to "
             f"{FORMAT_VERSION}. Upgrade gradtrace (pip install -U gradtrace)."
         )
+    return meta
+
+
+def _count_steps(db: sqlite3.Connection) -> int:
+    (steps,) = db.execute("SELECT COUNT(*) FROM steps").fetchone()
+    return steps
+
+
+def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
+    meta = _read_meta(run_dir, db)
     findings = [
         StoredFinding(Finding.from_dict(json.loads(body)), count)
         for body, count in db.execute("SELECT body, count FROM findings ORDER BY id")
     ]
-    (steps,) = db.execute("SELECT COUNT(*) FROM steps").fetchone()
+    steps = _count_steps(db)
     write_counts = [
         tuple(row)
         for row in db.execute(

@@ -238,6 +238,18 @@ class RunWriter:
             self._db.close()
 
 
+def add_meta(run_dir: Path, **values: Any) -> None:
+    """Set metadata of a run whose writer has closed: facts known only once it is read back."""
+    db = sqlite3.connect(run_dir / DATABASE, isolation_level=None)
+    try:
+        db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [(key, json.dumps(value)) for key, value in values.items()],
+        )
+    finally:
+        db.close()
+
+
 def _write_row(write: TracedWrite) -> tuple[object, ...]:
     return (write.step, write.t_ns, write.thread, write.op, write.owner, write.phase)
 
