@@ -52,6 +52,7 @@ from torch import nn
 
 import gradtrace.session as gt_session
 from gradtrace.probes import _torch_compat
+from gradtrace.probes.grads import BOUNDED_MODULES
 from gradtrace.session import Session
 
 CONFIGS = ("untraced", "gt-light", "gt-full", "anomaly-nonan", "anomaly")
@@ -287,9 +288,11 @@ def floor_mechanisms(config: str) -> Iterator[None]:
 
     floor-hooks: a global forward pre-hook and forward hook that return at once, and
     saved-tensor hooks that keep a detached alias with its version and compare it at unpack
-    (installing hooks turns torch's own check off). floor-light adds a float32 sum of every
-    module output and, in an optimizer pre-hook, one `_foreach_norm` of the gradients and a
-    `stack` of the results. floor-full adds a dispatch mode that only calls the op, on from
+    (installing hooks turns torch's own check off). floor-light adds a float32 sum of the
+    output of every module without children that is not a bounded activation (no more sums
+    than gradtrace takes, which also sums containers that change their child's output) and,
+    in an optimizer pre-hook, one `_foreach_norm` of the gradients and a `stack` of the
+    results. floor-full adds a dispatch mode that only calls the op, on from
     one optimizer step's end to the next one's start (gradtrace steps aside for a plain step).
     No names, no frames, no store: what is left between these and gradtrace is gradtrace's
     own Python.
@@ -315,7 +318,12 @@ def floor_mechanisms(config: str) -> Iterator[None]:
     sums: list[torch.Tensor] = []
 
     def sum_output(module: nn.Module, args: object, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
+        if (
+            isinstance(output, torch.Tensor)
+            and output.is_floating_point()
+            and not isinstance(module, BOUNDED_MODULES)
+            and next(module.children(), None) is None
+        ):
             with torch.no_grad():
                 sums.append(output.sum(dtype=torch.float32))
 
