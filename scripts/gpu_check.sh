@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check on a lent CUDA machine: CUDA tests, the overhead benchmark and hook times,
-# the example, DDP on NCCL, CPU tests on this torch and the gradient-statistics benchmark, in
+# One-shot check on a lent CUDA machine: CUDA tests, the overhead benchmark, hook times and
+# floors, the example, DDP on NCCL, CPU tests on this torch and the gradient-statistics benchmark, in
 # that order (most wanted first: a run cut short still returns what it wrote). Everything
 # goes under $OUT (default ./gpu-out). Uses the torch installed there; gradtrace comes from
 # this checkout via PYTHONPATH (no network needed).
@@ -31,6 +31,11 @@ for level in light full; do
   echo "hook time exit $?" >> "$out/hook_time_$level.md"
 done
 
+# What the mechanisms alone cost on GPT-2-small: can the CUDA budgets be met at all?
+timeout 120 python scripts/bench_overhead.py --device cuda --floors --models gpt --steps 20 \
+  --rounds 3 --json "$out/bench_floors.json" > "$out/bench_floors.md" 2>&1
+echo "floors exit $?" >> "$out/bench_floors.md"
+
 COLUMNS=110 timeout 60 python -m gradtrace run --out "$out/example-run" examples/inplace_bug.py \
   > "$out/example.txt" 2>&1
 echo "example exit $?" >> "$out/example.txt"
@@ -55,4 +60,5 @@ echo "grad-stats bench exit $?" >> "$out/bench_grad_stats.md"
 tail -n 3 "$out"/cuda_tests.txt "$out"/cpu_tests_on_this_torch.txt "$out"/ddp_nccl.txt
 tail -n 25 "$out"/bench.md
 tail -n 16 "$out"/hook_time_*.md
+tail -n 12 "$out"/bench_floors.md
 tail -n 12 "$out"/bench_grad_stats.md
