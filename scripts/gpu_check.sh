@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot check on a lent CUDA machine: CUDA tests, the overhead benchmark, hook times and
-# floors, the example, DDP on NCCL, CPU tests on this torch and the gradient-statistics benchmark, in
-# that order (most wanted first: a run cut short still returns what it wrote). Everything
-# goes under $OUT (default ./gpu-out). Uses the torch installed there; gradtrace comes from
-# this checkout via PYTHONPATH (no network needed).
+# floors, the example, DDP on NCCL, CPU tests on this torch and the gradient-statistics
+# benchmark, in that order (most wanted first: a run cut short still returns what it wrote).
+# Everything goes under $OUT (default ./gpu-out). Uses the torch installed there; gradtrace
+# comes from this checkout via PYTHONPATH (no network needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
