@@ -25,7 +25,7 @@ from gradtrace.probes.timeline import TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
-from gradtrace.store.reader import Run, load_run
+from gradtrace.store.reader import Run, StoredFinding, load_run
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -256,19 +256,25 @@ def annotate(exception: BaseException, findings: list[Finding]) -> None:
             add_note(explain(finding))
 
 
-def print_summary(run_dir: Path, run: Run | None = None) -> None:
+def print_summary(
+    run_dir: Path, run: Run | None = None, findings: list[StoredFinding] | None = None
+) -> None:
     """Print the run's terminal summary to stderr; never raise into the training loop.
 
-    `run`: the run already read back (see `Session.after_close`), else it is read here.
+    `run` and `findings`: the run already read back and analysed (see
+    `Session.after_close`), else they are read and derived here.
     It runs inside the framework's exception handler too, where raising would replace the
     user's exception with ours.
     """
     sys.stdout.flush()
     console = Console(stderr=True)
     try:
-        TerminalReporter(console).render(load_run(run_dir) if run is None else run)
+        TerminalReporter(console).render(load_run(run_dir) if run is None else run, findings)
     except Exception as error:
-        console.print(f"gradtrace: could not render the summary ({error!r}).", markup=False)
+        # Ours are one-line messages already; anything else is named as it is.
+        known = isinstance(error, GradtraceError)
+        why = str(error) if known else f"could not render the summary ({error!r})."
+        console.print(f"gradtrace: {why}", markup=False)
         console.print(f"run directory: {run_dir}", markup=False)
 
 

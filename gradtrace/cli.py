@@ -23,7 +23,7 @@ from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
 from gradtrace.session import DEFAULT_LEVEL, DEFAULT_RUNS_DIR, LEVELS, Session, default_run_dir
-from gradtrace.store.reader import Run, load_run
+from gradtrace.store.reader import Run, StoredFinding, load_run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -178,12 +178,12 @@ def _rank_args(context: click.Context, target: Target) -> list[str]:
     return [*forwarded, *target.args]
 
 
-def _print_summary(session: Session, run: Run) -> None:
+def _print_summary(session: Session, run: Run, findings: list[StoredFinding]) -> None:
     """The run's summary; under torchrun rank 0's, and other ranks' only if they found something."""
     rank = session.rank
     if rank is not None and rank.rank != 0 and not session.findings:
         return
-    print_summary(session.run_dir, run)
+    print_summary(session.run_dir, run, findings)
     if rank is not None:
         Console(stderr=True).print(
             f"Rank {rank.rank} of {rank.world_size}. All ranks: "

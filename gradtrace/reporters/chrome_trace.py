@@ -32,8 +32,11 @@ STEPS_TID = 0
 Culprits = dict[tuple[str, str, str, int], str]
 
 
-def render_trace(run: Run) -> dict[str, Any]:
-    """The trace as a JSON object (`traceEvents` plus metadata); times in µs from run start."""
+def render_trace(run: Run, findings: list[StoredFinding] | None = None) -> dict[str, Any]:
+    """The trace as a JSON object (`traceEvents` plus metadata); times in µs from run start.
+
+    `findings`: the run's, when the caller has them already (else they are derived here).
+    """
     ends = sorted(run.step_end_ns.items())
     started = run.meta.get("started_ns")
     origin = started if isinstance(started, int) else (ends[0][1] if ends else 0)
@@ -48,7 +51,7 @@ def render_trace(run: Run) -> dict[str, Any]:
         _meta("thread_name", STEPS_TID, {"name": "optimizer steps"}),
     ]
     events += [_meta("thread_name", tid, {"name": name}) for tid, name in _threads(run).items()]
-    findings = run_findings(run)
+    findings = run_findings(run) if findings is None else findings
     timed = [
         *_step_track(run, ends, origin, us, findings),
         *_span_events(run.spans, us),
@@ -233,9 +236,9 @@ def _write_events(
     return events
 
 
-def write_trace(run: Run, out: Path) -> Path:
+def write_trace(run: Run, out: Path, findings: list[StoredFinding] | None = None) -> Path:
     try:
-        out.write_text(json.dumps(render_trace(run)), encoding="utf-8")
+        out.write_text(json.dumps(render_trace(run, findings)), encoding="utf-8")
     except OSError as error:
         raise GradtraceError(f"Cannot write the trace to '{out}': {error.strerror}.") from None
     return out

@@ -39,9 +39,10 @@ class TerminalReporter:
     def __init__(self, console: Console) -> None:
         self._console = console
 
-    def render(self, run: Run) -> None:
+    def render(self, run: Run, findings: list[StoredFinding] | None = None) -> None:
+        """`findings`: the run's, when the caller has them already (else derived here)."""
         console = self._console
-        findings = run_findings(run)
+        findings = run_findings(run) if findings is None else findings
         console.print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
             console.print(Text.assemble(("note: ", "bold yellow"), notice))
