@@ -235,6 +235,14 @@ def test_a_rank_without_a_gradient_is_said_so() -> None:
     assert "computed no gradient" in finding.message
 
 
+def test_a_missing_gradient_on_the_rank_not_blamed_is_still_the_cause() -> None:
+    # Two ranks: the one named deviates from rank 0, and it is rank 0 that has no gradient.
+    (finding,) = diagnose_ranks([_norms(0, [[-1.0], [1.0]], [[-1.0], [2.0]])], {})
+    assert "rank 0 no gradient" in finding.message
+    assert "computed no gradient" in finding.message
+    assert "all-reduce" not in finding.message
+
+
 def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
     assert current_rank({}) is None
     assert current_rank({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).world_size == 4

@@ -71,7 +71,7 @@ def _divergence(
         for rank, value in enumerate(values)
     )
     others = f" and {len(diverged) - 1} more parameters" if len(diverged) > 1 else ""
-    if any(values[rank] < 0 for rank in ranks):
+    if any(value < 0 for value in values):  # the deviating rank, or the ones it deviates from
         cause = "a rank computed no gradient for it (a rank-dependent branch skipped it)"
     elif quantity == "gradient":
         cause = (
