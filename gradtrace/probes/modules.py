@@ -44,9 +44,6 @@ class ByModule(Generic[V]):
         item = self._items.get(id(module))
         return None if item is None or item[0]() is not module else item[1]
 
-    def __contains__(self, module: nn.Module) -> bool:
-        return self.get(module) is not None
-
     def __setitem__(self, module: nn.Module, value: V) -> None:
         key = id(module)
         self._items[key] = (weakref.ref(module, functools.partial(self._drop, key)), value)
@@ -173,16 +170,6 @@ class ModuleStackProbe:
         while (inner := _unwrap(module)) is not None:
             module = inner
         return type(module).__name__
-
-    def parameter_path(self, param: torch.Tensor) -> str | None:
-        """`encoder.0.weight` for a parameter of a named module, else None."""
-        entry = self.parameter_entry(param)
-        return None if entry is None else entry[0]
-
-    def owner_of(self, param: torch.Tensor) -> str:
-        """Path of the module that holds the parameter directly."""
-        entry = self.parameter_entry(param)
-        return "?" if entry is None else entry[1]
 
     def parameter_entry(self, param: torch.Tensor) -> tuple[str, str] | None:
         """(parameter path, path of the module holding it) for a parameter of a named module."""

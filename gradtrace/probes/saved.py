@@ -217,10 +217,11 @@ class SavedTensorProbe:
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
 
     def _pack(self, tensor: torch.Tensor) -> object:
-        if self._live is None or _torch_compat.compiling():
+        if _torch_compat.compiling():
             detached = tensor.detach()
         else:
-            # Below the write log's mode: a dispatched op costs its Python round trip.
+            # Below any dispatch mode (see NOTE [unobserved]): the write log's would cost a
+            # Python round trip, and a user's would count gradtrace's op.
             with unobserved(tensor):
                 detached = tensor.detach()
         version = _torch_compat.version_of(tensor)
