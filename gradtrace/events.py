@@ -239,8 +239,9 @@ class Finding:
     def same_bug(self) -> tuple[object, ...]:
         """What makes two findings one bug: kind, the writing line and op, the saving line.
 
-        The run store counts repeats of it (a bug inside a training loop fires every step),
-        and a job's report shows it once for all the ranks it fired on.
+        The run store counts repeats of it (a bug inside a training loop fires every step);
+        a job's terminal report shows it once for all the ranks it fired on at the same
+        module and parameter.
         """
         saved = self.saved_by
         return (self.kind, self.file, self.line, self.op, saved.get("file"), saved.get("line"))

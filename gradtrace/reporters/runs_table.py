@@ -20,7 +20,7 @@ from gradtrace.store.format import (
     OK,
     rank_run_dirs,
 )
-from gradtrace.store.reader import Run, RunFacts, load_facts, load_run
+from gradtrace.store.reader import RunFacts, load_facts, load_run
 
 STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red"}
 
@@ -34,13 +34,14 @@ class RunEntry:
     """
 
     path: Path
-    status: str = ""
-    exit_code: int | None = None
-    steps: int = 0
+    facts: RunFacts | None = None
     findings: int = 0
-    started_ns: int = 0
-    argv: tuple[str, ...] = ()
     error: str | None = None
+
+    @property
+    def started_ns(self) -> int:
+        started = self.facts.meta.get("started_ns") if self.facts is not None else None
+        return started if isinstance(started, int) else 0
 
 
 def find_runs(directory: Path) -> list[RunEntry]:
@@ -68,21 +69,12 @@ def find_runs(directory: Path) -> list[RunEntry]:
 def _entry(path: Path) -> RunEntry:
     """A closed run's facts alone (its findings were counted at close); any other run, a
     killed one or a torchrun job, is read whole to count what its series show."""
-    facts: RunFacts | Run | None = load_facts(path)
+    facts = load_facts(path)
     count = None if facts is None else facts.meta.get(FINDINGS_AT_CLOSE)
     if facts is None or not isinstance(count, int):
-        facts = load_run(path)
-        count = len(run_findings(facts))
-    started = facts.meta.get("started_ns")
-    return RunEntry(
-        path,
-        status=facts.status,
-        exit_code=facts.meta.get("exit_code"),
-        steps=facts.steps,
-        findings=count,
-        started_ns=started if isinstance(started, int) else 0,
-        argv=tuple(facts.meta.get("argv") or ()),
-    )
+        run = load_run(path)
+        facts, count = RunFacts(path, run.meta, run.steps), len(run_findings(run))
+    return RunEntry(path, facts, count)
 
 
 def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
@@ -95,18 +87,19 @@ def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
     table.add_column("command")
     for entry in entries:
         name = entry.path.name
-        if entry.error is not None:
-            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error)
+        facts = entry.facts
+        if facts is None:
+            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error or "")
             continue
-        exit_code = entry.exit_code
-        status = entry.status if exit_code in (None, 0) else f"{entry.status} ({exit_code})"
+        exit_code = facts.meta.get("exit_code")
+        status = facts.status if exit_code in (None, 0) else f"{facts.status} ({exit_code})"
         table.add_row(
             name,
-            Text(status, style=STATUS_STYLES.get(entry.status, "")),
-            str(entry.steps),
+            Text(status, style=STATUS_STYLES.get(facts.status, "")),
+            str(facts.steps),
             Text(str(entry.findings), style="bold red" if entry.findings else "green"),
             _started(entry.started_ns),
-            " ".join(entry.argv),
+            " ".join(facts.meta.get("argv") or []),
         )
     return table
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,20 +275,19 @@ def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
 def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
     params: dict[tuple[int, str], list[ParamStat]] = {}
     update = "update_norm" if "update_norm" in _columns(db, "param_stats") else "NULL"
-    # One string object per distinct name: SQLite hands out a new one per row, and a long
-    # run has (parameters × steps) rows of the same few hundred names.
-    names: dict[str, str] = {}
+    # Interned: SQLite hands out a new string per row, and a long run has (parameters ×
+    # steps) rows of the same few hundred names. NULL -> NaN as `_real` does, inlined.
     nan = math.nan
     for step, optimizer, name, module, numel, grad, norm, zeros, arrival, moved in db.execute(
         "SELECT step, optimizer, param, module, numel, grad_norm, param_norm, zero_fraction, "
         f"arrival, {update} FROM param_stats ORDER BY rowid"
     ):
-        params.setdefault((step, names.setdefault(optimizer, optimizer)), []).append(
+        params.setdefault((step, sys.intern(optimizer)), []).append(
             ParamStat(
-                names.setdefault(name, name),
-                names.setdefault(module, module),
+                sys.intern(name),
+                sys.intern(module),
                 numel,
-                nan if grad is None else grad,  # SQLite stores NaN as NULL
+                nan if grad is None else grad,
                 nan if norm is None else norm,
                 nan if zeros is None else zeros,
                 arrival,

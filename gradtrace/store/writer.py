@@ -3,7 +3,8 @@
 Rows a step produces (its gradient statistics, scalars, histograms, timeline) join one
 transaction that `write_step` commits as the step ends: one commit per step. Metadata and
 new findings commit at once, with whatever the step has written so far; a repeat of a
-known finding only bumps its count, in the step's transaction.
+known finding only bumps its count, in the step's transaction (a SIGKILL loses the repeats
+counted since the last committed step).
 """
 
 from __future__ import annotations
@@ -60,10 +61,7 @@ class RunWriter:
 
     def set_meta(self, **values: Any) -> None:
         with self._lock:
-            self._insert(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [(key, json.dumps(value)) for key, value in values.items()],
-            )
+            self._insert(SET_META, _meta_rows(values))
             self._commit()
 
     def _insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
@@ -242,12 +240,16 @@ def add_meta(run_dir: Path, **values: Any) -> None:
     """Set metadata of a run whose writer has closed: facts known only once it is read back."""
     db = sqlite3.connect(run_dir / DATABASE, isolation_level=None)
     try:
-        db.executemany(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            [(key, json.dumps(value)) for key, value in values.items()],
-        )
+        db.executemany(SET_META, _meta_rows(values))
     finally:
         db.close()
+
+
+SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+
+
+def _meta_rows(values: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(key, json.dumps(value)) for key, value in values.items()]
 
 
 def _write_row(write: TracedWrite) -> tuple[object, ...]:
