@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,27 @@ def test_floors_run_each_mechanism_and_leave_torch_as_they_found_it() -> None:
     header = next(line for line in result.stdout.splitlines() if line.startswith("| model |"))
     for column in ("floor: empty module hooks", "floor: + empty dispatch mode", "gradtrace full"):
         assert column in header
+
+
+def test_the_full_floor_installs_every_mechanism_it_stands_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_overhead", bench)  # its dataclasses look it up
+    spec.loader.exec_module(bench)
+    before = bench.global_state()
+    with bench.floor_mechanisms("floor-full"):
+        during = bench.global_state()
+    assert bench.global_state() == before
+    assert during["dispatch_modes"] == before["dispatch_modes"] + 1
+    assert during["saved_tensor_hooks"] and not before["saved_tensor_hooks"]
+    # The gradient norms and the mode stepping aside for the update.
+    assert during["optimizer_pre_hooks"] == before["optimizer_pre_hooks"] + 2
+    # Two forward hooks (the empty one and the output sums) and the empty pre-hook.
+    grown = {
+        name: during["module_hooks"][name] - count
+        for name, count in before["module_hooks"].items()
+        if during["module_hooks"][name] != count
+    }
+    assert grown == {"_global_forward_hooks": 2, "_global_forward_pre_hooks": 1}

@@ -116,7 +116,7 @@ def test_close_stores_how_many_findings_it_found(tmp_path: Path) -> None:
             y.sum().backward()
     assert session.findings
     meta = load_run(tmp_path / "run").meta
-    assert meta[FINDINGS_AT_CLOSE] == len(session.findings)
+    assert meta[FINDINGS_AT_CLOSE] == len(session.findings) == 1  # the inplace-write
 
 
 def test_ls_of_a_missing_directory_is_one_line(tmp_path: Path) -> None:
