@@ -785,8 +785,6 @@ def grad_stat_cost(work: Workload, device: torch.device, repeats: int) -> dict[s
     (copy, subtract, norm: six parameter-sized passes). The limit is the bytes those passes
     must move divided by the measured copy bandwidth.
     """
-    from gradtrace.probes import _torch_compat
-
     work.step()
     params = [p for p in work.model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
@@ -856,15 +854,23 @@ def grad_stat_table(costs: list[dict[str, Any]]) -> str:
 # Profile mode
 
 
-def profile_level(
-    device: torch.device, model: str, level: str, steps: int, top: int, tmp: Path
-) -> str:
+@contextlib.contextmanager
+def warm_session(device: torch.device, model: str, level: str, run_dir: Path) -> Iterator[Workload]:
+    """The model warmed up untraced, then a session at `level` past its first step (which
+    fills the session's per-op caches): what a profile or a hook count should look at."""
     work = build_workload(model, device)
     for _ in range(2):
         work.step()
+    with Session(run_dir, level=level, trace_steps="none"):
+        work.step()
+        yield work
+
+
+def profile_level(
+    device: torch.device, model: str, level: str, steps: int, top: int, tmp: Path
+) -> str:
     profiler = cProfile.Profile()
-    with Session(tmp / f"profile-{model}-{level}", level=level, trace_steps="none"):
-        work.step()  # fill the session's per-op caches outside the profile
+    with warm_session(device, model, level, tmp / f"profile-{model}-{level}") as work:
         profiler.enable()
         for _ in range(steps):
             work.step()
@@ -969,14 +975,10 @@ def hook_time(device: torch.device, model: str, level: str, steps: int, tmp: Pat
     Unlike step-time ratios this hardly moves with the machine's load, so it can compare two
     commits on a shared box.
     """
-    work = build_workload(model, device)
-    for _ in range(2):
-        work.step()
     totals: dict[str, list[float]] = {}
     run_dir = tmp / f"hooks-{model}-{level}"
-    with timed_hooks(totals), Session(run_dir, level=level, trace_steps="none"):
-        work.step()  # fill the session's per-op caches outside the count
-        totals.clear()
+    with timed_hooks(totals), warm_session(device, model, level, run_dir) as work:
+        totals.clear()  # the first step is not counted
         for _ in range(steps):
             work.step()
     lines = ["| hook | ms per step | calls per step | µs per call |", "|---|---|---|---|"]
@@ -1032,27 +1034,29 @@ def main(argv: list[str] | None = None) -> int:
         help="rerun a round if other processes took more than this share of the machine's CPU "
         "in any of its blocks (default 0.25; 1 disables)",
     )
+    # What to run instead of the five configurations: one at most.
+    modes = parser.add_mutually_exclusive_group()
     parser.add_argument(
         "--max-retries", type=int, default=None, help="rerun rounds per model at most this often"
     )
-    parser.add_argument(
+    modes.add_argument(
         "--grad-stats",
         action="store_true",
         help="instead of the five configurations: gradient statistics off / on / with the "
         "update ratio (all at level light), then their time per recorded step against the "
         "memory-bandwidth limit",
     )
-    parser.add_argument(
+    modes.add_argument(
         "--floors",
         action="store_true",
         help="instead of the five configurations: each level's mechanisms doing nothing "
         "(empty hooks, version check, output sums and norms, an empty dispatch mode) next to "
         "gradtrace light and full",
     )
-    parser.add_argument(
+    modes.add_argument(
         "--profile", action="store_true", help="cProfile gradtrace steps (see --profile-level)"
     )
-    parser.add_argument(
+    modes.add_argument(
         "--hook-time",
         action="store_true",
         help="instead: host time inside each gradtrace hook per step (see --profile-level, "
@@ -1060,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile-level", choices=("light", "full"), default="full")
     parser.add_argument("--profile-model", choices=MODELS, default="gpt")
-    parser.add_argument(
+    modes.add_argument(
         "--soak",
         type=int,
         default=0,
@@ -1132,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"device: {header['device']}; torch {header['torch']}; python {header['python']}")
             print(f"gradtrace: {header['gradtrace']}")
-            print(f"shape: {SHAPES[device.type]['gpt']}\n")
+            print(f"shape: {SHAPES[device.type][args.profile_model]}\n")
             print(
                 profile_level(
                     device,
