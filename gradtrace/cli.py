@@ -265,6 +265,23 @@ def trace_command(run_dir: Path, out: Path | None) -> int:
     return 0
 
 
+@cli.command(name="info")
+def info_command() -> int:
+    """Say which core traces (native or Python), why, and the versions it was built for."""
+    import platform
+
+    import torch
+
+    from gradtrace import _native
+
+    status = _native.status()
+    click.echo(f"core: {status.name} ({status.reason})")
+    click.echo(f"torch: {torch.__version__}")
+    click.echo(f"python: {platform.python_version()}")
+    click.echo(f"native cache: {status.build_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting (tests call this)."""
     try:

@@ -12,12 +12,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradtrace import _native
 from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
@@ -37,6 +38,7 @@ from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
+from gradtrace.probes.native import NativeCoreProbe
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
@@ -108,6 +110,7 @@ class Session:
         tensorboard: bool | str | Path = False,
         check_ranks: bool = False,
         grad_histograms: int = 0,
+        core: str | None = None,
         **meta: Any,
     ) -> None:
         if level not in LEVELS:
@@ -116,6 +119,8 @@ class Session:
         self.job_dir = Path(out)
         self.run_dir = self.job_dir if self.rank is None else self.rank.run_dir(self.job_dir)
         self.level = level
+        # "python" forces the Python probes; None takes the native core where it builds.
+        self._core_choice = core
         self.findings: list[Finding] = []
         self._meta = meta
         self._model = model
@@ -130,7 +135,8 @@ class Session:
         self._writer: RunWriter | None = None
         self._jobs: StoreJobs | None = None
         self._pid = os.getpid()
-        self._writes: WriteLogProbe | None = None
+        self._writes: WriteLogProbe | NativeCoreProbe | None = None
+        self.core = _native.PYTHON
         self._steps = StepProbe(self._end_step)
         self._deferred = DeferredQueue()
         # step -> name -> value, until the step's record is written.
@@ -166,9 +172,12 @@ class Session:
             )
         if self._tensorboard is not False:
             require_tensorboard()  # before the run directory exists: fail with nothing made
+        core = None if self._core_choice == _native.PYTHON else _native.load()
+        self.core = _native.NATIVE if core is not None else _native.PYTHON
         writer = RunWriter(self.run_dir)
         writer.set_meta(
             status=RUNNING,
+            core=self.core,
             started_ns=time.time_ns(),
             level=self.level,
             every=self._every,
@@ -189,7 +198,7 @@ class Session:
             stack.callback(jobs.close)  # before the writer closes
             if self._tensorboard is not False:
                 self._live = LiveTensorBoard(self._tensorboard_dir())
-            self._install(stack)
+            self._install(stack, core)
         except BaseException:
             stack.close()
             raise
@@ -200,22 +209,30 @@ class Session:
         _active = self
         return self
 
-    def _install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack, core: ModuleType | None) -> None:
         modules = self._modules
         if self._model is not None:
             modules.add_root(self._model)
         callers = CallerFinder()
-        # The write log's map of live saved tensors by storage (level "full" only).
-        live = LiveSaved() if self.level == "full" else None
-        saved = SavedTensorProbe(modules, self._steps, callers, self._add_finding, live=live)
         modules.install(stack)
         self._steps.install(stack)
         if self._grad_stats:
             self._install_grad_stats(stack, callers)
-        saved.install(stack)
-        if live is not None:
-            self._writes = WriteLogProbe(live, modules, self._steps, callers)
-            self._writes.install(stack)
+        full = self.level == "full"
+        if core is not None:
+            native = NativeCoreProbe(
+                core, modules, self._steps, self._add_finding, observe_writes=full
+            )
+            native.install(stack)
+            self._writes = native if full else None
+        else:
+            # The write log's map of live saved tensors by storage (level "full" only).
+            live = LiveSaved() if full else None
+            saved = SavedTensorProbe(modules, self._steps, callers, self._add_finding, live=live)
+            saved.install(stack)
+            if live is not None:
+                self._writes = WriteLogProbe(live, modules, self._steps, callers)
+                self._writes.install(stack)
         self._timeline = TimelineProbe(modules, self._trace_steps, self._writes)
         self._timeline.install(stack)
 

@@ -55,7 +55,15 @@ from gradtrace.probes import _torch_compat
 from gradtrace.probes.grads import BOUNDED_MODULES
 from gradtrace.session import Session
 
-CONFIGS = ("untraced", "gt-light", "gt-full", "anomaly-nonan", "anomaly")
+CONFIGS = (
+    "untraced",
+    "gt-light",
+    "gt-full",
+    "gt-light-py",
+    "gt-full-py",
+    "anomaly-nonan",
+    "anomaly",
+)
 # --grad-stats: the gradient statistics on and off, and with the opt-in update ratio.
 GRAD_STAT_CONFIGS = ("untraced", "gt-light-nostats", "gt-light", "gt-light-update")
 # --floors: the least each level's mechanisms cost with nothing done in them, next to gradtrace.
@@ -66,13 +74,15 @@ CONFIG_LABELS = {
     "gt-light": "gradtrace light",
     "gt-light-update": "gradtrace light + update ratio",
     "gt-full": "gradtrace full",
+    "gt-light-py": "gradtrace light, Python core",
+    "gt-full-py": "gradtrace full, Python core",
     "anomaly-nonan": "detect_anomaly(check_nan=False)",
     "anomaly": "detect_anomaly()",
     "floor-hooks": "floor: empty module hooks + saved-tensor version check",
     "floor-light": "floor: + output sums + gradient norms",
     "floor-full": "floor: + empty dispatch mode",
 }
-MODELS = ("mlp", "cnn", "gpt")
+MODELS = ("mlp", "cnn", "gpt", "policy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,11 +204,13 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
         "mlp": {"width": 4096, "batch": 256, "classes": 1000},
         "cnn": {"widths": (64, 128, 256), "blocks": 2, "batch": 64, "image": 32, "classes": 100},
         "gpt": {"vocab": 50257, "seq": 256, "d": 768, "heads": 12, "layers": 12, "batch": 8},
+        "policy": {"obs": 8, "hidden": 64, "actions": 4, "calls": 32},
     },
     "cpu": {
         "mlp": {"width": 512, "batch": 128, "classes": 100},
         "cnn": {"widths": (16, 32, 64), "blocks": 1, "batch": 16, "image": 32, "classes": 10},
         "gpt": {"vocab": 1024, "seq": 64, "d": 128, "heads": 4, "layers": 2, "batch": 8},
+        "policy": {"obs": 8, "hidden": 64, "actions": 4, "calls": 32},
     },
 }
 
@@ -229,6 +241,8 @@ def build_workload(name: str, device: torch.device) -> Workload:
         model = GPT(shape["vocab"], shape["seq"], shape["d"], shape["heads"], shape["layers"])
         tokens = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"] + 1), generator=gen)
         x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    elif name == "policy":
+        return _policy_workload(shape, device)
     else:
         raise ValueError(name)
     model = model.to(device).train()
@@ -249,6 +263,43 @@ def build_workload(name: str, device: torch.device) -> Workload:
     return Workload(name, model, optimizer, step, params, dict(shape))
 
 
+class Policy(nn.Module):
+    """A small actor as REINFORCE uses it: called once per environment step."""
+
+    def __init__(self, obs: int, hidden: int, actions: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(obs, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.act = nn.ReLU()
+        self.head = nn.Linear(hidden, actions)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(x)))
+
+
+def _policy_workload(shape: dict[str, Any], device: torch.device) -> Workload:
+    """Many tiny forwards per optimizer step: the case where per-call costs dominate."""
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    model = Policy(shape["obs"], shape["hidden"], shape["actions"]).to(device).train()
+    observations = torch.randn(shape["calls"], 1, shape["obs"], generator=gen).to(device)
+    actions = torch.randint(0, shape["actions"], (shape["calls"], 1), generator=gen).to(device)
+    returns = torch.linspace(1.0, 0.0, shape["calls"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        log_probs = []
+        for t in range(shape["calls"]):
+            logits = model(observations[t])
+            log_probs.append(F.log_softmax(logits, dim=-1).gather(1, actions[t : t + 1]))
+        loss = -(torch.cat(log_probs).squeeze(1) * returns).sum()
+        loss.backward()
+        optimizer.step()
+
+    params = sum(p.numel() for p in model.parameters())
+    return Workload("policy", model, optimizer, step, params, dict(shape))
+
+
 # --------------------------------------------------------------------------------------------
 # Configurations and global-state hygiene
 
@@ -259,8 +310,10 @@ def config_context(config: str, run_dir: Path, holder: dict[str, Any]) -> Iterat
     if config == "untraced":
         yield
     elif config.startswith("gt-"):
-        level = "full" if config == "gt-full" else "light"
+        level = "full" if config.startswith("gt-full") else "light"
         options = {
+            # "-py": the Python probes; otherwise the native core where it builds.
+            "core": "python" if config.endswith("-py") else None,
             "grad_stats": config != "gt-light-nostats",
             "update_ratio": config == "gt-light-update",
             # Steady state: the steps timed for trace.json (the first three by default)
@@ -855,22 +908,24 @@ def grad_stat_table(costs: list[dict[str, Any]]) -> str:
 
 
 @contextlib.contextmanager
-def warm_session(device: torch.device, model: str, level: str, run_dir: Path) -> Iterator[Workload]:
+def warm_session(
+    device: torch.device, model: str, level: str, run_dir: Path, core: str | None
+) -> Iterator[Workload]:
     """The model warmed up untraced, then a session at `level` past its first step (which
     fills the session's per-op caches): what a profile or a hook count should look at."""
     work = build_workload(model, device)
     for _ in range(2):
         work.step()
-    with Session(run_dir, level=level, trace_steps="none"):
+    with Session(run_dir, level=level, trace_steps="none", core=core):
         work.step()
         yield work
 
 
 def profile_level(
-    device: torch.device, model: str, level: str, steps: int, top: int, tmp: Path
+    device: torch.device, model: str, level: str, steps: int, top: int, tmp: Path, core: str | None
 ) -> str:
     profiler = cProfile.Profile()
-    with warm_session(device, model, level, tmp / f"profile-{model}-{level}") as work:
+    with warm_session(device, model, level, tmp / f"profile-{model}-{level}", core) as work:
         profiler.enable()
         for _ in range(steps):
             work.step()
@@ -969,7 +1024,9 @@ def _timed(
     return timed
 
 
-def hook_time(device: torch.device, model: str, level: str, steps: int, tmp: Path) -> str:
+def hook_time(
+    device: torch.device, model: str, level: str, steps: int, tmp: Path, core: str | None
+) -> str:
     """Host time spent inside gradtrace's hooks per step, per hook: where the overhead starts.
 
     Unlike step-time ratios this hardly moves with the machine's load, so it can compare two
@@ -977,7 +1034,7 @@ def hook_time(device: torch.device, model: str, level: str, steps: int, tmp: Pat
     """
     totals: dict[str, list[float]] = {}
     run_dir = tmp / f"hooks-{model}-{level}"
-    with timed_hooks(totals), warm_session(device, model, level, run_dir) as work:
+    with timed_hooks(totals), warm_session(device, model, level, run_dir, core) as work:
         totals.clear()  # the first step is not counted
         for _ in range(steps):
             work.step()
@@ -1072,6 +1129,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: train the MLP for STEPS steps under --profile-level, sampling host RSS "
         "every 1000 steps, and report the run directory's size",
     )
+    parser.add_argument(
+        "--profile-core",
+        choices=("native", "python"),
+        default="native",
+        help="core for --profile and --hook-time (native: where it builds)",
+    )
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -1119,6 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.soak:
             print(soak(device, args.profile_level, args.soak, tmp))
             return 0
+        core = None if args.profile_core == "native" else "python"
         if args.hook_time:
             print(
                 f"# gradtrace {args.profile_level}-level hook time: {args.profile_model}, "
@@ -1126,7 +1190,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"gradtrace {header['gradtrace']}\n"
             )
             print(
-                hook_time(device, args.profile_model, args.profile_level, args.profile_steps, tmp)
+                hook_time(
+                    device,
+                    args.profile_model,
+                    args.profile_level,
+                    args.profile_steps,
+                    tmp,
+                    core,
+                )
             )
             return 0
         if args.profile:
@@ -1145,6 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.profile_steps,
                     args.profile_top,
                     tmp,
+                    core,
                 )
             )
             return 0

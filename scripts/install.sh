@@ -17,3 +17,5 @@ if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
 fi
 "$python" -m pip install --quiet --editable ".${extras}"
+# Build the native core now (about a minute, once per torch), not on the first traced run.
+"$python" -m gradtrace info

@@ -8,7 +8,7 @@ import torch.nn.modules.module as torch_module
 import torch.optim.optimizer as torch_optimizer
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-from gradtrace import session
+from gradtrace import _native, session
 
 # GradScaler.update and clip_grad_norm_ as torch ships them: gradtrace wraps them while a
 # session runs.
@@ -34,6 +34,8 @@ def attached_hooks() -> list[str]:
         attached.append("torch dispatch mode")
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         attached.append("saved-tensor hooks")
+    if _native.observing():
+        attached.append("native write observer")
     if session.active() is not None:
         attached.append("active gradtrace session")
     if torch.amp.GradScaler.update is not _SCALER_UPDATE:

@@ -14,7 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_overhead.py"
 
 def hook_rows(level: str) -> dict[str, tuple[float, float]]:
     """{hook: (ms per step, calls per step)} from a short `--hook-time` run on the MLP."""
+    # The Python core: its pack, unpack and write log are Python hooks to count.
     options = ["--hook-time", "--profile-level", level, "--profile-model", "mlp"]
+    options += ["--profile-core", "python"]
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", *options, "--profile-steps", "3"],
         capture_output=True,

@@ -28,6 +28,7 @@ import pytest
 import torch
 from conftest import attached_hooks
 
+from gradtrace._native import CORE_ENV, NATIVE, PYTHON
 from gradtrace.cli import main as gradtrace_main
 from gradtrace.session import Session
 
@@ -49,6 +50,8 @@ _MARKER = re.compile(r"#\s*(?P<tag>expect|saved-by):\s*(?P<fields>.*)$")
 _LOUD_KIND = "inplace-write"
 _SILENT_KIND = "silent-overwrite"
 TIMEOUT_S = 60
+# Every corpus script runs on both cores: they must give the same answers.
+CORES = [NATIVE, PYTHON]
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,12 @@ class Outcome:
     stderr: str
 
 
-def _start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
+def _start(argv: list[str], cwd: Path, core: str | None = None) -> subprocess.Popen[str]:
     # One intra-op thread each: a plain and a traced run share the cores side by side, and
     # both see the same setting, so their results stay comparable bit for bit.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if core is not None:
+        env[CORE_ENV] = core
     return subprocess.Popen(
         argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -109,13 +114,16 @@ def _finish(process: subprocess.Popen[str]) -> Outcome:
     return Outcome(process.returncode, stdout, stderr)
 
 
-def run_both(script: Path, run_dir: Path, *extra: str) -> tuple[Outcome, Outcome]:
-    """Run the script with plain python and under `gradtrace run`, side by side."""
+def run_both(
+    script: Path, run_dir: Path, *extra: str, core: str | None = None
+) -> tuple[Outcome, Outcome]:
+    """Run the script with plain python and under `gradtrace run` (on `core`), side by side."""
     cwd = script.parent
     plain = _start([sys.executable, str(script)], cwd)
     traced = _start(
         [sys.executable, "-m", "gradtrace", "run", "--out", str(run_dir), *extra, str(script)],
         cwd,
+        core,
     )
     return _finish(plain), _finish(traced)
 
@@ -147,12 +155,14 @@ def test_corpus_is_complete():
     assert kinds == {_LOUD_KIND, _SILENT_KIND}
 
 
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("script", BUGS, ids=_ids(BUGS))
-def test_bug_is_named(script: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bug_is_named(script: Path, core: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Both cores name the same write, saver and lines: the markers are the one expectation."""
     expected = parse_markers(script)
     culprit = expected.culprit.fields
     run_dir = tmp_path / "run"
-    plain, traced = run_both(script, run_dir)
+    plain, traced = run_both(script, run_dir, core=core)
 
     if culprit["kind"] == _LOUD_KIND:
         assert plain.returncode == 1, plain.stderr
@@ -172,6 +182,7 @@ def test_bug_is_named(script: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         assert traced.stdout == plain.stdout
 
     report = report_json(run_dir, capsys)
+    assert report["run"]["core"] == core
     # Gradient-health findings may come too (not this corpus's subject); in-place: exactly one.
     findings = [f for f in report["findings"] if f["kind"] in (_LOUD_KIND, _SILENT_KIND)]
     assert len(findings) == 1, json.dumps(findings, indent=2)
@@ -198,12 +209,13 @@ def test_bug_is_named(script: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
             assert saved_by["parameter"] == saved["parameter"]
 
 
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("script", CLEAN, ids=_ids(CLEAN))
 def test_clean_script_is_untouched(
-    script: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    script: Path, core: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     run_dir = tmp_path / "run"
-    plain, traced = run_both(script, run_dir)
+    plain, traced = run_both(script, run_dir, core=core)
     assert plain.returncode == 0, plain.stderr
     assert traced.returncode == 0, traced.stderr
     digests = [line for line in plain.stdout.splitlines() if line.startswith("DIGEST ")]

@@ -9,13 +9,20 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+from gradtrace import _native
 from gradtrace.probes.writes import _WriteLogMode
 from gradtrace.session import Session
 from gradtrace.store.reader import load_run
 
+# Both cores step aside alike: the native observer (a dispatch key) and the Python mode.
+CORES = [_native.NATIVE, _native.PYTHON]
+
 
 def _write_log_on() -> bool:
-    return any(isinstance(mode, _WriteLogMode) for mode in _get_current_dispatch_mode_stack())
+    python_mode = any(
+        isinstance(mode, _WriteLogMode) for mode in _get_current_dispatch_mode_stack()
+    )
+    return python_mode or _native.observing()
 
 
 class Spy(torch.optim.SGD):
@@ -33,12 +40,16 @@ class Spy(torch.optim.SGD):
         return super().step(closure)
 
 
-def test_a_plain_step_after_backward_is_not_logged_one_before_backward_is(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", CORES)
+def test_a_plain_step_after_backward_is_not_logged_one_before_backward_is(
+    tmp_path: Path, core: str
+) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     optimizer = Spy(model.parameters())
     # No timeline: a step chosen for trace.json logs every write, plain steps included.
-    with Session(tmp_path / "run", level="full", trace_steps="none"):
+    with Session(tmp_path / "run", level="full", trace_steps="none", core=core) as session:
+        assert session.core == core
         loss = model(torch.randn(2, 4)).sum()
         loss.backward()
         optimizer.step()  # the graph is freed: nothing to corrupt
@@ -51,11 +62,14 @@ def test_a_plain_step_after_backward_is_not_logged_one_before_backward_is(tmp_pa
     assert counts[("Spy.step", "add_")] == 4  # one update of 4 parameters
 
 
-def test_the_write_log_is_back_for_the_forward_after_a_step_that_raised(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", CORES)
+def test_the_write_log_is_back_for_the_forward_after_a_step_that_raised(
+    tmp_path: Path, core: str
+) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
     optimizer = Spy(model.parameters(), fail_at=0)
-    session = Session(tmp_path / "run", level="full")
+    session = Session(tmp_path / "run", level="full", core=core)
     with session:
         model(torch.randn(2, 4)).sum().backward()
         with pytest.raises(RuntimeError, match="update failed"):

@@ -7,6 +7,7 @@ If a future torch renames one, only this module changes.
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -247,3 +248,14 @@ def unwrapped_path(path: str) -> str:
     if "_" not in path:
         return path
     return ".".join(part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES)
+
+
+def force_eager() -> AbstractContextManager[object]:
+    """Context in which torch.compile'd code runs eagerly, op by op.
+
+    NOTE: the native write observer sees ops at the dispatcher; code compiled by Inductor
+    writes its buffers in generated kernels it never sees. `torch.compiler.set_stance`
+    (torch >= 2.6, checked on 2.11 and 2.13) is the documented switch; earlier releases
+    have no such switch, and there the native core is not used at level "full".
+    """
+    return torch.compiler.set_stance("force_eager")

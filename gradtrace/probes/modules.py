@@ -91,6 +91,13 @@ class ModuleStackProbe:
         # id(parameter) -> (weakref, its path, its module's path), rebuilt for new roots.
         # Keyed by id: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.
         self._params: dict[int, tuple[weakref.ref[torch.Tensor], str, str]] = {}
+        # Told this thread's innermost module path (None: outside every forward) whenever it
+        # changes: the native core attributes saved tensors and writes without calling back.
+        self._publish: Callable[[str | None], None] | None = None
+
+    def publish_to(self, publish: Callable[[str | None], None] | None) -> None:
+        """Call `publish(path)` on the running thread whenever `current()` changes."""
+        self._publish = publish
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(register_module_forward_pre_hook(self._enter))
@@ -116,6 +123,8 @@ class ModuleStackProbe:
             path = self._names.get(module)
         name = path or self.name_of(module)
         stack.append((module, name))
+        if self._publish is not None:
+            self._publish(name)
         how = _torch_compat.checkpointing()
         if how is not None:
             self.checkpointed.setdefault(name, how)
@@ -128,6 +137,8 @@ class ModuleStackProbe:
         while stack:
             if stack.pop()[0] is module:
                 break
+        if self._publish is not None:
+            self._publish(stack[-1][1] if stack else None)
 
     def on_root_start(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a forward starts with no module around it."""

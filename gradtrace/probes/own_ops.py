@@ -15,12 +15,27 @@ among them nothing is skipped.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 
 import torch
 
 _state = threading.local()
+
+# The native core's switch that hides this thread's ops from its write observer (see
+# `hide_from`); None while no native observer is installed.
+_hide: Callable[[bool], bool] | None = None
+
+
+def hide_from(hide: Callable[[bool], bool] | None) -> None:
+    """Make `own_ops` call `hide(True)` on entry and `hide(previous)` on exit (None: stop).
+
+    The native write observer is a dispatch key, not a Python mode: `unobserved` cannot
+    step around it, so gradtrace's own ops are excluded from it by this switch instead.
+    """
+    global _hide
+    _hide = hide
 
 
 def in_own_ops() -> bool:
@@ -53,7 +68,7 @@ class own_ops:
     tensors (see `unobserved`).
     """
 
-    __slots__ = ("_grad", "_hidden", "_outer", "_tensors")
+    __slots__ = ("_grad", "_hidden", "_native", "_outer", "_tensors")
 
     def __init__(self, *tensors: torch.Tensor) -> None:
         self._tensors = tensors
@@ -66,6 +81,7 @@ class own_ops:
         torch._C._set_grad_enabled(False)
         self._hidden = unobserved(*self._tensors)
         self._hidden.__enter__()
+        self._native = None if _hide is None else _hide(True)
 
     def __exit__(
         self,
@@ -73,6 +89,8 @@ class own_ops:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if _hide is not None and self._native is not None:
+            _hide(self._native)
         self._hidden.__exit__(exc_type, exc, tb)
         torch._C._set_grad_enabled(self._grad)
         _state.active = self._outer

@@ -189,6 +189,70 @@ class _Packed:
         self.live.discard(self.key, self.record)
 
 
+class CorruptionCheck:
+    """Turns a saved tensor found written at unpack into a finding, and a changed version into
+    PyTorch's own error followed by the attribution. Shared by both cores.
+
+    `writes_logged`: whether writes were watched (level "full"), which decides how a finding
+    without a seen write is worded.
+    """
+
+    def __init__(
+        self,
+        modules: ModuleStackProbe,
+        on_finding: Callable[[Finding], None],
+        *,
+        writes_logged: bool,
+    ) -> None:
+        self._modules = modules
+        self._on_finding = on_finding
+        self._writes_logged = writes_logged
+        self._wording = Wording()
+
+    def learn_wording(self) -> None:
+        """Ask torch how it words the error; before any saved-tensor hook is installed."""
+        self._wording = _wording()
+
+    def __call__(self, record: SavedRecord, version_now: int) -> None:
+        evidence = CorruptionEvidence(
+            saved=self._saved_tensor(record),
+            node=_torch_compat.current_node_name() or "unknown node",
+            version_now=version_now,
+            writes=tuple(hit.resolve() for hit in record.hits),
+            writes_logged=self._writes_logged,
+        )
+        finding = diagnose(evidence)
+        if finding is None:
+            return
+        loud = version_now != record.version
+        if not record.reported:
+            record.reported = True
+            self._on_finding(finding)
+        if loud:
+            message = pytorch_message(evidence, self._wording)
+            raise RuntimeError(f"{message}\n\n{explain(finding)}")
+
+    def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
+        tensor = record.tensor
+        return SavedTensor(
+            shape=tuple(tensor.shape),
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            device=str(tensor.device),
+            type_name=tensor.type(),
+            version_saved=record.version,
+            step=record.step,
+            module=record.module,
+            source=source_line(record.caller),
+            grad_fn=record.grad_fn,
+            output_nr=record.output_nr,
+            parameter=self._parameter_name(tensor),
+        )
+
+    def _parameter_name(self, tensor: torch.Tensor) -> str | None:
+        key = _torch_compat.storage_key(tensor)
+        return None if key is None else self._modules.parameter_name(key)
+
+
 class SavedTensorProbe:
     """Installs the saved-tensor hooks and turns corrupted unpacks into findings.
 
@@ -209,11 +273,10 @@ class SavedTensorProbe:
         self._modules = modules
         self._steps = steps
         self._callers = callers
-        self._on_finding = on_finding
-        self._wording = Wording()
+        self._check = CorruptionCheck(modules, on_finding, writes_logged=live is not None)
 
     def install(self, stack: ExitStack) -> None:
-        self._wording = _wording()
+        self._check.learn_wording()
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
 
     def _pack(self, tensor: torch.Tensor) -> object:
@@ -253,45 +316,6 @@ class SavedTensorProbe:
         if version_now != record.version or (record.hits and not record.reported):
             self._check(record, version_now)
         return record.tensor
-
-    def _check(self, record: SavedRecord, version_now: int) -> None:
-        evidence = CorruptionEvidence(
-            saved=self._saved_tensor(record),
-            node=_torch_compat.current_node_name() or "unknown node",
-            version_now=version_now,
-            writes=tuple(hit.resolve() for hit in record.hits),
-            writes_logged=self._live is not None,
-        )
-        finding = diagnose(evidence)
-        if finding is None:
-            return
-        loud = version_now != record.version
-        if not record.reported:
-            record.reported = True
-            self._on_finding(finding)
-        if loud:
-            message = pytorch_message(evidence, self._wording)
-            raise RuntimeError(f"{message}\n\n{explain(finding)}")
-
-    def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
-        tensor = record.tensor
-        return SavedTensor(
-            shape=tuple(tensor.shape),
-            dtype=str(tensor.dtype).removeprefix("torch."),
-            device=str(tensor.device),
-            type_name=tensor.type(),
-            version_saved=record.version,
-            step=record.step,
-            module=record.module,
-            source=source_line(record.caller),
-            grad_fn=record.grad_fn,
-            output_nr=record.output_nr,
-            parameter=self._parameter_name(tensor),
-        )
-
-    def _parameter_name(self, tensor: torch.Tensor) -> str | None:
-        key = _torch_compat.storage_key(tensor)
-        return None if key is None else self._modules.parameter_name(key)
 
 
 @functools.cache

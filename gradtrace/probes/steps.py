@@ -38,6 +38,25 @@ class StepProbe:
         self._plain_update: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self._updated: list[Callable[[Optimizer], None]] = []
         self._local = threading.local()
+        # Told the stepping optimizer's label on this thread (None when it returns) and each
+        # new step index: the native core labels writes and saved tensors without calling back.
+        self._publish_optimizer: Callable[[str | None], None] | None = None
+        self._publish_step: Callable[[int], None] | None = None
+
+    def publish_to(
+        self,
+        *,
+        optimizer: Callable[[str | None], None] | None,
+        step: Callable[[int], None] | None,
+    ) -> None:
+        """Call `optimizer(label)` as the stepping optimizer changes, `step(n)` as a step ends."""
+        self._publish_optimizer = optimizer
+        self._publish_step = step
+
+    def _set_optimizer(self, label: str | None) -> None:
+        self._local.optimizer = label
+        if self._publish_optimizer is not None:
+            self._publish_optimizer(label)
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(register_optimizer_step_pre_hook(self._before))
@@ -65,7 +84,7 @@ class StepProbe:
     def _before(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        self._local.optimizer = f"{type(optimizer).__name__}.step"
+        self._set_optimizer(f"{type(optimizer).__name__}.step")
         # `args` starts with the optimizer itself: the closure, if any, comes after it.
         if kwargs.get("closure") is not None:
             return args, {**kwargs, "closure": self._wrap(optimizer, kwargs["closure"])}
@@ -82,11 +101,13 @@ class StepProbe:
             self._local.plain = False
             for _, after in reversed(self._plain_update):
                 after()
-        self._local.optimizer = None
+        self._set_optimizer(None)
         for callback in self._updated:
             callback(optimizer)
         self._on_step_end(self.step)
         self.step += 1
+        if self._publish_step is not None:
+            self._publish_step(self.step)
 
     def _wrap(self, optimizer: Optimizer, closure: Callable[..., Any]) -> Callable[..., Any]:
         calls = 0
@@ -94,11 +115,12 @@ class StepProbe:
         @functools.wraps(closure)
         def traced_closure(*args: Any, **kwargs: Any) -> Any:
             nonlocal calls
-            label, self._local.optimizer = self.optimizer, None
+            label = self.optimizer
+            self._set_optimizer(None)
             try:
                 result = closure(*args, **kwargs)
             finally:
-                self._local.optimizer = label
+                self._set_optimizer(label)
             calls += 1
             if calls == 1:
                 self._announce(optimizer)

@@ -30,6 +30,7 @@ def render_json(run: Run) -> dict[str, Any]:
             "exit_code": meta.get("exit_code"),
             "argv": meta.get("argv"),
             "level": meta.get("level"),
+            "core": meta.get("core"),
             "torch": meta.get("torch"),
             "python": meta.get("python"),
             "cuda_device": meta.get("cuda_device"),

@@ -1,0 +1,120 @@
+"""The native core's probe: saved-tensor hooks and the write observer, in C++.
+
+Produces what `SavedTensorProbe` and `WriteLogProbe` produce (the same records, counts,
+findings and timeline writes) at a fraction of their cost: pack, unpack and every write run
+in `gradtrace/_native/core.cpp`, and Python is called only for a finding (unpack of a
+written saved tensor), for a code object seen for the first time, and for every write of
+a step chosen for the timeline.
+
+NOTE [what Python tells the core]: the module stack and the step probe publish the running
+module's path, the stepping optimizer and the step index as they change (one C call each);
+`own_ops` hides gradtrace's own ops from the observer. The core reads them per saved tensor
+and per write, with no call back into Python.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+from types import ModuleType
+
+import torch
+
+from gradtrace.events import Finding
+from gradtrace.probes import _torch_compat
+from gradtrace.probes.frames import Caller, is_user_code
+from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
+from gradtrace.probes.own_ops import hide_from
+from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
+from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.timeline import TimelineProbe
+
+
+class NativeCoreProbe:
+    """The saved-tensor check and (with `observe_writes`, level "full") the write log."""
+
+    def __init__(
+        self,
+        core: ModuleType,
+        modules: ModuleStackProbe,
+        steps: StepProbe,
+        on_finding: Callable[[Finding], None],
+        *,
+        observe_writes: bool,
+    ) -> None:
+        self._core = core
+        self._modules = modules
+        self._steps = steps
+        self._observe = observe_writes
+        self._check = CorruptionCheck(modules, on_finding, writes_logged=observe_writes)
+        self._aside = False
+        self._timeline: TimelineProbe | None = None
+
+    def install(self, stack: ExitStack) -> None:
+        core = self._core
+        self._check.learn_wording()
+        core.configure(is_user_code, self._on_check, self._observe)
+        stack.callback(core.reset)
+        self._modules.publish_to(core.set_module)
+        stack.callback(self._modules.publish_to, None)
+        stack.callback(core.set_module, None)
+        self._steps.publish_to(optimizer=core.set_optimizer, step=core.set_step)
+        stack.callback(self._steps.publish_to, optimizer=None, step=None)
+        stack.callback(core.set_optimizer, None)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(core.pack, core.unpack))
+        if not self._observe:
+            return
+        # Compiled code would run its writes where no dispatcher sees them.
+        stack.enter_context(_torch_compat.force_eager())
+        hide_from(core.set_hidden)
+        stack.callback(hide_from, None)
+        core.set_observing(True)
+        stack.callback(core.set_observing, False)
+        # Unwound before the observer goes off: a step that raised may have left it aside.
+        stack.callback(self._step_back)
+        self._steps.around_plain_update(self._step_aside, self._step_back)
+        self._modules.on_root_start(self._step_back)
+
+    def take_counts(self) -> Counter[tuple[str, str, str]]:
+        """Hand over the per-(owner, op, phase) write counts gathered since the last call."""
+        phases = self._core.PHASES
+        return Counter(
+            {(owner, op, phases[phase]): n for owner, op, phase, n in self._core.take_counts()}
+        )
+
+    def trace_writes(self, timeline: TimelineProbe | None) -> None:
+        """Hand every write to `timeline` from now on (None: stop)."""
+        self._timeline = timeline
+        self._core.trace_writes(None if timeline is None else self._traced_write)
+
+    def _traced_write(self, op: str, owner: str, phase: int, caller: Caller | None) -> None:
+        timeline = self._timeline
+        if timeline is not None:
+            timeline.add_write(op, owner, self._core.PHASES[phase], caller)
+
+    def _step_aside(self) -> None:
+        """A plain optimizer step with no saved tensor live writes nothing that matters (see
+        NOTE [plain optimizer steps] in writes.py): the observer steps aside for it."""
+        if not self._aside and self._timeline is None and self._core.live_count() == 0:
+            self._aside = True
+            self._core.set_observing(False)
+
+    def _step_back(self) -> None:
+        if self._aside:
+            self._aside = False
+            self._core.set_observing(True)
+
+    def _on_check(self, packed: object, version_now: int) -> None:
+        """Called by the core's unpack for a saved tensor written since it was packed."""
+        tensor, grad_fn, output_nr, version, module, step, caller, hits, reported = packed.info()
+        record = SavedRecord(
+            tensor, grad_fn, output_nr, version, module or LOOP_OWNER, step, caller
+        )
+        record.hits = [RawWrite(*hit) for hit in hits]
+        record.reported = reported
+        try:
+            self._check(record, version_now)
+        finally:
+            if record.reported and not reported:
+                packed.mark_reported()
