@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradtrace.session as gt_session
+from gradtrace import _native
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.grads import BOUNDED_MODULES
 from gradtrace.session import Session
@@ -67,7 +68,15 @@ CONFIGS = (
 # --grad-stats: the gradient statistics on and off, and with the opt-in update ratio.
 GRAD_STAT_CONFIGS = ("untraced", "gt-light-nostats", "gt-light", "gt-light-update")
 # --floors: the least each level's mechanisms cost with nothing done in them, next to gradtrace.
-FLOOR_CONFIGS = ("untraced", "floor-hooks", "floor-light", "gt-light", "floor-full", "gt-full")
+FLOOR_CONFIGS = (
+    "untraced",
+    "floor-hooks",
+    "floor-light",
+    "gt-light",
+    "floor-full",
+    "floor-native",
+    "gt-full",
+)
 CONFIG_LABELS = {
     "untraced": "untraced",
     "gt-light-nostats": "gradtrace light, grad stats off",
@@ -81,6 +90,7 @@ CONFIG_LABELS = {
     "floor-hooks": "floor: empty module hooks + saved-tensor version check",
     "floor-light": "floor: + output sums + gradient norms",
     "floor-full": "floor: + empty dispatch mode",
+    "floor-native": "floor: empty module hooks + native pack/unpack and write observer",
 }
 MODELS = ("mlp", "cnn", "gpt", "policy")
 
@@ -397,6 +407,10 @@ def floor_mechanisms(config: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(register_module_forward_pre_hook(lambda module, args: None))
         stack.enter_context(register_module_forward_hook(lambda module, args, output: None))
+        if config == "floor-native":
+            stack.enter_context(native_floor())
+            yield
+            return
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
         if config in ("floor-light", "floor-full"):
             stack.enter_context(register_module_forward_hook(sum_output))
@@ -406,6 +420,32 @@ def floor_mechanisms(config: str) -> Iterator[None]:
             stack.enter_context(register_optimizer_step_pre_hook(mode_off))
             stack.enter_context(register_optimizer_step_post_hook(mode_on))
         yield
+
+
+@contextlib.contextmanager
+def native_floor() -> Iterator[None]:
+    """The native core's mechanisms doing the least they can: pack and unpack in C with
+    every record registered by storage, and the write observer counting every write, off
+    from one optimizer step's start to its end (gradtrace steps aside for a plain step).
+    The first frame is taken as the user's, and no finding is ever made."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    core = _native.load()
+    if core is None:
+        raise SystemExit(f"--floors needs the native core: {_native.status().reason}")
+    core.configure(lambda code: True, lambda packed, version: None, True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(core.reset)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(core.pack, core.unpack))
+        core.set_observing(True)
+        stack.callback(core.set_observing, False)
+        stack.enter_context(register_optimizer_step_pre_hook(lambda *_: core.set_observing(False)))
+        stack.enter_context(register_optimizer_step_post_hook(lambda *_: core.set_observing(True)))
+        yield
+        core.take_counts()
 
 
 class _FloorMode(_torch_compat.UntracedDynamoMode):

@@ -26,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/autograd/function.h>
@@ -141,6 +142,21 @@ Config config;
 std::atomic<int64_t> step_now{0};
 std::atomic<int64_t> next_seq{0};
 std::atomic<bool> trace_all{false};
+
+// NOTE [a core that fails]: an error inside the core's own bookkeeping (out of memory, an
+// unexpected tensor) must never reach the user's op. The core then stops its work for the
+// rest of the session (ops and packs pass straight through) and keeps the first message for
+// Python, which reports the probe as failed (see gradtrace/probes/guard.py).
+std::atomic<bool> failed{false};
+std::mutex failure_mutex;
+std::string failure_message;
+
+void fail(const char* what) {
+  std::lock_guard<std::mutex> guard(failure_mutex);
+  if (!failed.exchange(true)) {
+    failure_message = what;
+  }
+}
 
 std::unordered_map<PyObject*, bool> user_code;  // code (kept alive) -> verdict; GIL
 
@@ -528,23 +544,53 @@ void note_write(
   }
 }
 
+// NOTE [the ops a caller issued]: the observer sits above autograd, so it also sees the
+// ops that kernels issue themselves: a backward formula's `mm(..., out=)`, `randn`'s
+// `normal_` on the tensor it just made. Those are not the program's writes, and the Python
+// write log (a dispatch mode, entered around each op the program issues) never sees them.
+// They are told apart as PyTorch runs them: a kernel below autograd runs with the autograd
+// keys excluded on its thread (AutoDispatchBelowADInplaceOrView), outside inference mode,
+// which excludes them for everything; a factory op (no tensor argument, so it never passes
+// autograd) is observed too, only to mark what runs inside it; and a write seen marks its
+// own inner ops.
+bool inside_a_kernel() {
+  return tl_depth > 0 ||
+      (c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::AutogradFunctionality) &&
+       !c10::InferenceMode::is_enabled());
+}
+
+void enclose(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  ++tl_depth;
+  try {
+    op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey), stack);
+  } catch (...) {
+    --tl_depth;
+    throw;
+  }
+  --tl_depth;
+}
+
 void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
-  if (tl_depth > 0) {
-    // Inside a write already seen: its inner ops are its own (the Python mode, too, sees
-    // only the op the caller issued).
+  if (failed.load(std::memory_order_relaxed) || inside_a_kernel()) {
     op.redispatchBoxed(below, stack);
     return;
   }
-  const OpInfo& info = op_info(op);
+  const OpInfo* info = nullptr;
   std::vector<at::Tensor> written;
-  const size_t base = stack->size() - info.num_args;
-  for (size_t position : info.written) {
-    gather((*stack)[base + position], &written);
-  }
   Candidates candidates;
-  if (live_records.load(std::memory_order_relaxed) > 0) {
-    candidates = find_candidates(written);
+  try {
+    info = &op_info(op);
+    const size_t base = stack->size() - info->num_args;
+    for (size_t position : info->written) {
+      gather((*stack)[base + position], &written);
+    }
+    if (live_records.load(std::memory_order_relaxed) > 0) {
+      candidates = find_candidates(written);
+    }
+  } catch (const std::exception& error) {
+    fail(error.what());
+    info = nullptr;
   }
   ++tl_depth;
   try {
@@ -558,7 +604,35 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
     throw;
   }
   --tl_depth;
-  note_write(info, written, candidates);
+  if (info == nullptr) {
+    return;
+  }
+  try {
+    note_write(*info, written, candidates);
+  } catch (const std::exception& error) {
+    fail(error.what());
+    if (!candidates.empty()) {
+      GIL gil;
+      candidates.clear();
+    }
+  }
+}
+
+// An op that makes tensors from nothing: no tensor among its arguments, one among its results.
+bool is_factory(const c10::FunctionSchema& schema) {
+  for (const c10::Argument& argument : schema.arguments()) {
+    if (argument.type()->kind() == c10::TypeKind::TensorType ||
+        argument.type()->isSubtypeOf(*c10::ListType::ofTensors()) ||
+        argument.type()->isSubtypeOf(*c10::OptionalType::ofTensor())) {
+      return false;
+    }
+  }
+  for (const c10::Argument& result : schema.returns()) {
+    if (result.type()->kind() == c10::TypeKind::TensorType) {
+      return true;
+    }
+  }
+  return false;
 }
 
 std::vector<std::unique_ptr<torch::Library>> libraries;
@@ -574,7 +648,13 @@ int64_t register_observer() {
   int64_t observed = 0;
   for (const c10::OperatorName& name : c10::Dispatcher::singleton().getAllOpNames()) {
     auto handle = c10::Dispatcher::singleton().findOp(name);
-    if (!handle || !handle->hasSchema() || written_arguments(handle->schema()).empty()) {
+    if (!handle || !handle->hasSchema()) {
+      continue;
+    }
+    // detach_ writes autograd's metadata, not memory (no kernel below autograd has it).
+    const bool writes_any =
+        !written_arguments(handle->schema()).empty() && name.name != "aten::detach_";
+    if (!writes_any && !is_factory(handle->schema())) {
       continue;
     }
     const std::string& full = name.name;
@@ -592,9 +672,14 @@ int64_t register_observer() {
     std::string qualified = name.overload_name.empty()
         ? full.substr(colons + 2)
         : full.substr(colons + 2) + "." + name.overload_name;
-    found->second->impl(
-        qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe>());
-    ++observed;
+    if (writes_any) {
+      found->second->impl(
+          qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe>());
+      ++observed;
+    } else {
+      found->second->impl(
+          qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&enclose>());
+    }
   }
   return observed;
 }
@@ -710,10 +795,19 @@ PyObject* packed_mark_reported(PyObject* self, PyObject* /*unused*/) {
   Py_RETURN_NONE;
 }
 
+// What autograd keeps when the core does no work: a detached alias, as PyTorch's own
+// saving would share memory (returning the tensor itself would make a reference cycle).
+PyObject* pass_through(PyObject* tensor) {
+  return PyObject_CallMethod(tensor, "detach", nullptr);
+}
+
 PyObject* pack(PyObject* /*module*/, PyObject* arg) {
   if (!THPVariable_Check(arg)) {
     Py_INCREF(arg);
     return arg;
+  }
+  if (failed.load(std::memory_order_relaxed)) {
+    return pass_through(arg);
   }
   try {
     const at::Tensor& tensor = THPVariable_Unpack(arg);
@@ -764,8 +858,8 @@ PyObject* pack(PyObject* /*module*/, PyObject* arg) {
     }
     return reinterpret_cast<PyObject*>(packed);
   } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
+    fail(error.what());
+    return pass_through(arg);
   }
 }
 
@@ -814,6 +908,7 @@ PyObject* configure(PyObject* /*module*/, PyObject* args) {
 PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
   config = Config();
   trace_all = false;
+  failed = false;
   for (auto& [code, verdict] : user_code) {
     Py_DECREF(code);
   }
@@ -922,6 +1017,14 @@ PyObject* take_counts(PyObject* /*module*/, PyObject* /*unused*/) {
   return result;
 }
 
+PyObject* failure(PyObject* /*module*/, PyObject* /*unused*/) {
+  if (!failed.load()) {
+    Py_RETURN_NONE;
+  }
+  std::lock_guard<std::mutex> guard(failure_mutex);
+  return PyUnicode_FromString(failure_message.c_str());
+}
+
 PyObject* live_count(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyLong_FromLongLong(live_records.load());
 }
@@ -953,6 +1056,7 @@ PyMethodDef functions[] = {
     {"set_step", set_step, METH_O, "The optimizer step in progress."},
     {"trace_writes", trace_writes, METH_O, "Hand every write to this callable (None: stop)."},
     {"take_counts", take_counts, METH_NOARGS, "[(owner, op, phase, count)] since last call."},
+    {"failure", failure, METH_NOARGS, "Why the core stopped working this session, or None."},
     {"live_count", live_count, METH_NOARGS, "Saved tensors registered by storage now."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -83,6 +83,15 @@ class NativeCoreProbe:
             {(owner, op, phases[phase]): n for owner, op, phase, n in self._core.take_counts()}
         )
 
+    @property
+    def tracing_writes(self) -> bool:
+        """Whether every write goes to the timeline now (a step chosen for trace.json)."""
+        return self._timeline is not None
+
+    def live_count(self) -> int:
+        """Saved tensors registered by storage now (none between steps: nothing leaks)."""
+        return self._core.live_count()
+
     def trace_writes(self, timeline: TimelineProbe | None) -> None:
         """Hand every write to `timeline` from now on (None: stop)."""
         self._timeline = timeline
@@ -111,7 +120,11 @@ class NativeCoreProbe:
         record = SavedRecord(
             tensor, grad_fn, output_nr, version, module or LOOP_OWNER, step, caller
         )
-        record.hits = [RawWrite(*hit) for hit in hits]
+        phases = self._core.PHASES
+        record.hits = [
+            RawWrite(seq, op, owner, phases[phase], step, where)
+            for seq, op, owner, phase, step, where in hits
+        ]
         record.reported = reported
         try:
             self._check(record, version_now)

@@ -173,6 +173,10 @@ class LiveSaved:
     def __bool__(self) -> bool:
         return bool(self._by_storage)
 
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(records) for records in self._by_storage.values())
+
 
 class _Packed:
     """What autograd keeps for a saved tensor while the write log watches its storage."""

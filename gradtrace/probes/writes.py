@@ -88,6 +88,15 @@ class WriteLogProbe:
         self._timeline = timeline
         self.on_write = self.record if timeline is None else self._record_traced
 
+    @property
+    def tracing_writes(self) -> bool:
+        """Whether every write goes to the timeline now (a step chosen for trace.json)."""
+        return self._timeline is not None
+
+    def live_count(self) -> int:
+        """Saved tensors registered by storage now (none between steps: nothing leaks)."""
+        return self._live.count()
+
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(self._mode)
         # Unwound before the mode's own exit: a step that raised may have left it aside.
