@@ -442,8 +442,15 @@ def native_floor() -> Iterator[None]:
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(core.pack, core.unpack))
         core.set_observing(True)
         stack.callback(core.set_observing, False)
-        stack.enter_context(register_optimizer_step_pre_hook(lambda *_: core.set_observing(False)))
-        stack.enter_context(register_optimizer_step_post_hook(lambda *_: core.set_observing(True)))
+
+        def observe(on: bool) -> Callable[..., None]:
+            def hook(*_: object) -> None:
+                core.set_observing(on)
+
+            return hook
+
+        stack.enter_context(register_optimizer_step_pre_hook(observe(False)))
+        stack.enter_context(register_optimizer_step_post_hook(observe(True)))
         yield
         core.take_counts()
 

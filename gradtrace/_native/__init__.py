@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 
 from gradtrace.errors import GradtraceError
+from gradtrace.probes import _torch_compat
 
 MODULE_NAME = "_gradtrace_core"
 SOURCE = Path(__file__).with_name("core.cpp")
@@ -70,6 +71,7 @@ def load(*, announce: bool = True) -> ModuleType | None:
         _status = CoreStatus(PYTHON, f"{CORE_ENV}=python", where)
         return None
     try:
+        _torch_compat.check_native_supported()
         _loaded = _import_built(where) or _build(where, announce=announce)
         _loaded.observe_ops()
     except Exception as error:  # a missing compiler, headers, ninja, or an unknown torch

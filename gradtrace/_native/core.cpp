@@ -909,6 +909,18 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
   config = Config();
   trace_all = false;
   failed = false;
+  // Saved tensors of this session that outlive it (a graph kept in a global) are no longer
+  // watched: the next session starts with nothing live, as the Python core does. What the
+  // registry held is released after its lock (under the GIL: records hold Python objects).
+  std::vector<std::shared_ptr<Record>> dropped;
+  {
+    std::lock_guard<std::mutex> guard(registry_mutex);
+    for (auto& [key, records] : registry) {
+      dropped.insert(dropped.end(), records.begin(), records.end());
+    }
+    registry.clear();
+    live_records = 0;
+  }
   for (auto& [code, verdict] : user_code) {
     Py_DECREF(code);
   }

@@ -250,12 +250,25 @@ def unwrapped_path(path: str) -> str:
     return ".".join(part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES)
 
 
+def check_native_supported() -> None:
+    """Refuse the native core on a torch it was not made for (the Python probes run instead).
+
+    NOTE [native core and torch versions]: the core (gradtrace/_native/core.cpp) observes
+    writes on `DispatchKey::TESTING_ONLY_GenericMode` (see NOTE [observer key] there) and
+    reads torch's C++ headers as of 2.13; compiled code is kept eager with
+    `torch.compiler.set_stance` (2.6+). Checked on torch 2.13 (CPU); a torch whose headers
+    differ fails to build it, which is a fallback, never an error.
+    """
+    if not hasattr(torch.compiler, "set_stance"):
+        raise RuntimeError(f"torch {torch.__version__} is older than 2.6")
+
+
 def force_eager() -> AbstractContextManager[object]:
     """Context in which torch.compile'd code runs eagerly, op by op.
 
     NOTE: the native write observer sees ops at the dispatcher; code compiled by Inductor
     writes its buffers in generated kernels it never sees. `torch.compiler.set_stance`
-    (torch >= 2.6, checked on 2.11 and 2.13) is the documented switch; earlier releases
-    have no such switch, and there the native core is not used at level "full".
+    (torch >= 2.6, checked on 2.13) is the documented switch; on earlier releases the
+    native core is not used (`check_native_supported`).
     """
     return torch.compiler.set_stance("force_eager")
