@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,9 @@ def small_tmpfs(tmp_path: Path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], capture_output=True, timeout=60)
+        unmounted = subprocess.run(["umount", str(mount)], capture_output=True, timeout=60)
+        if unmounted.returncode != 0:  # still busy: detach it now, the kernel frees it later
+            subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, timeout=60)
 
 
 def test_a_full_disk_never_kills_training_nor_changes_its_exit_code(
@@ -151,7 +154,7 @@ def test_a_full_disk_never_kills_training_nor_changes_its_exit_code(
     assert 0 < run.steps < steps
     assert STOPPED in run.meta["recording_stopped"]
     assert not (small_tmpfs / "run" / RESERVE).exists()
-    with sqlite3.connect(small_tmpfs / "run" / DATABASE) as db:
+    with closing(sqlite3.connect(small_tmpfs / "run" / DATABASE)) as db:
         (notices,) = db.execute("SELECT value FROM meta WHERE key = 'notices'").fetchone()
     assert STOPPED in json.loads(notices)[0]
     shown = gradtrace("report", str(small_tmpfs / "run"), cwd=tmp_path)
