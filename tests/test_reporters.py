@@ -12,7 +12,7 @@ from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.reporters.html import render_html
 from gradtrace.reporters.json_report import render_json
-from gradtrace.reporters.terminal import TerminalReporter
+from gradtrace.reporters.terminal import TerminalReporter, cut_left, shorten_path
 from gradtrace.store.reader import Run, StoredFinding
 
 
@@ -117,3 +117,62 @@ def test_update_ratio_and_clipping_in_terminal_json_and_html() -> None:
     plain = render_html(sample_run())
     assert "before clipping" not in plain and "Update ratio" not in plain
     assert render_json(sample_run())["grad_stats"]["global_grad_norm_before_clip"] == []
+
+
+def long_names_run(norms: list[float] | None = None) -> Run:
+    """Steps of a transformer-like run whose module paths outgrow an 80-column console."""
+    modules = [f"model.encoder.layers.{i}.self_attention.out_projection" for i in range(3)]
+    norms = norms or [0.5, 0.7, 0.6, 0.9]
+    steps = [
+        StepGradStats(
+            step=step,
+            optimizer="AdamW.step",
+            params=tuple(
+                ParamStat(f"{m}.weight", m, 64, norm * (i + 1), 4.0, 0.0, i, 0.01)
+                for i, m in enumerate(modules)
+            ),
+            missing=(),
+            nonfinite_outputs=(),
+            cut=(),
+            new_sites=(),
+        )
+        for step, norm in enumerate(norms)
+    ]
+    return Run(
+        path=Path("/runs/long"),
+        meta={"status": "ok", "exit_code": 0, "argv": ["train.py"], "level": "full"},
+        findings=[],
+        steps=len(norms),
+        grad_steps=steps,
+        write_counts=[(f"{modules[2]}.dropout_mask_owner", "mul_", "forward", 3)],
+    )
+
+
+def test_module_paths_at_80_columns_keep_their_end() -> None:
+    console = Console(width=80, record=True, color_system=None)
+    TerminalReporter(console).render(long_names_run())
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # Each module is told apart by its layer index: it stays, and so do the numbers.
+    for i in range(3):
+        [row] = [r for r in text.splitlines() if f".{i}.s.out_projection │" in r]
+        assert re.search(r"│\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+ │ [▁-█]{4}", row), row
+    assert "│ m.e.l.2.s.out_projection.dropout_mask_owner " in text
+    wide = Console(width=200, record=True, color_system=None)
+    TerminalReporter(wide).render(long_names_run())
+    assert "│ model.encoder.layers.0.self_attention.out_projection │" in wide.export_text()
+
+
+def test_shorten_path_keeps_the_end_in_the_width() -> None:
+    path = "encoder.layers.1.linear1"
+    assert shorten_path(path, 30) == path
+    assert shorten_path(path, 18) == "e.layers.1.linear1"
+    assert shorten_path(path, 13) == "e.l.1.linear1"
+    assert shorten_path(path, 12) == "…l.1.linear1"
+    assert shorten_path(path, 3) == "…r1"
+
+
+def test_cut_left_counts_cells() -> None:
+    assert cut_left("abc", 3) == "abc"
+    assert cut_left("層層層層", 6) == "…層層"  # two cells each: 5 of the 6 used
+    assert cut_left("abc", 0) == ""
