@@ -23,6 +23,7 @@ from gradtrace.analysis.grad_health import (
 )
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
+from gradtrace.reporters.html import is_flat
 from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -317,10 +318,11 @@ def _number(value: float) -> str:
 
 
 def _sparkline(series: list[tuple[int, float]]) -> Text:
-    """Log-scaled bars; non-finite values as a red '!'."""
+    """Log-scaled bars, a flat series (`is_flat`) level; non-finite values as a red '!'."""
     values = [v for _, v in series[-SPARK_WIDTH:]]
-    logs = [math.log10(v) for v in values if math.isfinite(v) and v > 0]
-    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    flat = not positive or is_flat(min(positive), max(positive))
+    low, high = (0.0, 0.0) if flat else (math.log10(min(positive)), math.log10(max(positive)))
     text = Text()
     for v in values:
         if not math.isfinite(v):
@@ -328,7 +330,8 @@ def _sparkline(series: list[tuple[int, float]]) -> Text:
         elif v <= 0:
             text.append(" ")
         else:
-            level = 0 if high == low else (math.log10(v) - low) / (high - low)
+            # A flat series is a level line mid-height, not noise stretched to full height.
+            level = 0.5 if flat else (math.log10(v) - low) / (high - low)
             text.append(_SPARKS[round(level * (len(_SPARKS) - 1))], style="cyan")
     return text
 
