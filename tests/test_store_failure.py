@@ -159,3 +159,20 @@ def test_a_full_disk_never_kills_training_nor_changes_its_exit_code(
     assert STOPPED in json.loads(notices)[0]
     shown = gradtrace("report", str(small_tmpfs / "run"), cwd=tmp_path)
     assert STOPPED in " ".join(shown.stdout.split()), shown.stderr
+
+
+def test_a_disk_full_before_the_run_starts_is_one_line_and_exit_2(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("print('ran')")
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError):
+        while True:  # fill the disk
+            filler.write(b"\0" * 65536)
+    done = gradtrace("run", "--out", str(small_tmpfs / "run"), str(script), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"gradtrace: error: Cannot create the run store in '{small_tmpfs / 'run'}': "
+        "database or disk is full."
+    ]
+    assert "ran" not in done.stdout

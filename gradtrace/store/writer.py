@@ -89,9 +89,15 @@ class RunWriter:
         self._db = sqlite3.connect(
             run_dir / DATABASE, check_same_thread=False, isolation_level=None
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            # Before the script runs (a disk already full): refuse, as for any --out.
+            self._db.close()
+            message = f"Cannot create the run store in '{run_dir}': {error}."
+            raise GradtraceError(message) from None
         self._lock = threading.Lock()
         self._finding_ids: dict[tuple[object, ...], int] = {}
         # Why recording stopped (NOTE [store failure]); None while it records.
