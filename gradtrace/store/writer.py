@@ -124,11 +124,7 @@ class RunWriter:
 
     def _stop(self, error: sqlite3.DatabaseError) -> None:
         """Stop recording for good, keeping every committed step; lock held."""
-        try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.DatabaseError:
-            pass  # SQLite rolled back on its own
+        self._rollback()
         _free(self._reserve)
         kept = "no step" if self._last_step is None else f"steps up to {self._last_step}"
         self.stopped = (
@@ -144,11 +140,13 @@ class RunWriter:
             self._insert(SET_META, _meta_rows(values))
             self._commit()
         except sqlite3.DatabaseError:
-            try:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-            except sqlite3.DatabaseError:
-                pass  # SQLite rolled back on its own
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # A failed COMMIT may have rolled back already: a second ROLLBACK then fails.
+        with contextlib.suppress(sqlite3.DatabaseError):
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
 
     def _insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """`executemany`, skipped for no rows: most of a step's tables get none, and each
