@@ -33,8 +33,17 @@ class Target:
     module: bool = False
 
     def check(self) -> None:
-        if not self.module and not os.path.isfile(self.name):
+        """Refuse a script `python` could not open, as it does (exit 2), before a run
+        directory exists: nothing ran, so there is no run to keep."""
+        if self.module:
+            return
+        if not os.path.isfile(self.name):
             raise GradtraceError(f"No such script: '{self.name}'.")
+        try:
+            with io.open_code(os.path.abspath(self.name)):
+                pass
+        except OSError as error:
+            raise GradtraceError(f"Cannot open script '{self.name}': {error.strerror}.") from None
 
     @property
     def label(self) -> str:

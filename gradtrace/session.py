@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -174,7 +176,7 @@ class Session:
             require_tensorboard()  # before the run directory exists: fail with nothing made
         core = None if self._core_choice == _native.PYTHON else _native.load()
         self.core = _native.NATIVE if core is not None else _native.PYTHON
-        writer = RunWriter(self.run_dir)
+        writer = RunWriter(self.run_dir, on_stop=_say)
         writer.set_meta(
             status=RUNNING,
             core=self.core,
@@ -305,13 +307,26 @@ class Session:
         if writer is not None:
             run = load_run(self.run_dir)
             findings = run_findings(run)
-            write_trace(run, self.run_dir / TRACE_FILE, findings)
             self.findings = [stored.finding for stored in findings]
-            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(findings)})
+            self._finish_files(run, findings)
             if self._live is not None:
                 self._live.close(findings, step=self.step)
             for callback in self._after_close:
                 callback(run, findings)
+
+    def _finish_files(self, run: Run, findings: list[StoredFinding]) -> None:
+        """trace.json and the findings count; on a full disk, say what is missing and go on
+        (NOTE [store failure] in store/writer.py)."""
+        trace = self.run_dir / TRACE_FILE
+        try:
+            write_trace(run, trace, findings)
+        except GradtraceError as error:
+            with contextlib.suppress(OSError):
+                trace.unlink(missing_ok=True)  # a cut-off file no viewer opens
+            _say(f"{error} The run itself is kept: 'gradtrace trace {self.run_dir}' writes it.")
+        # The count only spares `ls` reading the series back: a run without it is whole.
+        with contextlib.suppress(sqlite3.DatabaseError):
+            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(findings)})
 
     def after_close(self, callback: Callable[[Run, list[StoredFinding]], None]) -> None:
         """Call `callback` with the run as stored and its findings, once `close` has read
@@ -342,6 +357,8 @@ class Session:
     def _notices(self) -> list[str]:
         """Things the user must know about how this run differed from an untraced one."""
         notices = []
+        if self._writer is not None and self._writer.stopped is not None:
+            notices.append(self._writer.stopped)
         if self._modules.saw_compiled and self.level == "full":
             notices.append(
                 "torch.compile'd modules ran eagerly: the write log (--level full) needs to "
@@ -522,6 +539,12 @@ def active() -> Session | None:
 
 def describe_exception(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__qualname__, "message": str(exc)}
+
+
+def _say(message: str) -> None:
+    """One line on stderr from gradtrace, apart from the script's own output."""
+    sys.stderr.flush()
+    print(f"gradtrace: {message}", file=sys.stderr, flush=True)
 
 
 def _cuda_device_name() -> str | None:

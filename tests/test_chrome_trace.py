@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from trace_format import spans as spans_of
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import Span, TracedWrite
-from gradtrace.reporters.chrome_trace import STEPS_TID, render_trace
+from gradtrace.reporters.chrome_trace import MAX_STEP_SPANS, STEPS_TID, render_trace
 from gradtrace.store.format import DATABASE
 from gradtrace.store.reader import Run, StoredFinding, load_run
 from gradtrace.store.writer import RunWriter
@@ -224,3 +225,40 @@ def test_bad_trace_steps_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Bad trace steps '3-1'" in result.stderr
     assert not (tmp_path / "gradtrace-runs").exists()
+
+
+def long_run(steps: int) -> Run:
+    """A run of `steps` tiny steps, 1 ms apart, each with the same in-place writes."""
+    ms = 1_000_000
+    counts = [(step, "AdamW.step", "lerp_", "optimizer", 4) for step in range(steps)]
+    counts += [(step, "encoder.act", "relu_", "forward", 1) for step in range(0, steps, 2)]
+    return Run(
+        path=Path("/runs/long"),
+        meta={"status": "ok", "argv": ["train.py"], "started_ns": 0},
+        findings=[],
+        steps=steps,
+        step_write_counts=counts,
+        step_end_ns={step: (step + 1) * ms for step in range(steps)},
+    )
+
+
+def test_the_step_track_stays_bounded_on_a_long_run() -> None:
+    document = render_trace(long_run(20_000))
+    check_trace_format(document)
+    size = len(json.dumps(document))
+    assert size < 400_000, size  # 2.6 MB with one span and one counter per step
+    spans = [e for e in document["traceEvents"] if e["ph"] == "X"]
+    counters = [e for e in document["traceEvents"] if e["ph"] == "C"]
+    assert len(spans) == len(counters) == MAX_STEP_SPANS
+    assert document["otherData"]["steps_per_span"] == 20
+    assert spans[0]["name"] == "steps 0–19" and spans[-1]["name"] == "steps 19980–19999"
+    assert spans[-1]["args"] == {"first": 19980, "last": 19999}
+    assert spans[0]["ts"] == 0.0 and spans[-1]["ts"] + spans[-1]["dur"] == 20_000_000.0
+    assert all(a["ts"] + a["dur"] == b["ts"] for a, b in itertools.pairwise(spans))  # no gaps
+    # Mean writes per step in each group: every step 4 lerp_, every other step a relu_.
+    assert {json.dumps(c["args"], sort_keys=True) for c in counters} == {
+        json.dumps({"AdamW.step": 4, "encoder.act": 0.5}, sort_keys=True)
+    }
+    short = render_trace(long_run(MAX_STEP_SPANS))
+    assert len([e for e in short["traceEvents"] if e["ph"] == "X"]) == MAX_STEP_SPANS
+    assert short["otherData"]["steps_per_span"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,40 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _without_read_override() -> list[str]:
+    """A command prefix under which a mode-000 file is unreadable: root reads it anyway unless
+    its capabilities to bypass file permissions are dropped."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root reads a mode-000 file and setpriv is missing to drop that")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", drop, "--inh-caps", drop, "--"]
+
+
+def test_an_unreadable_script_is_refused_like_python_does(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    write(script, "print('ran')")
+    script.chmod(0)
+    prefix = _without_read_override()
+    plain = subprocess.run(
+        [*prefix, sys.executable, "s.py"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert plain.returncode == 2, plain.stderr  # python: can't open file
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "gradtrace", "run", "--out", "r", "s.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gradtrace: error: Cannot open script 's.py': Permission denied."
+    ]
+    assert not (tmp_path / "r").exists()
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path: Path) -> None:

@@ -85,6 +85,40 @@ def test_ls_lists_runs_skips_foreign_dirs_and_flags_corrupt_ones(tmp_path: Path)
     assert "loose-file" not in result.stdout
 
 
+def _column(table: str, index: int) -> str:
+    """One column of a rendered table's body, its wrapped pieces joined in order (spaces
+    dropped: a wrapped line loses the space it broke at)."""
+    body = [line for line in table.splitlines() if line.startswith("│")]
+    return "".join(line.split("│")[index + 1].replace(" ", "") for line in body)
+
+
+def test_ls_at_80_columns_wraps_instead_of_cutting(tmp_path: Path) -> None:
+    runs = tmp_path / "gradtrace-runs"
+    long_name = "20261202-143000-train_transformer_encoder_with_a_long_name"
+    command = ["experiments/language_model/train_transformer.py", "--lr", "3e-4", "--seed", "7"]
+    stored_run(runs / long_name, INTERRUPTED, steps=12345, argv=command)
+    stored_run(runs / "b-short", OK, steps=5, argv=["train.py"])
+    add_meta(runs / long_name, exit_code=130)
+    result = run_cli("ls", cwd=tmp_path, env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.stdout
+    header = next(line for line in lines if line.startswith("┃"))
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
+        "run",
+        "status",
+        "steps",
+        "findings",
+        "started",
+        "command",
+    ]
+    assert _column(result.stdout, 0) == f"{long_name}b-short"
+    assert _column(result.stdout, 1) == "interrupted(130)ok"
+    assert _column(result.stdout, 2) == "123455"
+    assert _column(result.stdout, 5) == "".join(command) + "train.py"
+
+
 def test_ls_counts_a_closed_runs_findings_without_reading_its_series(tmp_path: Path) -> None:
     import sqlite3
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from gradtrace.analysis.culprits import diagnose
 from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.reporters.html import render_html
 from gradtrace.reporters.json_report import render_json
-from gradtrace.reporters.terminal import TerminalReporter
+from gradtrace.reporters.terminal import TerminalReporter, cut_left, shorten_path
 from gradtrace.store.reader import Run, StoredFinding
 
 
@@ -117,3 +118,122 @@ def test_update_ratio_and_clipping_in_terminal_json_and_html() -> None:
     plain = render_html(sample_run())
     assert "before clipping" not in plain and "Update ratio" not in plain
     assert render_json(sample_run())["grad_stats"]["global_grad_norm_before_clip"] == []
+
+
+def long_names_run(norms: list[float] | None = None) -> Run:
+    """Steps of a transformer-like run whose module paths outgrow an 80-column console."""
+    modules = [f"model.encoder.layers.{i}.self_attention.out_projection" for i in range(3)]
+    norms = norms or [0.5, 0.7, 0.6, 0.9]
+    steps = [
+        StepGradStats(
+            step=step,
+            optimizer="AdamW.step",
+            params=tuple(
+                ParamStat(f"{m}.weight", m, 64, norm * (i + 1), 4.0, 0.0, i, 0.01)
+                for i, m in enumerate(modules)
+            ),
+            missing=(),
+            nonfinite_outputs=(),
+            cut=(),
+            new_sites=(),
+        )
+        for step, norm in enumerate(norms)
+    ]
+    return Run(
+        path=Path("/runs/long"),
+        meta={"status": "ok", "exit_code": 0, "argv": ["train.py"], "level": "full"},
+        findings=[],
+        steps=len(norms),
+        grad_steps=steps,
+        write_counts=[(f"{modules[2]}.dropout_mask_owner", "mul_", "forward", 3)],
+    )
+
+
+def test_module_paths_at_80_columns_keep_their_end() -> None:
+    console = Console(width=80, record=True, color_system=None)
+    TerminalReporter(console).render(long_names_run())
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # Each module is told apart by its layer index: it stays, and so do the numbers.
+    for i in range(3):
+        [row] = [r for r in text.splitlines() if f".{i}.s.out_projection │" in r]
+        assert re.search(r"│\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+ │ [▁-█]{4}", row), row
+    assert "│ m.e.l.2.s.out_projection.dropout_mask_owner " in text
+    wide = Console(width=200, record=True, color_system=None)
+    TerminalReporter(wide).render(long_names_run())
+    assert "│ model.encoder.layers.0.self_attention.out_projection │" in wide.export_text()
+
+
+def test_shorten_path_keeps_the_end_in_the_width() -> None:
+    path = "encoder.layers.1.linear1"
+    assert shorten_path(path, 30) == path
+    assert shorten_path(path, 18) == "e.layers.1.linear1"
+    assert shorten_path(path, 13) == "e.l.1.linear1"
+    assert shorten_path(path, 12) == "…l.1.linear1"
+    assert shorten_path(path, 3) == "…r1"
+
+
+def test_cut_left_counts_cells() -> None:
+    assert cut_left("abc", 3) == "abc"
+    assert cut_left("層層層層", 6) == "…層層"  # two cells each: 5 of the 6 used
+    assert cut_left("abc", 0) == ""
+
+
+FLAT = [0.249997, 0.25, 0.250001, 0.249999]
+GLOBAL_NORM = "‖grad‖ (L2, all parameters)"
+
+
+def test_a_flat_series_is_a_level_sparkline_not_noise_at_full_height() -> None:
+    console = Console(width=120, record=True, color_system=None)
+    TerminalReporter(console).render(long_names_run(FLAT))
+    rows = [line for line in console.export_text().splitlines() if "out_projection │" in line]
+    assert len(rows) == 3
+    assert {re.findall(r"[▁-█]+", row)[-1] for row in rows} == {"▅▅▅▅"}
+    swinging = Console(width=120, record=True, color_system=None)
+    TerminalReporter(swinging).render(long_names_run([0.2, 0.25, 0.3, 0.22]))
+    assert "▁▅█▃" in swinging.export_text()  # log-scaled
+
+
+def _chart(page: str, label: str) -> str:
+    return re.search(rf"<svg class='chart'[^>]*aria-label='{re.escape(label)}'>.*?</svg>", page)[0]
+
+
+def test_a_flat_norm_curve_is_level_between_axis_labels_that_differ() -> None:
+    chart = _chart(render_html(long_names_run(FLAT)), GLOBAL_NORM)
+    ys = {point.split(",")[1] for point in re.search(r"points='([^']*)'", chart)[1].split()}
+    assert len(ys) == 1  # one level line
+    top, bottom = re.findall(r"<text x='64' y='\d+' text-anchor='end'>([^<]*)</text>", chart)
+    norm = 0.25 * math.sqrt(1 + 4 + 9)  # the global norm of the three modules
+    assert top != bottom and float(bottom) < norm < float(top)
+    close = _chart(render_html(long_names_run([0.25, 0.25, 0.25, 0.2503])), GLOBAL_NORM)
+    top, bottom = re.findall(r"<text x='64' y='\d+' text-anchor='end'>([^<]*)</text>", close)
+    assert top != bottom  # 0.25 apart by 0.12 %: more digits, not "0.935" twice
+
+
+def test_html_keeps_the_line_breaks_between_pytorchs_error_and_gradtraces_attribution() -> None:
+    run = sample_run()
+    message = (
+        "one of the variables needed ... expected version 0 instead.\n\ngradtrace: model.py:42"
+    )
+    run.meta["exception"] = {"type": "RuntimeError", "message": message}
+    page = render_html(run)
+    raised = re.search(r"<p class='([^']*)'>RuntimeError: ([^<]*)</p>", page)
+    assert raised[2].endswith("instead.\n\ngradtrace: model.py:42")
+    css_class = raised[1].split()[-1]
+    assert re.search(rf"\.{css_class}\b[^{{]*{{[^}}]*white-space: pre-wrap", page)
+
+
+def test_step_labels_never_overlap_even_for_a_run_of_one_step() -> None:
+    one_step = long_names_run([0.5])
+    one_step.step_write_counts.append((0, "encoder.act", "relu_", "forward", 3))
+    page = render_html(one_step)
+    labels = re.findall(
+        r"<text x='[\d.]+' y='\d+'( text-anchor='end')?>(steps? [^<]*)</text>", page
+    )
+    # The norm curve and the heat maps (norms, update ratios, writes): one label each.
+    assert labels == [("", "step 0")] * 4
+    many = render_html(long_names_run([0.1, 0.2, 0.3, 0.4]))
+    labels = re.findall(r"<text x='([\d.]+)' y='\d+'( text-anchor='end')?>step (\d+)</text>", many)
+    starts = [float(x) for x, end, _ in labels if not end]
+    ends = [float(x) for x, end, _ in labels if end]
+    assert starts and all(e - s >= 140 for s, e in zip(starts, ends, strict=True))

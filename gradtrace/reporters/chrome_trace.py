@@ -8,6 +8,10 @@ module), optimizer step spans, and an instant for every in-place write, marked l
 finding. Spans come from light hooks (see probes/timeline.py) and can overlap a little where
 the Chrome format needs proper nesting; each span is clipped into the one around it.
 
+The step track stays small on any run length: past MAX_STEP_SPANS recorded steps,
+consecutive steps share one span ("steps 1000–1019") and one counter of their mean writes
+per step, so a run of any length gives at most MAX_STEP_SPANS of each.
+
 Pure: a `Run` in, a JSON-ready dict out.
 """
 
@@ -27,6 +31,9 @@ TRACE_FILE = "trace.json"
 PID = 1
 # Not a real thread: native thread ids are never 0.
 STEPS_TID = 0
+
+# Spans (and write counters) on the step track at most; longer runs group their steps.
+MAX_STEP_SPANS = 1000
 
 # (op, module, file, line) of a culprit write -> the finding's kind.
 Culprits = dict[tuple[str, str, str, int], str]
@@ -68,6 +75,7 @@ def render_trace(run: Run, findings: list[StoredFinding] | None = None) -> dict[
             "status": run.status,
             "steps": run.steps,
             "traced_steps": traced,
+            "steps_per_span": _group_size(len(ends)),
         },
     }
 
@@ -79,7 +87,8 @@ def _step_track(
     us: Callable[[int], float],
     findings: list[StoredFinding],
 ) -> list[dict[str, Any]]:
-    """Step spans, write counters at each step's end and finding markers at its start."""
+    """Step spans, write counters at each step's end and finding markers at its start; past
+    MAX_STEP_SPANS steps, one span and one counter per group of consecutive steps."""
     events: list[dict[str, Any]] = []
     step_start: dict[int, float] = {}
     step_end: dict[int, float] = {}
@@ -87,34 +96,49 @@ def _step_track(
     for step, end_ns in ends:
         begin = min(previous, end_ns)
         step_start[step], step_end[step] = us(begin), us(end_ns)
-        events.append(
-            {
-                "name": f"step {step}",
-                "cat": "step",
-                "ph": "X",
-                "ts": us(begin),
-                "dur": round(us(end_ns) - us(begin), 3),
-                "pid": PID,
-                "tid": STEPS_TID,
-                "args": {"step": step},
-            }
-        )
         previous = end_ns
     last = us(previous)
+    size = _group_size(len(ends))
+    groups = [[step for step, _ in ends[i : i + size]] for i in range(0, len(ends), size)]
+    for group in groups:
+        first, final = group[0], group[-1]
+        events.append(
+            {
+                "name": f"step {first}" if size == 1 else f"steps {first}–{final}",
+                "cat": "step",
+                "ph": "X",
+                "ts": step_start[first],
+                "dur": round(step_end[final] - step_start[first], 3),
+                "pid": PID,
+                "tid": STEPS_TID,
+                "args": {"step": first} if size == 1 else {"first": first, "last": final},
+            }
+        )
     per_step: dict[int, dict[str, int]] = {}
     for step, owner, _op, _phase, count in run.step_write_counts:
         owners = per_step.setdefault(step, {})
         owners[owner] = owners.get(owner, 0) + count
+    # A group's counter: its mean writes per step, at the group's end. The unfinished tail
+    # (a step with writes but no end) keeps a counter of its own.
+    group_of = {step: index for index, group in enumerate(groups) for step in group}
+    counted: dict[int, dict[str, int]] = {}
     for step in sorted(per_step):
+        owners = counted.setdefault(group_of.get(step, len(groups) + step), {})
+        for owner, count in per_step[step].items():
+            owners[owner] = owners.get(owner, 0) + count
+    for key, owners in counted.items():
+        in_group = key < len(groups)
+        ts = step_end[groups[key][-1]] if in_group else last
+        steps = len(groups[key]) if in_group else 1
         events.append(
             {
                 "name": "in-place writes",
                 "cat": "writes",
                 "ph": "C",
-                "ts": step_end.get(step, last),
+                "ts": ts,
                 "pid": PID,
                 "tid": STEPS_TID,
-                "args": per_step[step],
+                "args": {owner: _mean(total, steps) for owner, total in owners.items()},
             }
         )
     for stored in findings:
@@ -140,6 +164,16 @@ def _step_track(
             }
         )
     return events
+
+
+def _group_size(steps: int) -> int:
+    """Steps per span on the step track: 1 up to MAX_STEP_SPANS steps."""
+    return max(1, -(-steps // MAX_STEP_SPANS))
+
+
+def _mean(total: int, steps: int) -> int | float:
+    """Writes per step: a whole number when it is one (always, for single steps)."""
+    return total // steps if total % steps == 0 else round(total / steps, 3)
 
 
 def _threads(run: Run) -> dict[int, str]:

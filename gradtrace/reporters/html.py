@@ -34,6 +34,11 @@ MAX_ROWS = 120
 CELL_HEIGHT = 14
 LABEL_WIDTH = 260
 PLOT_WIDTH = 860
+# A series whose values differ by less than this fraction of their size is drawn flat:
+# stretching 0.249997…0.250001 to the chart's height would show noise as a swing.
+FLAT_SPREAD = 1e-3
+# How far above and below a flat series the chart's axis reaches, as a fraction of its value.
+FLAT_MARGIN = 0.1
 # Viridis, five stops: low norms dark blue, high norms yellow.
 _PALETTE = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 _NONFINITE = "#d62728"
@@ -58,6 +63,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: lef
 th { border-bottom: 1px solid #ccc; } td.n { text-align: right; }
 .legend { color: #555; font-size: 12px; } .none { color: #777; }
 .cell-info { color: #333; font-size: 12px; min-height: 16px; }
+.raised, .finding .message { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 # Hovering a heat-map cell names it below the map (the SVG <title> also shows a tooltip).
@@ -171,7 +177,7 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
     ]
     exception = meta.get("exception")
     raised = (
-        f"<p class='bad'>{escape(exception.get('type', ''))}: "
+        f"<p class='bad raised'>{escape(exception.get('type', ''))}: "
         f"{escape(exception.get('message', ''))}</p>"
         if isinstance(exception, dict)
         else ""
@@ -228,10 +234,7 @@ def _line_chart(series: Sequence[tuple[int, float]], label: str, *, log: bool) -
     finite = [v for _, v in series if math.isfinite(v)]
     log = log and bool(finite) and min(finite) > 0
     values = [math.log10(v) if log and math.isfinite(v) else v for _, v in series]
-    shown = [v for v in values if math.isfinite(v)] or [0.0]
-    low, high = min(shown), max(shown)
-    if high == low:
-        low, high = low - 1, high + 1
+    low, high = _plot_range(finite or [0.0], log=log)
     steps = [step for step, _ in series]
     first, last = steps[0], max(steps[-1], steps[0] + 1)
     width, height, left, top = PLOT_WIDTH, 180, 70, 10
@@ -261,18 +264,14 @@ def _line_chart(series: Sequence[tuple[int, float]], label: str, *, log: bool) -
         if math.isfinite(v) and len(series) <= 400
     )
 
-    def tick(value: float) -> str:
-        return _number(10**value) if log else _number(value)
-
+    high_tick, low_tick = _distinct(*((10**v if log else v) for v in (high, low)))
     axis = (
         f"<line x1='{left}' y1='{top}' x2='{left}' y2='{top + plot_h}' stroke='#999'/>"
         f"<line x1='{left}' y1='{top + plot_h}' x2='{width - 10}' y2='{top + plot_h}' "
         "stroke='#999'/>"
-        f"<text x='{left - 6}' y='{top + 10}' text-anchor='end'>{tick(high)}</text>"
-        f"<text x='{left - 6}' y='{top + plot_h}' text-anchor='end'>{tick(low)}</text>"
-        f"<text x='{left}' y='{top + plot_h + 16}'>step {first}</text>"
-        f"<text x='{width - 10}' y='{top + plot_h + 16}' text-anchor='end'>step {steps[-1]}"
-        "</text>"
+        f"<text x='{left - 6}' y='{top + 10}' text-anchor='end'>{high_tick}</text>"
+        f"<text x='{left - 6}' y='{top + plot_h}' text-anchor='end'>{low_tick}</text>"
+        f"{_step_labels(first, steps[-1], left, top + plot_h + 16, width - 10 - left)}"
         f"<text x='{(left + width) / 2:.0f}' y='{top + plot_h + 16}' text-anchor='middle'>"
         f"{escape(label)}"
         f"{' (log scale)' if log else ''}</text>"
@@ -283,6 +282,38 @@ def _line_chart(series: Sequence[tuple[int, float]], label: str, *, log: bool) -
         f"<polyline points='{points}' fill='none' stroke='#1f77b4' stroke-width='1.5'/>"
         f"{dots}{bad}</svg>"
     )
+
+
+def _plot_range(finite: list[float], *, log: bool) -> tuple[float, float]:
+    """The value axis's (low, high), in plotted units (log10 when `log`).
+
+    A flat series (FLAT_SPREAD) gets an axis FLAT_MARGIN around its middle, so it is drawn
+    as a level line mid-chart between two labels that differ.
+    """
+    low, high = min(finite), max(finite)
+    if is_flat(low, high):
+        middle = (low + high) / 2
+        margin = abs(middle) * FLAT_MARGIN or 1.0
+        low, high = middle - margin, middle + margin
+    if log:
+        return math.log10(low), math.log10(high)
+    return low, high
+
+
+def is_flat(low: float, high: float) -> bool:
+    """Whether values from `low` to `high` differ by under FLAT_SPREAD of their size: drawn
+    as a level line (here and in the terminal's sparklines), not stretched to full height."""
+    return high - low <= FLAT_SPREAD * max(abs(low), abs(high))
+
+
+def _distinct(high: float, low: float) -> tuple[str, str]:
+    """Axis labels for two different values, with as many digits as it takes to tell them
+    apart (3 significant digits unless the values are closer)."""
+    for digits in range(3, 17):
+        high_text, low_text = f"{high:.{digits}g}", f"{low:.{digits}g}"
+        if high_text != low_text:
+            return high_text, low_text
+    return _number(high), _number(low)
 
 
 def _spans_decades(series: Sequence[tuple[int, float]]) -> bool:
@@ -331,11 +362,7 @@ def _heatmap(rows: dict[str, list[tuple[int, float]]], label: str, *, log: bool,
                 f"<title>{escape(name)} · {when} · {unit} {shown}</title></rect>"
             )
     bottom = CELL_HEIGHT * len(names) + 14
-    parts.append(
-        f"<text x='{LABEL_WIDTH}' y='{bottom}'>step {steps[0]}</text>"
-        f"<text x='{LABEL_WIDTH + cell_w * len(bins)}' y='{bottom}' text-anchor='end'>"
-        f"step {steps[-1]}</text>"
-    )
+    parts.append(_step_labels(steps[0], steps[-1], LABEL_WIDTH, bottom, cell_w * len(bins)))
     scale = "log10 " if log else ""
     low_text = _number(10**low if log else low)
     high_text = _number(10**high if log else high)
@@ -358,6 +385,22 @@ def _heatmap(rows: dict[str, list[tuple[int, float]]], label: str, *, log: bool,
         f"role='img' aria-label='{escape(label)}'>{''.join(parts)}</svg>{legend}"
         "<div class='cell-info'></div></div>"
     )
+
+
+# Room one "step N" label takes under a heat map, in pixels (11 px text).
+STEP_LABEL_WIDTH = 70
+
+
+def _step_labels(first: int, last: int, x: float, y: float, plot_width: float) -> str:
+    """ "step first" at the left and "step last" at the right of a plot starting at `x`;
+    where the two would overlap (one step, or a few narrow columns), one label for both."""
+    if first != last and plot_width >= 2 * STEP_LABEL_WIDTH:
+        return (
+            f"<text x='{x}' y='{y}'>step {first}</text>"
+            f"<text x='{x + plot_width}' y='{y}' text-anchor='end'>step {last}</text>"
+        )
+    steps = f"step {first}" if first == last else f"steps {first}–{last}"
+    return f"<text x='{x}' y='{y}'>{steps}</text>"
 
 
 def _color_range(values: list[float]) -> tuple[float, float]:

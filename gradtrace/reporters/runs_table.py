@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
@@ -78,30 +79,41 @@ def _entry(path: Path) -> RunEntry:
 
 
 def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
+    """One row per run. On a narrow console (80 columns: a pipe, CI logs) the short columns
+    keep their width and the run name, start time and command wrap: nothing that tells the
+    runs apart is cut off."""
+    rows = [_row(entry) for entry in entries]
     table = Table(title=f"gradtrace runs in {directory}", title_justify="left")
-    table.add_column("run", style="cyan", no_wrap=True)
-    table.add_column("status")
-    table.add_column("steps", justify="right")
-    table.add_column("findings", justify="right")
-    table.add_column("started", no_wrap=True)
-    table.add_column("command")
-    for entry in entries:
-        name = entry.path.name
-        facts = entry.facts
-        if facts is None:
-            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error or "")
-            continue
-        exit_code = facts.meta.get("exit_code")
-        status = facts.status if exit_code in (None, 0) else f"{facts.status} ({exit_code})"
-        table.add_row(
-            name,
-            Text(status, style=STATUS_STYLES.get(facts.status, "")),
-            str(facts.steps),
-            Text(str(entry.findings), style="bold red" if entry.findings else "green"),
-            _started(entry.started_ns),
-            " ".join(facts.meta.get("argv") or []),
-        )
+    table.add_column("run", style="cyan", overflow="fold")
+    for index, (header, justify) in enumerate(
+        [("status", "left"), ("steps", "right"), ("findings", "right")], start=1
+    ):
+        # A fixed width as wide as the column's text: rich never narrows fixed columns.
+        width = max(cell_len(header), *(row[index].cell_len for row in rows))
+        table.add_column(header, justify=justify, width=width, no_wrap=True)
+    table.add_column("started")  # wraps between date and time
+    table.add_column("command", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def _row(entry: RunEntry) -> tuple[Text, ...]:
+    name = Text(entry.path.name)
+    facts = entry.facts
+    if facts is None:
+        blank = (Text(), Text(), Text())
+        return (name, Text("unreadable", style="red"), *blank, Text(entry.error or ""))
+    exit_code = facts.meta.get("exit_code")
+    status = facts.status if exit_code in (None, 0) else f"{facts.status} ({exit_code})"
+    return (
+        name,
+        Text(status, style=STATUS_STYLES.get(facts.status, "")),
+        Text(str(facts.steps)),
+        Text(str(entry.findings), style="bold red" if entry.findings else "green"),
+        Text(_started(entry.started_ns)),
+        Text(" ".join(facts.meta.get("argv") or [])),
+    )
 
 
 def _started(started_ns: int) -> str:

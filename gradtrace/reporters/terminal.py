@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import os
 
-from rich.console import Console, Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
@@ -21,6 +23,7 @@ from gradtrace.analysis.grad_health import (
 )
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
+from gradtrace.reporters.html import is_flat
 from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -31,6 +34,60 @@ TOP_OWNERS = 8
 _SPARKS = "▁▂▃▄▅▆▇█"
 # Points shown in a sparkline: the most recent recorded steps.
 SPARK_WIDTH = 24
+
+
+class ModulePath:
+    """A module path that, in a cell too narrow for it, is shortened from its start.
+
+    Its end names the module: `m.e.layers.1.linear1` or `…1.linear1`, never rich's
+    `encoder.layers.1.linea…`.
+    """
+
+    def __init__(self, path: str, style: str = "magenta") -> None:
+        self.path = path
+        self.style = style
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        width = cell_len(self.path)
+        return Measurement(min(width, MIN_PATH_WIDTH), width)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(shorten_path(self.path, options.max_width), style=self.style, no_wrap=True)
+
+
+# The narrowest a ModulePath asks to be: an ellipsis and a few characters of the name.
+MIN_PATH_WIDTH = 8
+
+
+def shorten_path(path: str, width: int) -> str:
+    """`path` in at most `width` cells, keeping its end.
+
+    Leading dotted parts shrink to their first letter first, left to right (numbers, the
+    index of a layer, stay whole); then the start is cut off behind "…".
+    """
+    if cell_len(path) <= width:
+        return path
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not part.isdigit():
+            parts[i] = part[:1]
+            shorter = ".".join(parts)
+            if cell_len(shorter) <= width:
+                return shorter
+    return cut_left(".".join(parts), width)
+
+
+def cut_left(text: str, width: int) -> str:
+    """`text` in at most `width` cells: "…" and its end when it does not fit."""
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    kept, used = len(text), 1
+    while kept > 0 and used + cell_len(text[kept - 1]) <= width:
+        kept -= 1
+        used += cell_len(text[kept])
+    return "…" + text[kept:]
 
 
 class TerminalReporter:
@@ -205,7 +262,7 @@ def _health_table(run: Run, of_rank: str) -> Table:
         caption=_clip_caption(clips),
         caption_justify="left",
     )
-    table.add_column("module", style="magenta")
+    table.add_column("module")
     table.add_column("‖grad‖", justify="right")
     table.add_column("‖grad‖/‖param‖", justify="right")
     if updates:
@@ -226,7 +283,13 @@ def _health_table(run: Run, of_rank: str) -> Table:
         param = taken[-1][1] if taken else math.nan
         ratio = series[-1][1] / param if param else math.nan
         update = [_number(updates[module][-1][1]) if module in updates else ""] if updates else []
-        table.add_row(module, _number(series[-1][1]), _number(ratio), *update, _sparkline(series))
+        table.add_row(
+            ModulePath(module),
+            _number(series[-1][1]),
+            _number(ratio),
+            *update,
+            _sparkline(series),
+        )
     hidden = len(ranked) - TOP_OWNERS
     if hidden > 0:
         table.add_row(f"… {hidden} more", "", "", *blank, "")
@@ -255,10 +318,11 @@ def _number(value: float) -> str:
 
 
 def _sparkline(series: list[tuple[int, float]]) -> Text:
-    """Log-scaled bars; non-finite values as a red '!'."""
+    """Log-scaled bars, a flat series (`is_flat`) level; non-finite values as a red '!'."""
     values = [v for _, v in series[-SPARK_WIDTH:]]
-    logs = [math.log10(v) for v in values if math.isfinite(v) and v > 0]
-    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    flat = not positive or is_flat(min(positive), max(positive))
+    low, high = (0.0, 0.0) if flat else (math.log10(min(positive)), math.log10(max(positive)))
     text = Text()
     for v in values:
         if not math.isfinite(v):
@@ -266,7 +330,8 @@ def _sparkline(series: list[tuple[int, float]]) -> Text:
         elif v <= 0:
             text.append(" ")
         else:
-            level = 0 if high == low else (math.log10(v) - low) / (high - low)
+            # A flat series is a level line mid-height, not noise stretched to full height.
+            level = 0.5 if flat else (math.log10(v) - low) / (high - low)
             text.append(_SPARKS[round(level * (len(_SPARKS) - 1))], style="cyan")
     return text
 
@@ -275,12 +340,12 @@ def _write_table(run: Run, of_rank: str) -> Table:
     table = Table(
         title=f"in-place writes{of_rank} (legal unless listed above)", title_justify="left"
     )
-    table.add_column("owner", style="magenta")
+    table.add_column("owner")
     table.add_column("op")
     table.add_column("phase")
     table.add_column("count", justify="right")
     for owner, op, phase, count in run.write_counts[:TOP_OWNERS]:
-        table.add_row(owner, op, phase, str(count))
+        table.add_row(ModulePath(owner), op, phase, str(count))
     hidden = len(run.write_counts) - TOP_OWNERS
     if hidden > 0:
         table.add_row(f"… {hidden} more", "", "", "")

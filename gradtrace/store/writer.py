@@ -5,18 +5,27 @@ transaction that `write_step` commits as the step ends: one commit per step. Met
 new findings commit at once, with whatever the step has written so far; a repeat of a
 known finding only bumps its count, in the step's transaction (a SIGKILL loses the repeats
 counted since the last committed step).
+
+NOTE [store failure]: a store that cannot write (disk full, I/O error) stops recording; it
+never fails the user's training. The step being written is rolled back (every committed
+step stays), each later write is dropped, and the reason goes to `on_stop` (the session
+says it once on stderr) and into the run's meta. A full disk leaves no room for that last
+word, so the writer keeps RESERVE_BYTES in a file beside the database and frees them first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
@@ -29,6 +38,33 @@ from gradtrace.events import (
 )
 from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
 
+# Room freed when the store fails, for the meta that says so (a few SQLite pages each write).
+RESERVE = ".gradtrace-reserve"
+RESERVE_BYTES = 64 * 1024
+
+_T = TypeVar("_T")
+
+
+def _stops_on_failure(default: Any) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Run a write under the writer's lock; once the store has failed, skip it (NOTE [store
+    failure]) and return `default`."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def guarded(self: RunWriter, *args: Any, **kwargs: Any) -> _T:
+            with self._lock:
+                if self.stopped is not None:
+                    return default
+                try:
+                    return method(self, *args, **kwargs)
+                except sqlite3.DatabaseError as error:
+                    self._stop(error)
+                    return default
+
+        return guarded
+
+    return decorate
+
 
 class RunWriter:
     """Owns the run database. Safe to call from autograd's backward threads.
@@ -37,7 +73,8 @@ class RunWriter:
     inside a training loop is one finding seen N times, not N findings.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, on_stop: Callable[[str], None] | None = None) -> None:
+        """`on_stop` is told, once, why recording stopped (NOTE [store failure])."""
         self.run_dir = run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -52,17 +89,64 @@ class RunWriter:
         self._db = sqlite3.connect(
             run_dir / DATABASE, check_same_thread=False, isolation_level=None
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            # Before the script runs (a disk already full): refuse, as for any --out.
+            self._db.close()
+            message = f"Cannot create the run store in '{run_dir}': {error}."
+            raise GradtraceError(message) from None
         self._lock = threading.Lock()
         self._finding_ids: dict[tuple[object, ...], int] = {}
+        # Why recording stopped (NOTE [store failure]); None while it records.
+        self.stopped: str | None = None
+        self._on_stop = on_stop
+        self._last_step: int | None = None
+        self._reserve = run_dir / RESERVE
+        _reserve_space(self._reserve)
         self.set_meta(format=FORMAT_VERSION)
 
     def set_meta(self, **values: Any) -> None:
+        """Commit metadata now. Tried even once recording has stopped: it is how the run
+        says so (a failure then is ignored, the reader shows the run as killed)."""
         with self._lock:
+            if self.stopped is not None:
+                self._try_set_meta(values)
+                return
+            try:
+                self._insert(SET_META, _meta_rows(values))
+                self._commit()
+            except sqlite3.DatabaseError as error:
+                self._stop(error)
+                self._try_set_meta(values)
+
+    def _stop(self, error: sqlite3.DatabaseError) -> None:
+        """Stop recording for good, keeping every committed step; lock held."""
+        self._rollback()
+        _free(self._reserve)
+        kept = "no step" if self._last_step is None else f"steps up to {self._last_step}"
+        self.stopped = (
+            f"Recording stopped: the run store failed ({error}) at '{self.run_dir}'. "
+            f"The run keeps {kept} and the findings stored before; training went on."
+        )
+        self._try_set_meta({"recording_stopped": self.stopped, "notices": [self.stopped]})
+        if self._on_stop is not None:
+            self._on_stop(self.stopped)
+
+    def _try_set_meta(self, values: dict[str, Any]) -> None:
+        try:
             self._insert(SET_META, _meta_rows(values))
             self._commit()
+        except sqlite3.DatabaseError:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # A failed COMMIT may have rolled back already: a second ROLLBACK then fails.
+        with contextlib.suppress(sqlite3.DatabaseError):
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
 
     def _insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """`executemany`, skipped for no rows: most of a step's tables get none, and each
@@ -78,6 +162,7 @@ class RunWriter:
         if self._db.in_transaction:
             self._db.execute("COMMIT")
 
+    @_stops_on_failure(None)
     def write_step(
         self,
         step: int,
@@ -87,96 +172,97 @@ class RunWriter:
     ) -> None:
         """Commit a step's write counts with its other rows; `finished` marks the step done."""
         rows = [(step, owner, op, phase, count) for (owner, op, phase), count in counts]
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
-                rows,
+        self._begin()
+        self._insert(
+            "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        if finished:
+            self._db.execute(
+                "INSERT OR REPLACE INTO steps (step, end_ns) VALUES (?, ?)",
+                (step, time.time_ns()),
             )
-            if finished:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO steps (step, end_ns) VALUES (?, ?)",
-                    (step, time.time_ns()),
-                )
-            self._commit()
+        self._commit()
+        if finished:
+            self._last_step = step
 
+    @_stops_on_failure(None)
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
-                [(step, name, value) for name, value in values.items()],
-            )
+        self._begin()
+        self._insert(
+            "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
+            [(step, name, value) for name, value in values.items()],
+        )
 
+    @_stops_on_failure(None)
     def write_grad_stats(self, stats: StepGradStats) -> None:
         """Store one optimizer's recorded step; committed with the step's other rows."""
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
-                "param_norm, zero_fraction, arrival, update_norm) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        stats.step,
-                        stats.optimizer,
-                        p.name,
-                        p.module,
-                        p.numel,
-                        p.grad_norm,
-                        p.param_norm,
-                        p.zero_fraction,
-                        p.arrival,
-                        p.update_norm,
-                    )
-                    for p in stats.params
-                ],
-            )
-            self._insert(
-                "INSERT INTO missing_grads (step, optimizer, param, module) VALUES (?, ?, ?, ?)",
-                [(stats.step, stats.optimizer, param, module) for param, module in stats.missing],
-            )
-            self._insert(
-                "INSERT INTO nonfinite_outputs (step, position, module) VALUES (?, ?, ?)",
-                [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
-            )
-            self._insert(
-                "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
-                [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
-            )
-            self._insert(
-                "INSERT INTO grad_clips (step, optimizer, norm_before, max_norm, norm_type) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (stats.step, stats.optimizer, c.norm_before, c.max_norm, c.norm_type)
-                    for c in stats.clips
-                ],
-            )
-            self._insert(
-                "INSERT INTO dead_units (step, optimizer, module, dead, units) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
-            )
-            self._insert(
-                "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
-                [(stats.step, module) for module in stats.cut],
-            )
-            self._insert(
-                "INSERT OR IGNORE INTO module_sites (module, source) VALUES (?, ?)",
-                [
-                    (module, json.dumps(asdict(source)) if source else None)
-                    for module, source in stats.new_sites
-                ],
-            )
+        self._begin()
+        self._insert(
+            "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
+            "param_norm, zero_fraction, arrival, update_norm) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    stats.step,
+                    stats.optimizer,
+                    p.name,
+                    p.module,
+                    p.numel,
+                    p.grad_norm,
+                    p.param_norm,
+                    p.zero_fraction,
+                    p.arrival,
+                    p.update_norm,
+                )
+                for p in stats.params
+            ],
+        )
+        self._insert(
+            "INSERT INTO missing_grads (step, optimizer, param, module) VALUES (?, ?, ?, ?)",
+            [(stats.step, stats.optimizer, param, module) for param, module in stats.missing],
+        )
+        self._insert(
+            "INSERT INTO nonfinite_outputs (step, position, module) VALUES (?, ?, ?)",
+            [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
+        )
+        self._insert(
+            "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
+            [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
+        )
+        self._insert(
+            "INSERT INTO grad_clips (step, optimizer, norm_before, max_norm, norm_type) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                (stats.step, stats.optimizer, c.norm_before, c.max_norm, c.norm_type)
+                for c in stats.clips
+            ],
+        )
+        self._insert(
+            "INSERT INTO dead_units (step, optimizer, module, dead, units) VALUES (?, ?, ?, ?, ?)",
+            [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
+        )
+        self._insert(
+            "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
+            [(stats.step, module) for module in stats.cut],
+        )
+        self._insert(
+            "INSERT OR IGNORE INTO module_sites (module, source) VALUES (?, ?)",
+            [
+                (module, json.dumps(asdict(source)) if source else None)
+                for module, source in stats.new_sites
+            ],
+        )
 
+    @_stops_on_failure(None)
     def write_histograms(self, histograms: list[GradHistogram]) -> None:
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
-                [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
-            )
+        self._begin()
+        self._insert(
+            "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
+            [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
+        )
 
+    @_stops_on_failure(None)
     def write_rank_norms(self, norms: RankNorms) -> None:
         rows = [
             (norms.step, norms.optimizer, param, rank, grads[i], params[i])
@@ -185,55 +271,72 @@ class RunWriter:
             )
             for i, param in enumerate(norms.params)
         ]
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        self._begin()
+        self._insert(
+            "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
+    @_stops_on_failure(None)
     def write_timeline(
         self, spans: Iterable[Span], writes: Iterable[TracedWrite], threads: dict[int, str]
     ) -> None:
         """Store a traced step's spans and writes, and names of threads first seen."""
-        with self._lock:
-            self._begin()
-            self._insert(
-                "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(s.step, s.kind, s.name, s.thread, s.depth, s.start_ns, s.end_ns) for s in spans],
-            )
-            self._insert(
-                "INSERT INTO traced_writes (step, t_ns, thread, op, owner, phase, file, line, "
-                "function, code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*_write_row(w), *_source_row(w)) for w in writes],
-            )
-            self._insert(
-                "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
-            )
+        self._begin()
+        self._insert(
+            "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(s.step, s.kind, s.name, s.thread, s.depth, s.start_ns, s.end_ns) for s in spans],
+        )
+        self._insert(
+            "INSERT INTO traced_writes (step, t_ns, thread, op, owner, phase, file, line, "
+            "function, code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*_write_row(w), *_source_row(w)) for w in writes],
+        )
+        self._insert(
+            "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
+        )
 
+    @_stops_on_failure(False)
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
         key = finding.same_bug
-        with self._lock:
-            known = self._finding_ids.get(key)
-            if known is not None:
-                self._begin()
-                self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
-                return False
-            cursor = self._db.execute(
-                "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
-                (finding.kind, finding.step, json.dumps(finding.to_dict())),
-            )
-            self._commit()
-            self._finding_ids[key] = cursor.lastrowid
-            return True
+        known = self._finding_ids.get(key)
+        if known is not None:
+            self._begin()
+            self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
+            return False
+        cursor = self._db.execute(
+            "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
+            (finding.kind, finding.step, json.dumps(finding.to_dict())),
+        )
+        self._commit()
+        self._finding_ids[key] = cursor.lastrowid
+        return True
 
     def close(self) -> None:
         with self._lock:
-            self._commit()
+            try:
+                self._commit()
+            except sqlite3.DatabaseError as error:
+                self._stop(error)
             self._db.close()
+            _free(self._reserve)
+
+
+def _reserve_space(path: Path) -> None:
+    """Hold RESERVE_BYTES on the run's disk (random bytes: a compressing filesystem keeps
+    them). A disk too full for them now is left alone: the store then fails a little sooner."""
+    try:
+        path.write_bytes(os.urandom(RESERVE_BYTES))
+    except OSError:
+        _free(path)
+
+
+def _free(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def add_meta(run_dir: Path, **values: Any) -> None:
