@@ -22,6 +22,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     Finding,
     GradHistogram,
+    ProbeFailure,
     RankNorms,
     Span,
     StepGradStats,
@@ -212,6 +213,16 @@ class RunWriter:
             self._insert(
                 "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
             )
+
+    def add_probe_failure(self, failure: ProbeFailure) -> None:
+        """Store a probe's failure at once: a run killed later still tells it."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO probe_failures (probe, step, error, message, location) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (failure.probe, failure.step, failure.error, failure.message, failure.where),
+            )
+            self._commit()
 
     def add_finding(self, finding: Finding) -> bool:
         """Store a finding; return False if it repeats one already stored."""
