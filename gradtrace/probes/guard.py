@@ -75,19 +75,21 @@ class ProbeGuard:
         """`function`, run only while the probe is on; its exception switches the probe off.
 
         When off (or on the call that failed) the wrapper returns `fallback(*args)`, or None.
+        Positional arguments only, as torch calls hooks: `**kwargs` would cost every call
+        (this runs per module call, saved tensor and write).
         """
         guard = self
 
         @functools.wraps(function)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
+        def guarded(*args: Any) -> Any:
             if guard.on:
                 try:
-                    return function(*args, **kwargs)
+                    return function(*args)
                 except Exception as error:
                     if is_deliberate(error):
                         raise
                     guard.fail(error)
-            return None if fallback is None else fallback(*args, **kwargs)
+            return None if fallback is None else fallback(*args)
 
         return guarded  # type: ignore[return-value]
 

@@ -76,9 +76,8 @@ class WriteLogProbe:
         guard = guard or ProbeGuard("write log", step=lambda: steps.step)
         self._guard = guard
         # What the dispatch mode calls (NOTE [probe boundary] in guard.py): an op's write
-        # info once per op, and each write.
+        # info once per op, and `on_write`, guarded, for each write.
         self.op_info = guard(_op_info, fallback=lambda func: _NO_WRITES)
-        self.write_seen = guard(lambda *write: self.on_write(*write))
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self._live = live
         self._modules = modules
@@ -91,11 +90,13 @@ class WriteLogProbe:
         # What the dispatch mode calls for a mutating op: `record`, or on traced steps
         # `_record_traced` (see NOTE [traced steps]).
         self.on_write = self.record
+        self.write_seen = guard(self.on_write)
 
     def trace_writes(self, timeline: TimelineProbe | None) -> None:
         """Hand every write to `timeline` from now on (None: stop)."""
         self._timeline = timeline
         self.on_write = self.record if timeline is None else self._record_traced
+        self.write_seen = self._guard(self.on_write)
 
     def install(self, stack: ExitStack) -> None:
         stack.enter_context(self._mode)
