@@ -188,6 +188,32 @@ class RankNorms:
     param_norms: tuple[tuple[float, ...], ...]
 
 
+@dataclass(frozen=True)
+class ProbeFailure:
+    """A probe raised: it switched itself off at `step` and training went on without it.
+
+    `where` is the innermost frame of gradtrace's own code the exception passed through
+    (`gradtrace/probes/grads.py:123 in _before_step`): what a bug report needs.
+    """
+
+    probe: str
+    step: int
+    error: str
+    message: str
+    where: str
+    # The torchrun rank it happened on, in a job's merged view; None otherwise.
+    rank: int | None = None
+
+    def describe(self) -> str:
+        """One line for a terminal or a log."""
+        on_rank = "" if self.rank is None else f" on rank {self.rank}"
+        return (
+            f"the {self.probe} probe failed at step {self.step}{on_rank} and is off for the "
+            f"rest of the run ({self.error}: {self.message} at {self.where}); training went on "
+            "unchanged. Please report this to gradtrace."
+        )
+
+
 def located_at(source: SourceLine | None) -> dict[str, Any]:
     """The `Finding` fields that point at a line of code; all None when it is unknown."""
     if source is None:

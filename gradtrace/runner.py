@@ -135,7 +135,12 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def _print_user_traceback(exc: BaseException) -> None:
-    """Print the exception as Python would, without the frames of gradtrace and runpy."""
+    """Print the exception as Python would, without the frames that started the script.
+
+    Only those leading frames (gradtrace's runner and runpy) are left out: a traceback that
+    passes through gradtrace's code after the script started keeps those frames, so an
+    error of gradtrace's never reads as the user's own.
+    """
     report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
     _drop_own_frames(report, seen=set())
     sys.stderr.flush()
@@ -147,9 +152,10 @@ def _drop_own_frames(report: traceback.TracebackException, seen: set[int]) -> No
     if id(report) in seen:
         return
     seen.add(id(report))
-    report.stack = traceback.StackSummary.from_list(
-        [frame for frame in report.stack if not _is_own_frame(frame.filename)]
-    )
+    frames = list(report.stack)
+    while frames and _is_own_frame(frames[0].filename):
+        frames.pop(0)
+    report.stack = traceback.StackSummary.from_list(frames)
     for chained in (report.__cause__, report.__context__):
         if chained is not None:
             _drop_own_frames(chained, seen)

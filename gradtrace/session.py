@@ -27,6 +27,7 @@ from gradtrace.events import (
     HISTOGRAM_EDGES,
     Finding,
     GradHistogram,
+    ProbeFailure,
     RankNorms,
     Span,
     StepGradStats,
@@ -38,6 +39,7 @@ from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
 from gradtrace.probes.grads import GradStatsProbe
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.native import NativeCoreProbe
@@ -137,24 +139,33 @@ class Session:
         self._writer: RunWriter | None = None
         self._jobs: StoreJobs | None = None
         self._pid = os.getpid()
+        # Probes that failed and switched themselves off (NOTE [probe boundary] in guard.py).
+        self.probe_failures: list[ProbeFailure] = []
         self._writes: WriteLogProbe | NativeCoreProbe | None = None
         self.core = _native.PYTHON
-        self._steps = StepProbe(self._end_step)
+        self._steps = StepProbe(self._end_step, guard=self._guard("step counter"))
         self._deferred = DeferredQueue()
         # step -> name -> value, until the step's record is written.
         self._logged: dict[int, dict[str, float | torch.Tensor]] = {}
-        self._modules = ModuleStackProbe()
+        self._modules = ModuleStackProbe(guard=self._guard("module stack"))
         self._forwards_at_step_end = 0
         self._checkpointed_stored = 0
         # TensorBoard: True writes into the run directory, a path into that logdir.
         self._tensorboard = tensorboard
         self._live: LiveTensorBoard | None = None
         self._rank_check = (
-            RankCheckProbe(self._deferred, self._store_rank_norms) if check_ranks else None
+            RankCheckProbe(self._deferred, self._store_rank_norms, guard=self._guard("rank check"))
+            if check_ranks
+            else None
         )
         # Gradient value histograms every N optimizer steps (0: never).
         self._histograms = (
-            GradHistogramProbe(grad_histograms, self._deferred, self._store_histograms)
+            GradHistogramProbe(
+                grad_histograms,
+                self._deferred,
+                self._store_histograms,
+                guard=self._guard("gradient histograms"),
+            )
             if grad_histograms > 0
             else None
         )
@@ -195,6 +206,7 @@ class Session:
         # step), so it must be the one `close()` unwinds: no `pop_all()` copy.
         stack = ExitStack()
         jobs = StoreJobs()
+        self._writer = writer  # a probe failing as it installs is recorded too
         try:
             stack.callback(writer.close)
             stack.callback(jobs.close)  # before the writer closes
@@ -202,10 +214,10 @@ class Session:
                 self._live = LiveTensorBoard(self._tensorboard_dir())
             self._install(stack, core)
         except BaseException:
+            self._writer = None
             stack.close()
             raise
         self._stack = stack
-        self._writer = writer
         self._jobs = jobs
         self._pid = os.getpid()
         _active = self
@@ -223,19 +235,35 @@ class Session:
         full = self.level == "full"
         if core is not None:
             native = NativeCoreProbe(
-                core, modules, self._steps, self._add_finding, observe_writes=full
+                core,
+                modules,
+                self._steps,
+                self._add_finding,
+                observe_writes=full,
+                guard=self._guard("native core"),
             )
             native.install(stack)
             self._writes = native if full else None
         else:
             # The write log's map of live saved tensors by storage (level "full" only).
             live = LiveSaved() if full else None
-            saved = SavedTensorProbe(modules, self._steps, callers, self._add_finding, live=live)
+            saved = SavedTensorProbe(
+                modules,
+                self._steps,
+                callers,
+                self._add_finding,
+                live=live,
+                guard=self._guard("saved-tensor check"),
+            )
             saved.install(stack)
             if live is not None:
-                self._writes = WriteLogProbe(live, modules, self._steps, callers)
+                self._writes = WriteLogProbe(
+                    live, modules, self._steps, callers, guard=self._guard("write log")
+                )
                 self._writes.install(stack)
-        self._timeline = TimelineProbe(modules, self._trace_steps, self._writes)
+        self._timeline = TimelineProbe(
+            modules, self._trace_steps, self._writes, guard=self._guard("timeline")
+        )
         self._timeline.install(stack)
 
     def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
@@ -249,13 +277,31 @@ class Session:
             update_ratio=self._update_ratio,
             ranks=self._rank_check,
             histograms=self._histograms,
+            guard=self._guard("gradient statistics"),
         )
         scaler = GradScalerProbe(
-            self._steps, self._deferred, self._store_scalars, grads.end_iteration
+            self._steps,
+            self._deferred,
+            self._store_scalars,
+            grads.end_iteration,
+            guard=self._guard("AMP loss scale"),
         )
         grads.install(stack)
         scaler.install(stack)
-        GradClipProbe(grads.note_clip).install(stack)
+        GradClipProbe(grads.note_clip, guard=self._guard("gradient clipping")).install(stack)
+
+    def _guard(self, probe: str) -> ProbeGuard:
+        """The switch a probe runs behind: its failure is recorded, training goes on."""
+        return ProbeGuard(probe, self._probe_failed, step=lambda: self.step)
+
+    def _probe_failed(self, failure: ProbeFailure) -> None:
+        """Say it once on stderr now (the run may never reach its summary) and store it."""
+        if not self._in_owner():
+            return
+        self.probe_failures.append(failure)
+        print(f"gradtrace: {failure.describe()}", file=sys.stderr, flush=True)
+        if self._writer is not None:
+            self._writer.add_probe_failure(failure)
 
     def log(self, **values: float | torch.Tensor) -> None:
         """Record scalars (e.g. `loss=loss`) for the step they belong to.

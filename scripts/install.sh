@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install gradtrace into the current Python environment; with --test, its test tools too.
+# numpy is installed too when missing (torch warns on every import without it).
 #
 # torch is installed only when missing, and then pinned: an unpinned torch would pull a
 # multi-GB CUDA build. A torch you already have is never replaced. Override the pin with
@@ -10,6 +11,15 @@ python=${PYTHON:-python3}
 
 if ! "$python" -c "import torch" >/dev/null 2>&1; then
   "$python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+fi
+
+# torch's CPU wheels do not depend on numpy, yet torch warns "Failed to initialize NumPy" on
+# every import without it: numpy goes next to torch (torch itself is left as it is). torch
+# before 2.3 was built against numpy 1.
+if ! "$python" -c "import numpy" >/dev/null 2>&1; then
+  numpy_spec=$("$python" -c "import torch; v = torch.__version__.split('+')[0].split('.'); \
+print('numpy' if (int(v[0]), int(v[1])) >= (2, 3) else 'numpy<2')" 2>/dev/null)
+  "$python" -m pip install --quiet "$numpy_spec"
 fi
 
 extras=""

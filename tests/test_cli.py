@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import gradtrace, kill_when_ready
+from tracebacks import frame_files, gradtrace_frames
 
 PROBE_SCRIPT = """
 import json, os, sys
@@ -70,12 +71,37 @@ def test_exit_code_is_the_scripts_own(tmp_path: Path, body: str, code: int) -> N
     assert plain.returncode == traced.returncode == code
     if "ValueError" in body:
         assert "ValueError: boom" in traced.stderr
+        # As python shows it: the script's frame first, none of the runner's before it.
+        assert frame_files(traced.stderr) == [str(tmp_path / "s.py")], traced.stderr
         assert 'File "' + str(tmp_path / "s.py") + '", line 1, in <module>' in traced.stderr
-        assert "gradtrace/" not in traced.stderr.split("ValueError")[0]
     assert "run directory:" in traced.stderr
     status = json.loads(gradtrace("report", "r", "--json", cwd=tmp_path).stdout)["run"]
     assert status["exit_code"] == code
     assert status["status"] == ("ok" if code == 0 else "failed")
+
+
+def test_a_traceback_through_gradtrace_keeps_its_frames(tmp_path: Path) -> None:
+    """The closure runs inside gradtrace's wrapper: its frame is shown, as python would."""
+    write(
+        tmp_path / "s.py",
+        """
+        import torch
+        w = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.SGD([w], lr=0.1)
+        def closure():
+            raise ValueError("boom in closure")
+        optimizer.step(closure)
+        """,
+    )
+    plain = python("s.py", cwd=tmp_path)
+    traced = gradtrace("run", "--out", "r", "s.py", cwd=tmp_path)
+    assert plain.returncode == traced.returncode == 1
+    assert "ValueError: boom in closure" in traced.stderr
+    shown = frame_files(traced.stderr)
+    assert [file for file in shown if file not in gradtrace_frames(traced.stderr)] == (
+        frame_files(plain.stderr)
+    )
+    assert [Path(file).name for file in gradtrace_frames(traced.stderr)] == ["steps.py"]
 
 
 def test_ctrl_c_exits_130_and_records_interrupted(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import threading
 import weakref
 from pathlib import Path
@@ -115,7 +116,12 @@ def test_a_run_stopped_inside_a_traced_step_leaves_no_parameter_hook(tmp_path: P
 
 
 def accumulate_hooks(model: nn.Module) -> list:
-    return [h for p in model.parameters() for h in (p._post_accumulate_grad_hooks or {}).values()]
+    """The hooks' own bound methods, out of the probes' guards (gradtrace/probes/guard.py)."""
+    return [
+        inspect.unwrap(h)
+        for p in model.parameters()
+        for h in (p._post_accumulate_grad_hooks or {}).values()
+    ]
 
 
 def test_each_thread_gets_its_own_track(tmp_path: Path) -> None:

@@ -112,16 +112,38 @@ def pytorch_message(evidence: CorruptionEvidence, wording: Wording) -> str:
     itself: code that matches on PyTorch's wording keeps working.
     """
     saved = evidence.saved
-    shape = ", ".join(str(n) for n in saved.shape)
+    return version_message(
+        saved.type_name,
+        saved.shape,
+        saved.grad_fn,
+        saved.output_nr,
+        version_now=evidence.version_now,
+        version_saved=saved.version_saved,
+        wording=wording,
+    )
+
+
+def version_message(
+    type_name: str,
+    shape: tuple[int, ...],
+    grad_fn: str | None,
+    output_nr: int,
+    *,
+    version_now: int,
+    version_saved: int,
+    wording: Wording,
+) -> str:
+    """PyTorch's in-place error text from the saved tensor's bare facts."""
+    sizes = ", ".join(str(n) for n in shape)
     text = (
         "one of the variables needed for gradient computation has been modified by an "
-        f"inplace operation: [{saved.type_name} [{shape}]]"
+        f"inplace operation: [{type_name} [{sizes}]]"
     )
-    if saved.grad_fn:
-        node = _forward_name(saved.grad_fn) if wording.forward_names else saved.grad_fn
-        text += f", which is output {saved.output_nr} of {node},"
+    if grad_fn:
+        node = _forward_name(grad_fn) if wording.forward_names else grad_fn
+        text += f", which is output {output_nr} of {node},"
     return (
-        text + f" is at version {evidence.version_now}; expected version {saved.version_saved}"
+        text + f" is at version {version_now}; expected version {version_saved}"
         f" instead.{wording.hint}"
     )
 

@@ -135,12 +135,32 @@ def step_back(mode: TorchDispatchMode) -> None:
     _push_mode(mode)
 
 
-def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
-    """Per-tensor norms in float32, in one batched kernel where torch has one.
+# Dtypes whose norms are taken in float32; wider ones (float64, complex) keep their precision.
+_NORM_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 
+
+def foreach_norm(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    """Per-tensor norms, in one batched kernel per precision where torch has one.
+
+    Norms of float32 and narrower tensors are float32; float64 tensors get float64 norms and
+    complex ones real norms of their magnitudes (`dtype=float32` refuses both: narrowing).
     NOTE: `_foreach_norm` takes `dtype=` since torch 2.6 (low-precision gradients would
     otherwise give bf16 norms); older versions get float32 copies instead.
     """
+    narrow = [i for i, t in enumerate(tensors) if t.dtype in _NORM_IN_FLOAT32]
+    if len(narrow) == len(tensors):
+        return _float32_norms(tensors, ord)
+    norms: list[torch.Tensor] = list(tensors)  # every slot replaced below
+    wide = [i for i, t in enumerate(tensors) if t.dtype not in _NORM_IN_FLOAT32]
+    if narrow:
+        for i, norm in zip(narrow, _float32_norms([tensors[i] for i in narrow], ord), strict=True):
+            norms[i] = norm
+    for i, norm in zip(wide, torch._foreach_norm([tensors[i] for i in wide], ord), strict=True):
+        norms[i] = norm
+    return norms
+
+
+def _float32_norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     try:
         return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
     except TypeError:

@@ -21,6 +21,7 @@ from torch.amp import GradScaler
 from gradtrace.analysis.grad_health import FOUND_INF
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import StepProbe
 
@@ -34,7 +35,10 @@ class GradScalerProbe:
         queue: DeferredQueue,
         on_values: Callable[[int, dict[str, float]], None],
         on_iteration_end: Callable[[], None],
+        *,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        self._guard = guard or ProbeGuard("AMP loss scale", step=lambda: steps.step)
         self._steps = steps
         self._queue = queue
         self._on_values = on_values
@@ -42,12 +46,12 @@ class GradScalerProbe:
 
     def install(self, stack: ExitStack) -> None:
         original = GradScaler.update
-        probe = self
+        before_update = self._guard(self._before_update)
 
         @functools.wraps(original)
         def update(scaler: GradScaler, new_scale: float | torch.Tensor | None = None) -> None:
             if new_scale is None:
-                probe._before_update(scaler)
+                before_update(scaler)
             return original(scaler, new_scale)
 
         GradScaler.update = update  # type: ignore[method-assign]
@@ -66,5 +70,7 @@ class GradScalerProbe:
         step = self._steps.step
         self._queue.push(
             values,
-            lambda read: self._on_values(step, {SCALE: read[0], FOUND_INF: float(read[1] > 0)}),
+            self._guard(
+                lambda read: self._on_values(step, {SCALE: read[0], FOUND_INF: float(read[1] > 0)})
+            ),
         )

@@ -26,24 +26,32 @@ import torch
 import torch.nn.utils
 from torch.nn.utils import clip_grad
 
+from gradtrace.probes.guard import ProbeGuard
+
 OnClip = Callable[[torch.Tensor, "float | torch.Tensor", float], None]
 
 
 class GradClipProbe:
-    def __init__(self, on_clip: OnClip) -> None:
+    def __init__(self, on_clip: OnClip, *, guard: ProbeGuard | None = None) -> None:
         self._on_clip = on_clip
+        self._guard = guard or ProbeGuard("gradient clipping")
 
     def install(self, stack: ExitStack) -> None:
         original = clip_grad.clip_grad_norm_
         signature = inspect.signature(original)
         on_clip = self._on_clip
 
-        @functools.wraps(original)
-        def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
-            total_norm = original(*args, **kwargs)
+        def observe(total_norm: torch.Tensor, args: Any, kwargs: Any) -> None:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             on_clip(total_norm, bound.arguments["max_norm"], bound.arguments["norm_type"])
+
+        observed = self._guard(observe)
+
+        @functools.wraps(original)
+        def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
+            total_norm = original(*args, **kwargs)  # the user's call: its errors are theirs
+            observed(total_norm, args, kwargs)
             return total_norm
 
         for module in (torch.nn.utils, clip_grad):

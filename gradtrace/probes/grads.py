@@ -40,6 +40,7 @@ from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
@@ -75,13 +76,34 @@ BOUNDED_MODULES = (
 )
 
 
+# Floating dtypes that reduce straight into a float32 slot; others (float64, complex) reduce
+# in their own precision first.
+_WIDEN_TO_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def sum_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
-    """The tensor's sum in float32: NaN or Inf anywhere makes it non-finite."""
-    torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+    """The tensor's sum in float32: NaN or Inf anywhere makes it non-finite.
+
+    A float64 sum is taken in float64 and stored as `sum - sum` (0, or NaN when it is not
+    finite): narrowed to float32, a finite sum beyond 3.4e38 would read as Inf.
+    """
+    if tensor.dtype in _WIDEN_TO_FLOAT32:
+        torch.sum(tensor, dim=tuple(range(tensor.dim())), dtype=torch.float32, out=slot)
+    else:
+        total = torch.sum(tensor)
+        slot.copy_(total - total)
 
 
 def norm_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
-    torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
+    """The tensor's L2 norm (of absolute values for complex), stored as float32.
+
+    `vector_norm(..., dtype=float32)` refuses float64 (narrowing) and complex input, so
+    those are reduced in their own precision and then narrowed (a complex norm is real).
+    """
+    if tensor.dtype in _WIDEN_TO_FLOAT32:
+        torch.linalg.vector_norm(tensor, dtype=torch.float32, out=slot)
+    else:
+        slot.copy_(torch.linalg.vector_norm(tensor))
 
 
 def unit_dim(tensor: torch.Tensor) -> int:
@@ -164,7 +186,9 @@ class GradStatsProbe:
         ranks: RankCheckProbe | None = None,
         histograms: GradHistogramProbe | None = None,
         update_ratio: bool = False,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        self._guard = guard or ProbeGuard("gradient statistics", step=lambda: steps.step)
         self._modules = modules
         self._ranks = ranks
         self._histograms = histograms
@@ -202,15 +226,19 @@ class GradStatsProbe:
         self._known_version = -1
         self._seen: set[str] = set()
         self._new_sites: list[tuple[str, Caller | None]] = []
+        # Called by the clipping and AMP probes: failures there are this probe's.
+        self.note_clip = self._guard(self.note_clip)  # type: ignore[method-assign]
+        self.end_iteration = self._guard(self.end_iteration)  # type: ignore[method-assign]
 
     def install(self, stack: ExitStack) -> None:
         self._stack = stack
         self._installed = True
         stack.callback(setattr, self, "_installed", False)
-        self._steps.on_grads_ready(self._before_step)
-        self._steps.on_updated(self._after_update)
+        guard = self._guard
+        self._steps.on_grads_ready(guard(self._before_step))
+        self._steps.on_updated(guard(self._after_update))
         stack.callback(self._stepping.clear)
-        stack.enter_context(register_module_forward_hook(self._after_forward))
+        stack.enter_context(register_module_forward_hook(guard(self._after_forward)))
 
     def _recording(self) -> bool:
         return self._steps.step % self._every == 0
@@ -287,7 +315,7 @@ class GradStatsProbe:
             # it goes away with the tensor, which is why a leaf (a parameter passed through
             # nn.Identity, say) gets none: its hooks would pile up step after step. (Never a
             # module backward hook: see modules.py.)
-            tensor.register_hook(functools.partial(self._output_grad_arrived, name))
+            tensor.register_hook(self._guard(functools.partial(self._output_grad_arrived, name)))
 
     def _count_dead_units(self, name: str, tensor: torch.Tensor) -> None:
         """Only reads the output, so ReLU(inplace=True) is as safe as any other module."""
@@ -346,6 +374,7 @@ class GradStatsProbe:
         self._push(stepping.values + update_norms, stepping.on_ready)
 
     def _push(self, values: list[torch.Tensor], on_ready: Callable[[list[float]], None]) -> None:
+        on_ready = self._guard(on_ready)  # runs on the store thread, later
         if values:
             self._queue.push(stack_scalars(values), on_ready)
         else:
@@ -493,7 +522,9 @@ class GradStatsProbe:
             known = self._hooked.get(id(p))
             if p.requires_grad and (known is None or known() is not p):
                 self._hooked[id(p)] = weakref.ref(p)
-                stack.enter_context(p.register_post_accumulate_grad_hook(self._arrived_hook))
+                stack.enter_context(
+                    p.register_post_accumulate_grad_hook(self._guard(self._arrived_hook))
+                )
 
     def _arrived_hook(self, param: torch.Tensor) -> None:
         self._arrived.setdefault(id(param), next(self._arrival))

@@ -19,6 +19,7 @@ import torch
 from gradtrace.events import HISTOGRAM_EDGES as EDGES
 from gradtrace.events import GradHistogram
 from gradtrace.probes.deferred import DeferredQueue
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.own_ops import own_ops
 
 CHUNK_ELEMENTS = 1 << 20
@@ -26,8 +27,16 @@ CHUNK_ELEMENTS = 1 << 20
 
 class GradHistogramProbe:
     def __init__(
-        self, every: int, queue: DeferredQueue, on_histograms: Callable[[list[GradHistogram]], None]
+        self,
+        every: int,
+        queue: DeferredQueue,
+        on_histograms: Callable[[list[GradHistogram]], None],
+        *,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        self._guard = guard or ProbeGuard("gradient histograms")
+        # Called by the gradient statistics probe: failures here are this probe's.
+        self.count = self._guard(self.count)  # type: ignore[method-assign]
         self._every = every
         self._queue = queue
         self._on_histograms = on_histograms
@@ -46,7 +55,7 @@ class GradHistogramProbe:
             table = torch.zeros(len(grads), len(EDGES) + 1, dtype=torch.int64, device=device)
             for row, grad in zip(table, grads, strict=True):
                 self._count_into(row, grad.to(device, non_blocking=True))
-        self._queue.push(table.flatten(), functools.partial(self._read, step, names))
+        self._queue.push(table.flatten(), self._guard(functools.partial(self._read, step, names)))
 
     def _count_into(self, row: torch.Tensor, grad: torch.Tensor) -> None:
         constants = self._constants.get(row.device)
@@ -57,8 +66,11 @@ class GradHistogramProbe:
         edges, ones = constants
         for chunk in _flat_chunks(grad.detach()):
             # float32: fp16 cannot hold the smallest edges (bf16 could, but rounds them).
+            # Complex values are counted by magnitude (casting them would drop the imaginary
+            # part, with a warning to the user).
             # Contiguous: bucketize would copy a strided chunk anyway, and warn the user.
-            index = torch.bucketize(chunk.float().contiguous(), edges, right=True)
+            values = chunk.abs() if chunk.is_complex() else chunk
+            index = torch.bucketize(values.float().contiguous(), edges, right=True)
             row.scatter_add_(0, index, ones[: index.numel()])
 
     def _read(self, step: int, names: list[str], read: list[float]) -> None:

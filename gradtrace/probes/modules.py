@@ -23,6 +23,7 @@ from torch.nn.modules.module import (
 )
 
 from gradtrace.probes import _torch_compat
+from gradtrace.probes.guard import ProbeGuard
 
 LOOP_OWNER = "training loop"
 
@@ -72,7 +73,8 @@ class ModuleStackProbe:
     (`model[:2]`, a new `nn.Sequential` each step) never clobbers the model's own paths.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, guard: ProbeGuard | None = None) -> None:
+        self._guard = guard or ProbeGuard("module stack")
         self._local = threading.local()
         # Module -> its path from its root ("" for a root) and that root.
         self._names: ByModule[str] = ByModule()
@@ -100,8 +102,9 @@ class ModuleStackProbe:
         self._publish = publish
 
     def install(self, stack: ExitStack) -> None:
-        stack.enter_context(register_module_forward_pre_hook(self._enter))
-        stack.enter_context(register_module_forward_hook(self._leave, always_call=True))
+        guard = self._guard
+        stack.enter_context(register_module_forward_pre_hook(guard(self._enter)))
+        stack.enter_context(register_module_forward_hook(guard(self._leave), always_call=True))
 
     def _stack(self) -> list[tuple[nn.Module, str]]:
         """This thread's running modules with their paths: `current()` runs for every saved

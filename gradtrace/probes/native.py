@@ -24,11 +24,16 @@ import torch
 from gradtrace.events import Finding
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, is_user_code
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.timeline import TimelineProbe
+
+
+class NativeCoreError(RuntimeError):
+    """The compiled core's own bookkeeping failed; it stopped for the rest of the run."""
 
 
 class NativeCoreProbe:
@@ -42,7 +47,9 @@ class NativeCoreProbe:
         on_finding: Callable[[Finding], None],
         *,
         observe_writes: bool,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        self._guard = guard or ProbeGuard("native core", step=lambda: steps.step)
         self._core = core
         self._modules = modules
         self._steps = steps
@@ -54,8 +61,16 @@ class NativeCoreProbe:
     def install(self, stack: ExitStack) -> None:
         core = self._core
         self._check.learn_wording()
-        core.configure(is_user_code, self._on_check, self._observe)
+        guard = self._guard
+        # NOTE [probe boundary] in guard.py: once off, unpack keeps PyTorch's own check only.
+        core.configure(
+            is_user_code, guard(self._on_check, fallback=self._unwatched), self._observe
+        )
         stack.callback(core.reset)
+        # The core stops its own work when it fails (NOTE [a core that fails] in core.cpp);
+        # the failure is reported at the next step's end, or as the session closes.
+        self._steps.on_updated(guard(self._report_failure))
+        stack.callback(guard(self._report_failure), None)
         self._modules.publish_to(core.set_module)
         stack.callback(self._modules.publish_to, None)
         stack.callback(core.set_module, None)
@@ -73,8 +88,8 @@ class NativeCoreProbe:
         stack.callback(core.set_observing, False)
         # Unwound before the observer goes off: a step that raised may have left it aside.
         stack.callback(self._step_back)
-        self._steps.around_plain_update(self._step_aside, self._step_back)
-        self._modules.on_root_start(self._step_back)
+        self._steps.around_plain_update(guard(self._step_aside), guard(self._step_back))
+        self._modules.on_root_start(guard(self._step_back))
 
     def take_counts(self) -> Counter[tuple[str, str, str]]:
         """Hand over the per-(owner, op, phase) write counts gathered since the last call."""
@@ -95,7 +110,7 @@ class NativeCoreProbe:
     def trace_writes(self, timeline: TimelineProbe | None) -> None:
         """Hand every write to `timeline` from now on (None: stop)."""
         self._timeline = timeline
-        self._core.trace_writes(None if timeline is None else self._traced_write)
+        self._core.trace_writes(None if timeline is None else self._guard(self._traced_write))
 
     def _traced_write(self, op: str, owner: str, phase: int, caller: Caller | None) -> None:
         timeline = self._timeline
@@ -113,6 +128,16 @@ class NativeCoreProbe:
         if self._aside:
             self._aside = False
             self._core.set_observing(True)
+
+    def _report_failure(self, optimizer: object) -> None:
+        failure = self._core.failure()
+        if failure is not None:
+            raise NativeCoreError(failure)
+
+    def _unwatched(self, packed: object, version_now: int) -> None:
+        """PyTorch's own check only, for a probe that is off."""
+        tensor, grad_fn, output_nr, version, *_ = packed.info()
+        self._check.unwatched(tensor, version, grad_fn, output_nr)
 
     def _on_check(self, packed: object, version_now: int) -> None:
         """Called by the core's unpack for a saved tensor written since it was packed."""

@@ -18,11 +18,21 @@ import torch
 
 from gradtrace.events import RankNorms
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.own_ops import own_ops
 
 
 class RankCheckProbe:
-    def __init__(self, queue: DeferredQueue, on_norms: Callable[[RankNorms], None]) -> None:
+    def __init__(
+        self,
+        queue: DeferredQueue,
+        on_norms: Callable[[RankNorms], None],
+        *,
+        guard: ProbeGuard | None = None,
+    ) -> None:
+        self._guard = guard or ProbeGuard("rank check")
+        # Called by the gradient statistics probe: failures here are this probe's.
+        self.compare = self._guard(self.compare)  # type: ignore[method-assign]
         self._queue = queue
         self._on_norms = on_norms
         # Why the check stopped (a backend that cannot reduce these tensors), once.
@@ -58,7 +68,7 @@ class RankCheckProbe:
         self.compared += 1
         if rank == 0:
             store = functools.partial(self._store, step, optimizer, params)
-            self._queue.push(table.flatten(), store)
+            self._queue.push(table.flatten(), self._guard(store))
 
     def _store(self, step: int, optimizer: str, params: list[str], read: list[float]) -> None:
         n = len(params)

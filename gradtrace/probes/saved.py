@@ -27,10 +27,12 @@ from gradtrace.analysis.culprits import (
     explain,
     learn_wording,
     pytorch_message,
+    version_message,
 )
 from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEvent
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
+from gradtrace.probes.guard import ProbeGuard, deliberate
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import unobserved
 from gradtrace.probes.steps import StepProbe
@@ -193,6 +195,19 @@ class _Packed:
         self.live.discard(self.key, self.record)
 
 
+class _Unwatched:
+    """What the hooks keep for a saved tensor once the probe is off: its version, nothing more."""
+
+    __slots__ = ("grad_fn", "output_nr", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+        self.version = _torch_compat.version_of(tensor)
+        grad_fn = tensor.grad_fn
+        self.grad_fn = None if grad_fn is None else grad_fn.name()
+        self.output_nr = tensor.output_nr
+
+
 class CorruptionCheck:
     """Turns a saved tensor found written at unpack into a finding, and a changed version into
     PyTorch's own error followed by the attribution. Shared by both cores.
@@ -234,7 +249,29 @@ class CorruptionCheck:
             self._on_finding(finding)
         if loud:
             message = pytorch_message(evidence, self._wording)
-            raise RuntimeError(f"{message}\n\n{explain(finding)}")
+            raise deliberate(RuntimeError(f"{message}\n\n{explain(finding)}"))
+
+    def unwatched(
+        self,
+        tensor: torch.Tensor,
+        version_saved: int | None,
+        grad_fn: str | None,
+        output_nr: int,
+    ) -> None:
+        """PyTorch's own check and nothing more, for a probe that is off (NOTE [probe
+        boundary] in guard.py): installed hooks switched PyTorch's check off."""
+        version_now = tensor._version
+        if version_saved is not None and version_now != version_saved:
+            message = version_message(
+                tensor.type(),
+                tuple(tensor.shape),
+                grad_fn,
+                output_nr,
+                version_now=version_now,
+                version_saved=version_saved,
+                wording=self._wording,
+            )
+            raise deliberate(RuntimeError(message))
 
     def _saved_tensor(self, record: SavedRecord) -> SavedTensor:
         tensor = record.tensor
@@ -272,7 +309,9 @@ class SavedTensorProbe:
         on_finding: Callable[[Finding], None],
         *,
         live: LiveSaved | None,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        self._guard = guard or ProbeGuard("saved-tensor check", step=lambda: steps.step)
         self._live = live
         self._modules = modules
         self._steps = steps
@@ -281,7 +320,21 @@ class SavedTensorProbe:
 
     def install(self, stack: ExitStack) -> None:
         self._check.learn_wording()
-        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
+        # Once the probe is off (NOTE [probe boundary] in guard.py) the hooks stay installed
+        # (hooks are a per-thread stack: only the innermost pair can come off), so the
+        # fallbacks keep PyTorch's version check, which they switch off, and nothing else.
+        pack = self._guard(self._pack, fallback=_Unwatched)
+        unpack = self._guard(self._unpack, fallback=self._unwatched_unpack)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
+
+    def _unwatched_unpack(self, packed: object) -> torch.Tensor:
+        """PyTorch's own check for anything packed, once the probe is off."""
+        if isinstance(packed, _Packed):
+            packed = packed.record
+        if not isinstance(packed, (SavedRecord, _Unwatched)):
+            return packed  # type: ignore[return-value]
+        self._check.unwatched(packed.tensor, packed.version, packed.grad_fn, packed.output_nr)
+        return packed.tensor
 
     def _pack(self, tensor: torch.Tensor) -> object:
         if _torch_compat.compiling():

@@ -20,6 +20,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from gradtrace.probes.guard import ProbeGuard
+
 
 class StepProbe:
     """Counts optimizer steps and says which optimizer, if any, is stepping right now.
@@ -31,7 +33,10 @@ class StepProbe:
     optimizer has updated the parameters, before the step ends.
     """
 
-    def __init__(self, on_step_end: Callable[[int], None]) -> None:
+    def __init__(
+        self, on_step_end: Callable[[int], None], *, guard: ProbeGuard | None = None
+    ) -> None:
+        self._guard = guard or ProbeGuard("step counter", step=lambda: self.step)
         self.step = 0
         self._on_step_end = on_step_end
         self._grads_ready: list[Callable[[Optimizer], None]] = []
@@ -59,8 +64,8 @@ class StepProbe:
             self._publish_optimizer(label)
 
     def install(self, stack: ExitStack) -> None:
-        stack.enter_context(register_optimizer_step_pre_hook(self._before))
-        stack.enter_context(register_optimizer_step_post_hook(self._after))
+        stack.enter_context(register_optimizer_step_pre_hook(self._guard(self._before)))
+        stack.enter_context(register_optimizer_step_post_hook(self._guard(self._after)))
 
     def on_grads_ready(self, callback: Callable[[Optimizer], None]) -> None:
         self._grads_ready.append(callback)
@@ -78,8 +83,9 @@ class StepProbe:
 
     @property
     def optimizer(self) -> str | None:
-        """`AdamW.step` while an AdamW steps on this thread, else None."""
-        return getattr(self._local, "optimizer", None)
+        """`AdamW.step` while an AdamW steps on this thread, else None (also once this
+        probe is off: a step it saw start may never be seen to end)."""
+        return getattr(self._local, "optimizer", None) if self._guard.on else None
 
     def _before(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -43,6 +43,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import BACKWARD, FORWARD, OPTIMIZER, Span, TracedWrite
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, source_line
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import ModuleStackProbe, thread_stack
 from gradtrace.probes.writes import WriteLogProbe
 
@@ -159,8 +160,19 @@ class TimelineProbe:
     """
 
     def __init__(
-        self, modules: ModuleStackProbe, steps: TraceSteps, writes: WriteLogProbe | None
+        self,
+        modules: ModuleStackProbe,
+        steps: TraceSteps,
+        writes: WriteLogProbe | None,
+        *,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        guard = self._guard = guard or ProbeGuard("timeline")
+        # The session's and the write log's calls: failures there are this probe's. A
+        # step taken while off (or failing) has no timeline.
+        self.begin_step = guard(self.begin_step, fallback=self._off)  # type: ignore[method-assign]
+        self.take = guard(self.take)  # type: ignore[method-assign]
+        self.add_write = guard(self.add_write)  # type: ignore[method-assign]
         self._modules = modules
         self._steps = steps
         self._writes_probe = writes
@@ -179,6 +191,11 @@ class TimelineProbe:
         stack.callback(self._stop_recording)
         self.begin_step(0)
 
+    def _off(self, step: int) -> None:
+        """Once the probe is off: no hook of it stays installed."""
+        if self.recording:
+            self._stop_recording()
+
     def begin_step(self, step: int) -> None:
         """Install the timing hooks if `step` is traced, remove them otherwise."""
         if step in self._steps:
@@ -190,10 +207,11 @@ class TimelineProbe:
         if self.recording:
             return
         self.recording = True
+        guard = self._guard
         self._handles = [
-            register_module_forward_pre_hook(self._enter),
-            register_module_forward_hook(self._leave, always_call=True),
-            register_optimizer_step_pre_hook(self._optimizer_starts),
+            register_module_forward_pre_hook(guard(self._enter)),
+            register_module_forward_hook(guard(self._leave), always_call=True),
+            register_optimizer_step_pre_hook(guard(self._optimizer_starts)),
         ]
         if self._writes_probe is not None:
             self._writes_probe.trace_writes(self)
@@ -245,7 +263,7 @@ class TimelineProbe:
             if call.module == mine:
                 call.end_ns = time.time_ns()
                 if torch.is_grad_enabled():
-                    _hook_outputs(output, call)
+                    _hook_outputs(output, call, self._guard)
                 return
 
     def _watch_params(self, module: nn.Module, call: _Call) -> None:
@@ -259,7 +277,7 @@ class TimelineProbe:
             if watch is None:
                 watch = self._watches[id(param)] = _ParamWatch()
                 self._param_handles.append(
-                    param.register_post_accumulate_grad_hook(watch.accumulated)
+                    param.register_post_accumulate_grad_hook(self._guard(watch.accumulated))
                 )
             watch.calls.append(call)
 
@@ -302,13 +320,13 @@ class TimelineProbe:
         return spans, traced, threads
 
 
-def _hook_outputs(output: object, call: _Call) -> None:
+def _hook_outputs(output: object, call: _Call, guard: ProbeGuard) -> None:
     """Hook every output tensor that has a gradient to come (never a leaf: see grads.py)."""
     for tensor in _tensors(output):
         grad_fn = tensor.grad_fn
         if grad_fn is not None:
-            tensor.register_hook(call.output_grad)
-            grad_fn.register_hook(call.output_node_done)
+            tensor.register_hook(guard(call.output_grad))
+            grad_fn.register_hook(guard(call.output_node_done))
 
 
 def _tensors(output: object, depth: int = 0) -> Iterable[torch.Tensor]:

@@ -36,6 +36,7 @@ import torch
 from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import LiveSaved, RawWrite, layout_of, record_hits
@@ -69,7 +70,14 @@ class WriteLogProbe:
         modules: ModuleStackProbe,
         steps: StepProbe,
         callers: CallerFinder,
+        *,
+        guard: ProbeGuard | None = None,
     ) -> None:
+        guard = guard or ProbeGuard("write log", step=lambda: steps.step)
+        self._guard = guard
+        # What the dispatch mode calls (NOTE [probe boundary] in guard.py): an op's write
+        # info once per op, and `on_write`, guarded, for each write.
+        self.op_info = guard(_op_info, fallback=lambda func: _NO_WRITES)
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self._live = live
         self._modules = modules
@@ -82,11 +90,13 @@ class WriteLogProbe:
         # What the dispatch mode calls for a mutating op: `record`, or on traced steps
         # `_record_traced` (see NOTE [traced steps]).
         self.on_write = self.record
+        self.write_seen = guard(self.on_write)
 
     def trace_writes(self, timeline: TimelineProbe | None) -> None:
         """Hand every write to `timeline` from now on (None: stop)."""
         self._timeline = timeline
         self.on_write = self.record if timeline is None else self._record_traced
+        self.write_seen = self._guard(self.on_write)
 
     @property
     def tracing_writes(self) -> bool:
@@ -101,9 +111,10 @@ class WriteLogProbe:
         stack.enter_context(self._mode)
         # Unwound before the mode's own exit: a step that raised may have left it aside.
         stack.callback(self._step_back)
-        self._steps.around_plain_update(self._step_aside, self._step_back)
+        guard = self._guard
+        self._steps.around_plain_update(guard(self._step_aside), guard(self._step_back))
         # ...and the next forward must be logged even so.
-        self._modules.on_root_start(self._step_back)
+        self._modules.on_root_start(guard(self._step_back))
 
     def _step_aside(self) -> None:
         if not self._live and not self._aside and self._timeline is None:
@@ -182,7 +193,7 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
         result = func(*args, **(kwargs or {}))
         info = self._ops.get(id(func))
         if info is None:
-            info = self._ops[id(func)] = _op_info(func)
+            info = self._ops[id(func)] = self._probe.op_info(func)
         if info[1]:
-            self._probe.on_write(info[0], info[1], args, kwargs or {})
+            self._probe.write_seen(info[0], info[1], args, kwargs or {})
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any
 
 from gradtrace.analysis.findings import run_findings
@@ -45,6 +46,7 @@ def render_json(run: Run) -> dict[str, Any]:
             "world_size": meta.get("world_size"),
         },
         "ranks": [_rank(rank, meta.get("first_failed_rank")) for rank in run.ranks],
+        "probe_failures": [asdict(failure) for failure in run.probe_failures],
         "findings": [
             {**stored.finding.to_dict(), "count": stored.count} for stored in run_findings(run)
         ],

@@ -103,6 +103,8 @@ class TerminalReporter:
         console.print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
             console.print(Text.assemble(("note: ", "bold yellow"), notice))
+        for failure in run.probe_failures:
+            console.print(Text.assemble(("probe failed: ", "bold red"), failure.describe()))
         checkpointed = run.meta.get("checkpointed")
         if checkpointed:
             console.print(

@@ -133,6 +133,13 @@ CREATE TABLE IF NOT EXISTS threads (
     thread INTEGER PRIMARY KEY,      -- native thread id
     name TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS probe_failures (  -- a probe that raised and switched itself off
+    probe TEXT NOT NULL,             -- "gradient statistics", "write log", ...
+    step INTEGER NOT NULL,           -- the step in progress when it failed
+    error TEXT NOT NULL,             -- the exception's type
+    message TEXT NOT NULL,
+    location TEXT NOT NULL           -- innermost gradtrace frame: "gradtrace/probes/x.py:12 in f"
+);
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,

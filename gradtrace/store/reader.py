@@ -18,6 +18,7 @@ from gradtrace.events import (
     Finding,
     GradHistogram,
     ParamStat,
+    ProbeFailure,
     RankNorms,
     SourceLine,
     Span,
@@ -68,6 +69,8 @@ class Run:
     spans: list[Span] = field(default_factory=list)
     traced_writes: list[TracedWrite] = field(default_factory=list)
     threads: dict[int, str] = field(default_factory=dict)
+    # Probes that failed and switched themselves off, in the order they failed.
+    probe_failures: list[ProbeFailure] = field(default_factory=list)
 
     @property
     def writes(self) -> int:
@@ -209,6 +212,7 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         rank_norms=_read_rank_norms(db),
         grad_histograms=_read_histograms(db),
         rank=meta.get("rank"),
+        probe_failures=_read_probe_failures(db),
         **_read_timeline(db),
     )
 
@@ -238,8 +242,19 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
         for run in runs
         for stored in run.findings
     ]
+    failures = [
+        dataclasses.replace(failure, rank=run.rank)
+        for run in runs
+        for failure in run.probe_failures
+    ]
     return dataclasses.replace(
-        first, path=job_dir, meta=meta, findings=findings, rank=None, ranks=tuple(runs)
+        first,
+        path=job_dir,
+        meta=meta,
+        findings=findings,
+        rank=None,
+        ranks=tuple(runs),
+        probe_failures=failures,
     )
 
 
@@ -376,6 +391,17 @@ def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
             param_norms=tuple(tuple(p for _, _, p in by_rank[r]) for r in sorted(by_rank)),
         )
         for (step, optimizer), by_rank in rows.items()
+    ]
+
+
+def _read_probe_failures(db: sqlite3.Connection) -> list[ProbeFailure]:
+    if not _columns(db, "probe_failures"):  # runs recorded before probes reported failures
+        return []
+    return [
+        ProbeFailure(*row)
+        for row in db.execute(
+            "SELECT probe, step, error, message, location FROM probe_failures ORDER BY rowid"
+        )
     ]
 
 

@@ -31,6 +31,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     Finding,
     GradHistogram,
+    ProbeFailure,
     RankNorms,
     Span,
     StepGradStats,
@@ -297,6 +298,16 @@ class RunWriter:
         self._insert(
             "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
         )
+
+    @_stops_on_failure(None)
+    def add_probe_failure(self, failure: ProbeFailure) -> None:
+        """Store a probe's failure at once: a run killed later still tells it."""
+        self._db.execute(
+            "INSERT INTO probe_failures (probe, step, error, message, location) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (failure.probe, failure.step, failure.error, failure.message, failure.where),
+        )
+        self._commit()
 
     @_stops_on_failure(False)
     def add_finding(self, finding: Finding) -> bool:
