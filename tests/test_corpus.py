@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import attached_hooks
+from cores import CORES
 from tracebacks import frame_files, gradtrace_frames, has_attribution
 
-from gradtrace._native import CORE_ENV, NATIVE, PYTHON
+from gradtrace._native import CORE_ENV
 from gradtrace.cli import main as gradtrace_main
 from gradtrace.session import Session
 
@@ -51,8 +52,6 @@ _MARKER = re.compile(r"#\s*(?P<tag>expect|saved-by):\s*(?P<fields>.*)$")
 _LOUD_KIND = "inplace-write"
 _SILENT_KIND = "silent-overwrite"
 TIMEOUT_S = 60
-# Every corpus script runs on both cores: they must give the same answers.
-CORES = [NATIVE, PYTHON]
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cores import CORES
 from torch import nn
 
-from gradtrace import _native
 from gradtrace.session import Session
 
 
@@ -25,7 +25,7 @@ def test_graph_without_backward_is_freed(tmp_path: Path) -> None:
         assert watched() is None
 
 
-@pytest.mark.parametrize("core", [_native.NATIVE, _native.PYTHON])
+@pytest.mark.parametrize("core", CORES)
 def test_live_registry_empties_after_each_backward(tmp_path: Path, core: str) -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from cores import NATIVE, needs_native
 from rich.console import Console
 from torch import nn
 
@@ -162,7 +163,11 @@ def summary_text(run_dir: Path) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=needs_native) if case.core == NATIVE else case for case in CASES],
+    ids=[case.id for case in CASES],
+)
 def test_a_failing_probe_leaves_training_bitwise_unchanged(
     case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,8 +227,8 @@ class Saves(nn.Module):
         (saved.SavedTensorProbe, "_unpack", _native.PYTHON),
         (writes.WriteLogProbe, "record", _native.PYTHON),
         (modules.ModuleStackProbe, "_enter", _native.PYTHON),
-        (native.NativeCoreProbe, "_on_check", _native.NATIVE),
-        (modules.ModuleStackProbe, "_enter", _native.NATIVE),
+        pytest.param(native.NativeCoreProbe, "_on_check", NATIVE, marks=needs_native),
+        pytest.param(modules.ModuleStackProbe, "_enter", NATIVE, marks=needs_native),
     ],
 )
 def test_an_inplace_error_still_raises_with_a_probe_off(

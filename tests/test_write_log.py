@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cores import CORES
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
@@ -13,9 +14,6 @@ from gradtrace import _native
 from gradtrace.probes.writes import _WriteLogMode
 from gradtrace.session import Session
 from gradtrace.store.reader import load_run
-
-# Both cores step aside alike: the native observer (a dispatch key) and the Python mode.
-CORES = [_native.NATIVE, _native.PYTHON]
 
 
 def _write_log_on() -> bool:
