@@ -48,21 +48,28 @@ def find_runs(directory: Path) -> list[RunEntry]:
     """Every run directory directly inside `directory`, oldest first.
 
     A torchrun job's directory is one run. Directories without a run database are skipped;
-    a run database that cannot be read is listed with the reason.
+    a run database, or a directory, that cannot be read is listed with the reason: one bad
+    entry never hides the others.
     """
     if not directory.is_dir():
         raise GradtraceError(
             f"No directory '{directory}'. Give the directory holding your runs "
             "(default ./gradtrace-runs)."
         )
+    try:
+        children = sorted(directory.iterdir())
+    except OSError as error:
+        raise GradtraceError(f"Cannot list '{directory}': {error.strerror}.") from None
     entries = []
-    for child in sorted(directory.iterdir()):
-        if not (child / DATABASE).is_file() and not rank_run_dirs(child):
-            continue
+    for child in children:
         try:
+            if not (child / DATABASE).is_file() and not rank_run_dirs(child):
+                continue
             entries.append(_entry(child))
         except GradtraceError as error:
             entries.append(RunEntry(child, error=str(error)))
+        except OSError as error:
+            entries.append(RunEntry(child, error=f"Cannot read '{child}': {error.strerror}."))
     return sorted(entries, key=lambda entry: entry.started_ns)
 
 
@@ -78,7 +85,9 @@ def _entry(path: Path) -> RunEntry:
 
 
 def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
-    table = Table(title=f"gradtrace runs in {directory}", title_justify="left")
+    """The runs as a table; names, commands and errors are `Text`, never markup (print it
+    through `Plain` to keep their control characters off the terminal)."""
+    table = Table(title=Text(f"gradtrace runs in {directory}"), title_justify="left")
     table.add_column("run", style="cyan", no_wrap=True)
     table.add_column("status")
     table.add_column("steps", justify="right")
@@ -86,10 +95,12 @@ def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
     table.add_column("started", no_wrap=True)
     table.add_column("command")
     for entry in entries:
-        name = entry.path.name
+        name = Text(entry.path.name)
         facts = entry.facts
         if facts is None:
-            table.add_row(name, Text("unreadable", style="red"), "", "", "", entry.error or "")
+            table.add_row(
+                name, Text("unreadable", style="red"), "", "", "", Text(entry.error or "")
+            )
             continue
         exit_code = facts.meta.get("exit_code")
         status = facts.status if exit_code in (None, 0) else f"{facts.status} ({exit_code})"
@@ -99,7 +110,7 @@ def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
             str(facts.steps),
             Text(str(entry.findings), style="bold red" if entry.findings else "green"),
             _started(entry.started_ns),
-            " ".join(facts.meta.get("argv") or []),
+            Text(" ".join(facts.meta.get("argv") or [])),
         )
     return table
 
