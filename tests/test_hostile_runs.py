@@ -355,6 +355,7 @@ BROKEN: dict[str, Any] = {
     "meta-not-json": _meta("status", "ok"),
     "meta-deeply-nested": _meta("exception", _DEEP),
     "meta-unknown-key-nested": _meta("future_key", _NESTED),
+    "meta-key-with-escapes-nested": _meta(f"key{CLEAR}{TITLE}", _NESTED),
     "meta-value-null": _column("meta", "UPDATE meta SET value = NULL WHERE key = 'status'"),
     "message-null": _body(message=None),
     "message-missing": _body(message=_ABSENT),
