@@ -584,9 +584,11 @@ def _dict_of(check: Check) -> Check:
     return checked
 
 
-def _record(fields: dict[str, Check], required: tuple[str, ...] = (), *, open_: bool) -> Check:
+def _record(
+    fields: dict[str, Check], required: tuple[str, ...] = (), *, keep_unknown: bool
+) -> Check:
     """An object whose known `fields` are checked; absent ones stay absent unless required.
-    Unknown keys are kept (checked as plain JSON) when `open_`, else dropped."""
+    Unknown keys are kept (checked as plain JSON) when `keep_unknown`, else dropped."""
 
     def checked(value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -598,7 +600,7 @@ def _record(fields: dict[str, Check], required: tuple[str, ...] = (), *, open_: 
         for key, item in list(value.items())[:MAX_ITEMS]:
             if key in fields:
                 result[key] = fields[key](item, f"{where} '{key}'")
-            elif open_:
+            elif keep_unknown:
                 result[_text(key, where)] = _any(item, f"{where} '{key}'")
         return result
 
@@ -635,7 +637,7 @@ META: dict[str, Check] = {
     "findings_at_close": _INTEGER_OR_NULL,
     "update_ratio": _optional(_flag),
     "exception": _optional(
-        _record({"type": _text, "message": _text}, ("type", "message"), open_=True)
+        _record({"type": _text, "message": _text}, ("type", "message"), keep_unknown=True)
     ),
     "notices": _optional(_list_of(_text)),
     "checkpointed": _optional(_dict_of(_text)),
@@ -650,14 +652,14 @@ _SAVED_BY = _record(
         **dict.fromkeys(("line", "step", "version_saved", "version_now"), _INTEGER_OR_NULL),
         "shape": _optional(_list_of(_integer)),
     },
-    open_=True,
+    keep_unknown=True,
 )
 _OTHER_WRITE = _record(
     {
         **dict.fromkeys(_WHERE, _TEXT_OR_NULL),
         **dict.fromkeys(("line", "step"), _INTEGER_OR_NULL),
     },
-    open_=True,
+    keep_unknown=True,
 )
 _FINDING = _record(
     {
@@ -676,7 +678,7 @@ _FINDING = _record(
         "rank": _INTEGER_OR_NULL,
     },
     ("kind", "message", "hint", "step"),
-    open_=False,
+    keep_unknown=False,
 )
 _SOURCE_LINE = _record(
     {
@@ -688,7 +690,7 @@ _SOURCE_LINE = _record(
         "context": _list_of(_text),
     },
     ("file", "line", "function", "code"),
-    open_=False,
+    keep_unknown=False,
 )
 _FINDING_DEFAULTS: dict[str, Any] = {
     **dict.fromkeys(("phase", "op", "module", "file", "line", "function", "code")),
