@@ -400,6 +400,12 @@ BROKEN: dict[str, Any] = {
         run, "INSERT INTO grad_histograms VALUES (0, 'w', '[1, 2]')"
     ),
     "thread-name-null": _column("threads", "INSERT INTO threads VALUES (1, NULL)"),
+    "dead-units-of-none": lambda run: edit(
+        run, "INSERT INTO dead_units VALUES (0, 'AdamW.step', 'encoder.1.act', 3, 0)"
+    ),
+    "a-view-for-a-table": lambda run: edit(
+        run, "DROP TABLE threads", "CREATE VIEW threads AS SELECT 1 AS thread, 'main' AS name"
+    ),
 }
 
 

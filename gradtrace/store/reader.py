@@ -463,6 +463,10 @@ _JSON_COLUMNS |= {("grad_histograms", "counts")}
 # SQLite value types (`typeof`) each declared column type may hold. REAL columns may hold
 # integers: SQLite stores a whole float so when a table was declared without a type.
 _VALUE_TYPES = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
+# Rows that are well typed but impossible, as (SQL that is true for a bad row, the problem).
+_ROW_RULES = {
+    "dead_units": (("units <= 0 OR dead < 0 OR dead > units", "dead_units: dead not in 0…units"),),
+}
 _INT64 = 2**63
 
 
@@ -494,8 +498,13 @@ def _check_column_types(db: sqlite3.Connection, tables: Iterable[str]) -> None:
     sixth of the time reading them back takes); a second query names what is wrong."""
     expected = _expected_columns()
     for table in tables:
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        if kind is not None and kind[0] != "table":
+            # A view could compute anything (endless rows from a recursive query).
+            raise BrokenRun(f"{table} is a {kind[0]}, not a table")
         present = _columns(db, table)
-        checks: list[tuple[str, str]] = []
+        # The rules' tables came with all of their columns: absent in older runs, or whole.
+        checks: list[tuple[str, str]] = list(_ROW_RULES.get(table, ())) if present else []
         for column, types in expected[table]:
             if column not in present:
                 continue
