@@ -18,6 +18,7 @@ from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
+from gradtrace.reporters.plain import Plain
 from gradtrace.reporters.runs_table import find_runs, render_runs_table
 from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
@@ -229,7 +230,7 @@ def ls_command(directory: Path | None) -> int:
     if not entries:
         console.print(f"No gradtrace runs in '{directory}'.")
         return 0
-    console.print(render_runs_table(entries, directory))
+    console.print(Plain(render_runs_table(entries, directory)))
     return 0
 
 
@@ -244,7 +245,8 @@ def ls_command(directory: Path | None) -> int:
 def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
     """Regenerate a run's TensorBoard events from the run directory alone."""
     run = load_run(run_dir)
-    written = write_tensorboard(run, tensorboard_dir(run_dir, logdir))
+    target = tensorboard_dir(run_dir, logdir)
+    written = write_tensorboard(run, target if logdir is not None else _in_run(target))
     click.echo(f"TensorBoard events in {written}")
     click.echo(f"  view: tensorboard --logdir {logdir if logdir is not None else written}")
     return 0
@@ -260,9 +262,24 @@ def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
 def trace_command(run_dir: Path, out: Path | None) -> int:
     """Write a Chrome trace (steps, module spans, in-place writes, findings) for ui.perfetto.dev."""
     run = load_run(run_dir)
-    written = write_trace(run, out if out is not None else run_dir / TRACE_FILE)
+    written = write_trace(run, out if out is not None else _in_run(run_dir / TRACE_FILE))
     click.echo(f"Chrome trace in {written} (open it in https://ui.perfetto.dev)")
     return 0
+
+
+def _in_run(path: Path) -> Path:
+    """`path`, a default output inside a run directory, unless it is a link there.
+
+    A run directory may come from someone else: a `trace.json` or `tensorboard` in it that
+    links elsewhere would make gradtrace overwrite (or delete files in) the link's target.
+    """
+    linked = path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1)
+    if linked:
+        raise GradtraceError(
+            f"'{path}' is a link; gradtrace does not write through links in a run directory. "
+            "Remove it, or write elsewhere with --out/--logdir."
+        )
+    return path
 
 
 @cli.command(name="info")

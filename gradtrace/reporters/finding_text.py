@@ -27,8 +27,11 @@ def title(kind: str) -> str:
     return TITLES.get(kind, kind)
 
 
-def finding_facts(finding: Finding, code: Callable[[object], str]) -> list[str]:
-    """Where the finding is and what it corrupted, one sentence each; `code` sets names."""
+def finding_facts(
+    finding: Finding, code: Callable[[object], str], text: Callable[[str], str] = str
+) -> list[str]:
+    """Where the finding is and what it corrupted, one sentence each; `code` sets names and
+    `text` escapes the other stored words (HTML and markdown must escape every one)."""
     facts = []
     if finding.module is not None:
         where = f"module {code(finding.module)}"
@@ -36,7 +39,7 @@ def finding_facts(finding: Finding, code: Callable[[object], str]) -> list[str]:
             where += f" · parameter {code(finding.parameter)}"
         if finding.op:
             where += f" · op {code(finding.op)}"
-        phase = f"{finding.phase} of " if finding.phase else ""
+        phase = f"{text(finding.phase)} of " if finding.phase else ""
         on_rank = f" · rank {finding.rank}" if finding.rank is not None else ""
         facts.append(f"{where} · {phase}step {finding.step}{on_rank}")
     if finding.file is not None:

@@ -139,8 +139,9 @@ def _update_sections(norms: ModuleNorms) -> list[str]:
 
 
 def write_html(run: Run, out: Path) -> Path:
+    """Write the report; text that is no valid Unicode (a non-UTF-8 run path) shows as '?'."""
     try:
-        out.write_text(render_html(run), encoding="utf-8")
+        out.write_text(render_html(run), encoding="utf-8", errors="replace")
     except OSError as error:
         raise GradtraceError(
             f"Cannot write the HTML report to '{out}': {error.strerror}."
@@ -212,7 +213,7 @@ def _findings_section(findings: Sequence[StoredFinding]) -> str:
 def _finding_card(stored: StoredFinding) -> str:
     finding = stored.finding
     seen = f" · seen {stored.count}×" if stored.count > 1 else ""
-    facts = finding_facts(finding, lambda name: f"<code>{escape(str(name))}</code>")
+    facts = finding_facts(finding, lambda name: f"<code>{escape(str(name))}</code>", escape)
     excerpt = "\n".join(
         f"<span class='hit'>{escape(line)}</span>" if line.startswith(">") else escape(line)
         for line in code_excerpt(finding)

@@ -49,21 +49,28 @@ def find_runs(directory: Path) -> list[RunEntry]:
     """Every run directory directly inside `directory`, oldest first.
 
     A torchrun job's directory is one run. Directories without a run database are skipped;
-    a run database that cannot be read is listed with the reason.
+    a run database, or a directory, that cannot be read is listed with the reason: one bad
+    entry never hides the others.
     """
     if not directory.is_dir():
         raise GradtraceError(
             f"No directory '{directory}'. Give the directory holding your runs "
             "(default ./gradtrace-runs)."
         )
+    try:
+        children = sorted(directory.iterdir())
+    except OSError as error:
+        raise GradtraceError(f"Cannot list '{directory}': {error.strerror}.") from None
     entries = []
-    for child in sorted(directory.iterdir()):
-        if not (child / DATABASE).is_file() and not rank_run_dirs(child):
-            continue
+    for child in children:
         try:
+            if not (child / DATABASE).is_file() and not rank_run_dirs(child):
+                continue
             entries.append(_entry(child))
         except GradtraceError as error:
             entries.append(RunEntry(child, error=str(error)))
+        except OSError as error:
+            entries.append(RunEntry(child, error=f"Cannot read '{child}': {error.strerror}."))
     return sorted(entries, key=lambda entry: entry.started_ns)
 
 
@@ -81,9 +88,10 @@ def _entry(path: Path) -> RunEntry:
 def render_runs_table(entries: list[RunEntry], directory: Path) -> Table:
     """One row per run. On a narrow console (80 columns: a pipe, CI logs) the short columns
     keep their width and the run name, start time and command wrap: nothing that tells the
-    runs apart is cut off."""
+    runs apart is cut off. Names, commands and errors are `Text`, never markup (print the
+    table through `Plain` to keep their control characters off the terminal)."""
     rows = [_row(entry) for entry in entries]
-    table = Table(title=f"gradtrace runs in {directory}", title_justify="left")
+    table = Table(title=Text(f"gradtrace runs in {directory}"), title_justify="left")
     table.add_column("run", style="cyan", overflow="fold")
     for index, (header, justify) in enumerate(
         [("status", "left"), ("steps", "right"), ("findings", "right")], start=1

@@ -21,7 +21,9 @@ Tags (module paths become tag trees: `encoder.layers.3.attn` -> `encoder/layers.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -73,8 +75,9 @@ def finding_markdown(stored: StoredFinding) -> str:
     """One finding as markdown: what, where, the code, and the fix."""
     finding = stored.finding
     seen = f" (seen {stored.count}×)" if stored.count > 1 else ""
-    lines = [f"### {title(finding.kind)}{seen}", "", f"**{_escape(finding.message)}**", ""]
-    lines += [f"- {fact}" for fact in finding_facts(finding, lambda name: f"`{name}`")]
+    lines = [f"### {_escape(title(finding.kind))}{seen}", "", f"**{_escape(finding.message)}**", ""]
+    facts = finding_facts(finding, lambda name: f"`{_escape_code(str(name))}`", _escape)
+    lines += [f"- {fact}" for fact in facts]
     excerpt = code_excerpt(finding)
     if excerpt:
         lines += ["", "```python", *excerpt, "```"]
@@ -284,6 +287,22 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
         raise GradtraceError(f"'{logdir}' is not a directory; choose another --logdir.")
     for old in logdir.glob(f"events.out.tfevents.*{EVENT_SUFFIX}"):
         old.unlink()
+    try:
+        str(logdir).encode("utf-8")
+    except UnicodeEncodeError:
+        # tensorboard's file writer takes UTF-8 paths only: write elsewhere, then move in.
+        with tempfile.TemporaryDirectory(prefix="gradtrace-") as scratch:
+            _replay(run, Path(scratch))
+            logdir.mkdir(parents=True, exist_ok=True)
+            for written in Path(scratch).iterdir():
+                shutil.move(written, logdir / written.name)
+        return logdir
+    _replay(run, logdir)
+    return logdir
+
+
+def _replay(run: Run, logdir: Path) -> None:
+    """Replay the stored run through a `TensorBoardReporter` writing into `logdir`."""
     reporter = TensorBoardReporter(logdir)
     grads: dict[int, list[StepGradStats]] = {}
     for stats in run.grad_steps:
@@ -323,7 +342,6 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
         reporter.close(findings, step=tail)
     finally:
         reporter.close()
-    return logdir
 
 
 def _run_time(run: Run) -> float | None:
@@ -334,6 +352,11 @@ def _run_time(run: Run) -> float | None:
 def _escape(text: str) -> str:
     """Keep markdown from reading `*`, `_` or `<` in messages as formatting."""
     return "".join(f"\\{c}" if c in "\\`*_<>[]" else c for c in text)
+
+
+def _escape_code(text: str) -> str:
+    """A name set in backticks: a backtick inside would end the code span early."""
+    return text.replace("`", "'")
 
 
 class _Protos:

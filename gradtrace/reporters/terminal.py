@@ -24,6 +24,7 @@ from gradtrace.analysis.grad_health import (
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
 from gradtrace.reporters.html import is_flat
+from gradtrace.reporters.plain import Plain
 from gradtrace.reporters.rank_rows import rank_rows
 from gradtrace.store.format import OK
 from gradtrace.store.reader import Run, StoredFinding
@@ -91,36 +92,40 @@ def cut_left(text: str, width: int) -> str:
 
 
 class TerminalReporter:
-    """Renders a `Run` to a rich console. Pure: reads the run, prints, nothing else."""
+    """Renders a `Run` to a rich console. Pure: reads the run, prints, nothing else.
+
+    Stored strings go into `Text` (never markup), and everything printed goes through
+    `Plain`, which keeps their control characters off the terminal.
+    """
 
     def __init__(self, console: Console) -> None:
         self._console = console
 
     def render(self, run: Run, findings: list[StoredFinding] | None = None) -> None:
         """`findings`: the run's, when the caller has them already (else derived here)."""
-        console = self._console
         findings = run_findings(run) if findings is None else findings
-        console.print(_headline(run, len(findings)))
+        self._print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
-            console.print(Text.assemble(("note: ", "bold yellow"), notice))
+            self._print(Text.assemble(("note: ", "bold yellow"), notice))
         for failure in run.probe_failures:
-            console.print(Text.assemble(("probe failed: ", "bold red"), failure.describe()))
+            self._print(Text.assemble(("probe failed: ", "bold red"), failure.describe()))
         checkpointed = run.meta.get("checkpointed")
         if checkpointed:
-            console.print(
-                Text.assemble(("checkpointed: ", "bold"), checkpointed_text(checkpointed))
-            )
+            self._print(Text.assemble(("checkpointed: ", "bold"), checkpointed_text(checkpointed)))
         if run.ranks:
-            console.print(_ranks_table(run, findings))
+            self._print(_ranks_table(run, findings))
         for stored, ranks in across_ranks(findings):
-            console.print(_finding_panel(stored, ranks))
+            self._print(_finding_panel(stored, ranks))
         # A job's series are rank 0's: after the all-reduce every rank holds the same gradients.
         of_rank = " (rank 0)" if run.ranks else ""
         if any(stats.params for stats in run.grad_steps):
-            console.print(_health_table(run, of_rank))
+            self._print(_health_table(run, of_rank))
         if run.write_counts:
-            console.print(_write_table(run, of_rank))
-        console.print(Text.assemble(("run directory: ", "dim"), str(run.path)))
+            self._print(_write_table(run, of_rank))
+        self._print(Text.assemble(("run directory: ", "dim"), str(run.path)))
+
+    def _print(self, renderable: RenderableType) -> None:
+        self._console.print(Plain(renderable))
 
 
 def _headline(run: Run, findings: int) -> Text:
@@ -195,7 +200,7 @@ def _finding_panel(stored: StoredFinding, ranks: list[int]) -> Panel:
         on_ranks = f" · rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
     return Panel(
         Group(*parts),
-        title=f"[bold red]{title(finding.kind)}[/]{repeat}{on_ranks}",
+        title=Text.assemble((title(finding.kind), "bold red"), f"{repeat}{on_ranks}"),
         title_align="left",
         border_style="red",
     )
@@ -347,7 +352,7 @@ def _write_table(run: Run, of_rank: str) -> Table:
     table.add_column("phase")
     table.add_column("count", justify="right")
     for owner, op, phase, count in run.write_counts[:TOP_OWNERS]:
-        table.add_row(ModulePath(owner), op, phase, str(count))
+        table.add_row(ModulePath(owner), Text(op), Text(phase), str(count))
     hidden = len(run.write_counts) - TOP_OWNERS
     if hidden > 0:
         table.add_row(f"… {hidden} more", "", "", "")

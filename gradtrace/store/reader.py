@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
+import shutil
 import sqlite3
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
+    HISTOGRAM_EDGES,
     ClipCall,
     Finding,
     GradHistogram,
@@ -25,9 +30,28 @@ from gradtrace.events import (
     StepGradStats,
     TracedWrite,
 )
-from gradtrace.store.format import DATABASE, FORMAT_VERSION, KILLED, OK, RUNNING, rank_run_dirs
+from gradtrace.store.format import (
+    DATABASE,
+    FORMAT_VERSION,
+    KILLED,
+    OK,
+    RUNNING,
+    SCHEMA,
+    rank_run_dirs,
+)
 
 T = TypeVar("T")
+
+# Bounds on what is read: a run directory comes from anyone, and a hostile or damaged one must
+# not make a report take minutes. No run gradtrace writes comes near them.
+# Characters in one stored string: longer names and lines of code refuse the run; longer
+# messages (an exception's text, read from JSON) are cut.
+MAX_TEXT = 65_536
+# Items of one stored list (argv, a finding's context lines, its other writes, notices); more
+# are cut.
+MAX_ITEMS = 1_000
+# Nesting of stored JSON (a finding's details, unknown meta keys).
+MAX_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -137,16 +161,50 @@ def _open(run_dir: Path, read: Callable[[Path, sqlite3.Connection], T]) -> T:
             "Use the directory printed by 'gradtrace run'."
         )
     try:
-        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            return read(run_dir, db)
-        finally:
-            db.close()
-    except (sqlite3.DatabaseError, json.JSONDecodeError, KeyError, TypeError) as error:
+        return _read_without_writing(database, lambda db: read(run_dir, db))
+    except (sqlite3.DatabaseError, ValueError, RecursionError, KeyError, TypeError) as error:
+        why = _one_line(str(error) if isinstance(error, BrokenRun) else repr(error))
         raise GradtraceError(
-            f"'{database}' is not a readable gradtrace run ({error}). "
+            f"'{database}' is not a readable gradtrace run ({why}). "
             "It may be corrupt or written by another program."
         ) from None
+
+
+def _read_without_writing(database: Path, read: Callable[[sqlite3.Connection], T]) -> T:
+    """`read` the database opened read-only, where reading needs no write access either.
+
+    SQLite in WAL mode (as the writer leaves it) needs to create `run.sqlite-shm` next to the
+    database even to read, which fails on a read-only medium or in someone else's directory.
+    Then a database without a pending WAL is opened immutable, and one with a pending WAL (a
+    killed run) is read from a private copy, so its last committed steps are not lost.
+    """
+    uri = database.resolve().as_uri()
+    try:
+        return _query(f"{uri}?mode=ro", read)
+    except sqlite3.OperationalError as error:
+        if "unable to open" not in str(error) and "readonly" not in str(error):
+            raise
+    wal = database.with_name(database.name + "-wal")
+    if not (wal.is_file() and wal.stat().st_size):
+        return _query(f"{uri}?mode=ro&immutable=1", read)
+    with tempfile.TemporaryDirectory(prefix="gradtrace-") as scratch:
+        copy = Path(scratch) / DATABASE
+        shutil.copyfile(database, copy)
+        shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        return _query(f"{copy.as_uri()}?mode=ro", read)
+
+
+def _query(uri: str, read: Callable[[sqlite3.Connection], T]) -> T:
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        return read(db)
+    finally:
+        db.close()
+
+
+def _one_line(text: str) -> str:
+    """An error's detail for one line of the terminal: no control characters, short."""
+    return _CONTROL.sub(" ", text)[:300]
 
 
 def _read_facts(run_dir: Path, db: sqlite3.Connection) -> RunFacts:
@@ -154,16 +212,17 @@ def _read_facts(run_dir: Path, db: sqlite3.Connection) -> RunFacts:
 
 
 def _read_meta(run_dir: Path, db: sqlite3.Connection) -> dict[str, Any]:
+    _check_column_types(db, ("meta",))
     meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
     version = meta.get("format")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise GradtraceError(f"'{run_dir}' has no gradtrace format version; not a gradtrace run.")
     if version > FORMAT_VERSION:
         raise GradtraceError(
             f"'{run_dir}' was written in run format {version}; this gradtrace reads up to "
             f"{FORMAT_VERSION}. Upgrade gradtrace (pip install -U gradtrace)."
         )
-    return meta
+    return {key: META.get(key, _any)(value, f"meta '{key}'") for key, value in meta.items()}
 
 
 def _count_steps(db: sqlite3.Connection) -> int:
@@ -173,9 +232,10 @@ def _count_steps(db: sqlite3.Connection) -> int:
 
 def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
     meta = _read_meta(run_dir, db)
+    _check_column_types(db, _expected_columns())
     findings = [
-        StoredFinding(Finding.from_dict(json.loads(body)), count)
-        for body, count in db.execute("SELECT body, count FROM findings ORDER BY id")
+        StoredFinding(_finding(json.loads(body), f"finding {id_}"), count)
+        for id_, body, count in db.execute("SELECT id, body, count FROM findings ORDER BY id")
     ]
     steps = _count_steps(db)
     write_counts = [
@@ -200,7 +260,7 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         scalars=scalars,
         grad_steps=_read_grad_steps(db),
         module_sites={
-            module: SourceLine.from_dict(json.loads(source)) if source else None
+            module: _source_line(json.loads(source), f"module_sites '{module}'") if source else None
             for module, source in db.execute("SELECT module, source FROM module_sites")
         },
         meta=meta,
@@ -364,7 +424,7 @@ def _read_histograms(db: sqlite3.Connection) -> list[GradHistogram]:
     if not _columns(db, "grad_histograms"):  # runs recorded before --grad-histograms existed
         return []
     return [
-        GradHistogram(step, param, tuple(json.loads(counts)))
+        GradHistogram(step, param, _histogram_counts(json.loads(counts)))
         for step, param, counts in db.execute(
             "SELECT step, param, counts FROM grad_histograms ORDER BY step, rowid"
         )
@@ -413,3 +473,279 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 def _real(value: float | None) -> float:
     """SQLite stores NaN as NULL."""
     return math.nan if value is None else value
+
+
+class BrokenRun(ValueError):
+    """A database SQLite reads whose contents are not what gradtrace writes (wrong types,
+    NULLs, unbounded sizes): a damaged or hand-made run, refused in one line."""
+
+
+# Checked here, once, so that analysis and reporters can trust every type they are given.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Columns holding JSON: their strings are checked (and long ones cut) once decoded.
+_JSON_COLUMNS = {("meta", "value"), ("findings", "body"), ("module_sites", "source")}
+_JSON_COLUMNS |= {("grad_histograms", "counts")}
+# SQLite value types (`typeof`) each declared column type may hold. REAL columns may hold
+# integers: SQLite stores a whole float so when a table was declared without a type.
+_VALUE_TYPES = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
+# Rows that are well typed but impossible, as (SQL that is true for a bad row, the problem).
+_ROW_RULES = {
+    "dead_units": (("units <= 0 OR dead < 0 OR dead > units", "dead_units: dead not in 0…units"),),
+}
+_INT64 = 2**63
+
+
+@functools.cache
+def _expected_columns() -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """Each table's columns and the value types they may hold, from our own SCHEMA: the
+    types a database declares are not trusted (anyone can declare anything)."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        expected = {}
+        for table in tables:
+            columns = []
+            for _, name, declared, not_null, _, primary in db.execute(
+                f"PRAGMA table_info({table})"
+            ):
+                nullable = () if not_null or primary else ("null",)
+                columns.append((name, _VALUE_TYPES[declared] + nullable))
+            expected[table] = tuple(columns)
+        return expected
+    finally:
+        db.close()
+
+
+def _check_column_types(db: sqlite3.Connection, tables: Iterable[str]) -> None:
+    """Every value of `tables` has its column's type, and no name or line of code is longer
+    than MAX_TEXT: one scan per table, inside SQLite, before a row is read into Python (a
+    sixth of the time reading them back takes); a second query names what is wrong."""
+    expected = _expected_columns()
+    for table in tables:
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        if kind is not None and kind[0] != "table":
+            # A view could compute anything (endless rows from a recursive query).
+            raise BrokenRun(f"{table} is a {kind[0]}, not a table")
+        present = _columns(db, table)
+        # The rules' tables came with all of their columns: absent in older runs, or whole.
+        checks: list[tuple[str, str]] = list(_ROW_RULES.get(table, ())) if present else []
+        for column, types in expected[table]:
+            if column not in present:
+                continue
+            allowed = ", ".join(f"'{kind}'" for kind in types)
+            what = " or ".join(t if t != "null" else "NULL" for t in types)
+            checks.append(
+                (f'typeof("{column}") NOT IN ({allowed})', f"{table}.{column}: not {what}")
+            )
+            if "text" in types and (table, column) not in _JSON_COLUMNS:
+                checks.append(
+                    (
+                        f'length("{column}") > {MAX_TEXT}',
+                        f"{table}.{column}: a text longer than {MAX_TEXT} characters",
+                    )
+                )
+        if not checks:
+            continue
+        wrong = " OR ".join(sql for sql, _ in checks)
+        if db.execute(f"SELECT 1 FROM {table} WHERE {wrong} LIMIT 1").fetchone() is None:
+            continue
+        for sql, problem in checks:
+            if db.execute(f"SELECT 1 FROM {table} WHERE {sql} LIMIT 1").fetchone() is not None:
+                raise BrokenRun(problem)
+
+
+Check = Callable[[Any, str], Any]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "text", list: "a list", dict: "an object"}.get(
+        type(value), "a number"
+    )
+
+
+def _text(value: Any, where: str) -> str:
+    """A string; lone surrogates (invalid in UTF-8) replaced, cut to MAX_TEXT characters."""
+    if not isinstance(value, str):
+        raise BrokenRun(f"{where} is {_kind(value)}, expected text")
+    if len(value) > MAX_TEXT:
+        value = value[:MAX_TEXT] + f"… ({len(value) - MAX_TEXT} more characters)"
+    return _SURROGATE.sub("\ufffd", value)
+
+
+def _integer(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not -_INT64 <= value < _INT64:
+        raise BrokenRun(f"{where} is {_kind(value)}, expected a 64-bit integer")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise BrokenRun(f"{where} is {_kind(value)}, expected a number")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise BrokenRun(f"{where} is {_kind(value)}, expected true or false")
+    return value
+
+
+def _optional(check: Check) -> Check:
+    return lambda value, where: None if value is None else check(value, where)
+
+
+def _list_of(check: Check) -> Check:
+    """A list of `check`ed items, cut to MAX_ITEMS."""
+
+    def checked(value: Any, where: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise BrokenRun(f"{where} is {_kind(value)}, expected a list")
+        return [check(item, f"{where}[{i}]") for i, item in enumerate(value[:MAX_ITEMS])]
+
+    return checked
+
+
+def _dict_of(check: Check) -> Check:
+    def checked(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise BrokenRun(f"{where} is {_kind(value)}, expected an object")
+        items = list(value.items())[:MAX_ITEMS]
+        return {_text(key, where): check(item, f"{where}.{key}") for key, item in items}
+
+    return checked
+
+
+def _record(
+    fields: dict[str, Check], required: tuple[str, ...] = (), *, keep_unknown: bool
+) -> Check:
+    """An object whose known `fields` are checked; absent ones stay absent unless required.
+    Unknown keys are kept (checked as plain JSON) when `keep_unknown`, else dropped."""
+
+    def checked(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise BrokenRun(f"{where} is {_kind(value)}, expected an object")
+        for name in required:
+            if name not in value:
+                raise BrokenRun(f"{where} has no '{name}'")
+        result = {}
+        for key, item in list(value.items())[:MAX_ITEMS]:
+            if key in fields:
+                result[key] = fields[key](item, f"{where} '{key}'")
+            elif keep_unknown:
+                result[_text(key, where)] = _any(item, f"{where} '{key}'")
+        return result
+
+    return checked
+
+
+def _any(value: Any, where: str, depth: int = 0) -> Any:
+    """Plain JSON nested at most MAX_DEPTH deep, strings and lists bounded as elsewhere."""
+    if depth > MAX_DEPTH:
+        raise BrokenRun(f"{where} is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        return _text(value, where)
+    if isinstance(value, list):
+        return [_any(item, where, depth + 1) for item in value[:MAX_ITEMS]]
+    if isinstance(value, dict):
+        items = list(value.items())[:MAX_ITEMS]
+        return {_text(key, where): _any(item, where, depth + 1) for key, item in items}
+    return value
+
+
+_TEXT_OR_NULL = _optional(_text)
+_INTEGER_OR_NULL = _optional(_integer)
+
+META: dict[str, Check] = {
+    "format": _integer,
+    "status": _text,
+    "exit_code": _INTEGER_OR_NULL,
+    "argv": _optional(_list_of(_text)),
+    **dict.fromkeys(("level", "torch", "python", "platform", "cuda_device"), _TEXT_OR_NULL),
+    **dict.fromkeys(
+        ("started_ns", "ended_ns", "every", "rank", "world_size", "first_failed_rank"),
+        _INTEGER_OR_NULL,
+    ),
+    "findings_at_close": _INTEGER_OR_NULL,
+    "update_ratio": _optional(_flag),
+    "exception": _optional(
+        _record({"type": _text, "message": _text}, ("type", "message"), keep_unknown=True)
+    ),
+    "notices": _optional(_list_of(_text)),
+    "checkpointed": _optional(_dict_of(_text)),
+    "histogram_edges": _optional(_list_of(_number)),
+}
+"""What each known meta key may hold; unknown keys (a newer gradtrace's) are plain JSON."""
+
+_WHERE = ("file", "function", "code", "module", "op", "phase", "parameter", "node")
+_SAVED_BY = _record(
+    {
+        **dict.fromkeys((*_WHERE, "dtype", "device"), _TEXT_OR_NULL),
+        **dict.fromkeys(("line", "step", "version_saved", "version_now"), _INTEGER_OR_NULL),
+        "shape": _optional(_list_of(_integer)),
+    },
+    keep_unknown=True,
+)
+_OTHER_WRITE = _record(
+    {
+        **dict.fromkeys(_WHERE, _TEXT_OR_NULL),
+        **dict.fromkeys(("line", "step"), _INTEGER_OR_NULL),
+    },
+    keep_unknown=True,
+)
+_FINDING = _record(
+    {
+        "kind": _text,
+        "message": _text,
+        "hint": _text,
+        "step": _integer,
+        **dict.fromkeys(("phase", "op", "module", "file", "function", "code"), _TEXT_OR_NULL),
+        "parameter": _TEXT_OR_NULL,
+        "line": _INTEGER_OR_NULL,
+        "saved_by": _SAVED_BY,
+        "context_start": _integer,
+        "context": _list_of(_text),
+        "other_writes": _list_of(_OTHER_WRITE),
+        "details": _dict_of(_any),
+        "rank": _INTEGER_OR_NULL,
+    },
+    ("kind", "message", "hint", "step"),
+    keep_unknown=False,
+)
+_SOURCE_LINE = _record(
+    {
+        "file": _text,
+        "line": _integer,
+        "function": _text,
+        "code": _text,
+        "context_start": _integer,
+        "context": _list_of(_text),
+    },
+    ("file", "line", "function", "code"),
+    keep_unknown=False,
+)
+_FINDING_DEFAULTS: dict[str, Any] = {
+    **dict.fromkeys(("phase", "op", "module", "file", "line", "function", "code")),
+    "saved_by": {},
+}
+
+
+def _finding(data: Any, where: str) -> Finding:
+    return Finding.from_dict({**_FINDING_DEFAULTS, **_FINDING(data, where)})
+
+
+def _source_line(data: Any, where: str) -> SourceLine:
+    return SourceLine.from_dict(_SOURCE_LINE(data, where))
+
+
+def _histogram_counts(data: Any) -> tuple[int, ...]:
+    counts = _list_of(_integer)(data, "grad_histograms.counts")
+    if len(counts) != len(HISTOGRAM_EDGES) + 1 or min(counts) < 0:
+        raise BrokenRun(
+            f"grad_histograms.counts holds {len(counts)} counts, expected "
+            f"{len(HISTOGRAM_EDGES) + 1} non-negative ones"
+        )
+    return tuple(counts)
