@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cores import needs_native
+from cores import CORES, needs_native
 from torch import nn
 
 from gradtrace import _native
@@ -174,3 +174,33 @@ def test_both_cores_count_the_same_writes(tmp_path: Path) -> None:
         ("training loop", "index_put_"),
         ("training loop", "_foreach_mul_"),
     }
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_session_left_running_at_exit_ends_the_process_cleanly(tmp_path: Path, core: str) -> None:
+    """`gradtrace.start()` without `.stop()`: the interpreter shuts down with the probes on
+    and a saved tensor still registered; the process must end as python's would."""
+    script = tmp_path / "left_running.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            import gradtrace
+
+            gradtrace.start(out="run")
+            x = torch.randn(3, requires_grad=True)
+            kept = torch.sigmoid(x)  # saved for backward, never freed before exit
+            kept.mul(2).sum().backward(retain_graph=True)
+            print("done")
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, _native.CORE_ENV: core},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (result.returncode, result.stdout) == (0, "done\n"), result.stderr

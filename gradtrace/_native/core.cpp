@@ -138,7 +138,9 @@ struct Config {
   bool registry = false;  // level "full": live saved tensors are registered by storage
 };
 
-Config config;
+// Never destroyed: these hold Python references, and C++ destroys statics after the
+// interpreter is gone (a session left running at exit would crash the process there).
+Config& config = *new Config();
 std::atomic<int64_t> step_now{0};
 std::atomic<int64_t> next_seq{0};
 std::atomic<bool> trace_all{false};
@@ -161,7 +163,8 @@ void fail(const char* what) {
 std::unordered_map<PyObject*, bool> user_code;  // code (kept alive) -> verdict; GIL
 
 std::mutex registry_mutex;
-std::unordered_map<StorageKey, std::vector<std::shared_ptr<Record>>, StorageKeyHash> registry;
+auto& registry =
+    *new std::unordered_map<StorageKey, std::vector<std::shared_ptr<Record>>, StorageKeyHash>();
 std::atomic<int64_t> live_records{0};
 
 struct CountKey {
@@ -466,6 +469,16 @@ struct GIL {
   ~GIL() { PyGILState_Release(state); }
 };
 
+// Whether Python can be entered from this op: not while the interpreter shuts down (ops
+// still run then, from destructors and other threads).
+bool python_alive() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsInitialized() && !Py_IsFinalizing();
+#else
+  return Py_IsInitialized() && !_Py_IsFinalizing();
+#endif
+}
+
 // Live saved tensors on the storages an op is about to write, looked up before it runs:
 // a tensor the op itself saves (relu_ saves its result) is not one it overwrote.
 using Candidates = std::vector<std::pair<size_t, std::vector<std::shared_ptr<Record>>>>;
@@ -511,6 +524,20 @@ void attach_hits(
   candidates.clear();
 }
 
+// Drops copies of live records where that is safe: a record's last reference may be one of
+// them, and a Record holds Python objects (GIL). While Python shuts down, they are left.
+void release(Candidates& candidates) {
+  if (candidates.empty()) {
+    return;
+  }
+  if (!python_alive()) {
+    new Candidates(std::move(candidates));
+    return;
+  }
+  GIL gil;
+  candidates.clear();
+}
+
 void hand_to_timeline(int op, const std::string& owner, int phase) {
   GIL gil;
   if (config.on_traced_write.obj == nullptr) {
@@ -535,6 +562,9 @@ void note_write(
   {
     std::lock_guard<std::mutex> guard(counts_mutex);
     ++counts[CountKey{owner, info.index, phase}];
+  }
+  if (!python_alive()) {
+    return;
   }
   if (!candidates.empty()) {
     attach_hits(candidates, written, info.index, owner, phase);
@@ -597,10 +627,7 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
     op.redispatchBoxed(below, stack);
   } catch (...) {
     --tl_depth;
-    if (!candidates.empty()) {
-      GIL gil;  // the records' last references may be these copies
-      candidates.clear();
-    }
+    release(candidates);
     throw;
   }
   --tl_depth;
@@ -611,11 +638,8 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
     note_write(*info, written, candidates);
   } catch (const std::exception& error) {
     fail(error.what());
-    if (!candidates.empty()) {
-      GIL gil;
-      candidates.clear();
-    }
   }
+  release(candidates);
 }
 
 // An op that makes tensors from nothing: no tensor among its arguments, one among its results.
