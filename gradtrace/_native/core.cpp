@@ -35,7 +35,7 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <chrono>
+#include <deque>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -84,7 +84,7 @@ struct Caller {
 
 struct Hit {
   int64_t seq;
-  int op;
+  const std::string* op;
   std::string owner;
   int phase;
   int64_t step;
@@ -169,7 +169,7 @@ std::atomic<int64_t> live_records{0};
 
 struct CountKey {
   std::string owner;
-  int op;
+  const std::string* op;
   int phase;
   bool operator<(const CountKey& other) const {
     return std::tie(op, phase, owner) < std::tie(other.op, other.phase, other.owner);
@@ -189,13 +189,13 @@ thread_local int tl_depth = 0;
 // Ops: name and written arguments, worked out once per op.
 
 struct OpInfo {
-  int index;
+  const std::string* name;  // the overload packet's name ("relu_"), never moved
   size_t num_args;
   std::vector<size_t> written;
 };
 
 std::mutex ops_mutex;
-std::vector<std::string> op_names;  // index -> overload packet name ("relu_")
+std::deque<std::string> op_names;  // grows at the end only: names keep their address
 std::unordered_map<const c10::FunctionSchema*, OpInfo> ops;
 
 bool writes(const c10::Argument& argument) {
@@ -238,9 +238,7 @@ const OpInfo& op_info(const c10::OperatorHandle& op) {
     name = name.substr(colons + 2);
   }
   op_names.push_back(name);
-  OpInfo info{
-      static_cast<int>(op_names.size() - 1), schema->arguments().size(),
-      written_arguments(*schema)};
+  OpInfo info{&op_names.back(), schema->arguments().size(), written_arguments(*schema)};
   return ops.emplace(schema, std::move(info)).first->second;
 }
 
@@ -502,7 +500,7 @@ Candidates find_candidates(const std::vector<at::Tensor>& written) {
 void attach_hits(
     Candidates& candidates,
     const std::vector<at::Tensor>& written,
-    int op,
+    const std::string* op,
     const std::string& owner,
     int phase) {
   GIL gil;
@@ -538,7 +536,7 @@ void release(Candidates& candidates) {
   candidates.clear();
 }
 
-void hand_to_timeline(int op, const std::string& owner, int phase) {
+void hand_to_timeline(const std::string* op, const std::string& owner, int phase) {
   GIL gil;
   if (config.on_traced_write.obj == nullptr) {
     return;
@@ -546,7 +544,7 @@ void hand_to_timeline(int op, const std::string& owner, int phase) {
   Caller caller = find_caller();
   PyObject* where = caller_tuple(caller);
   PyObject* result = PyObject_CallFunction(
-      config.on_traced_write.obj, "ssiO", op_names[op].c_str(), owner.c_str(), phase, where);
+      config.on_traced_write.obj, "ssiO", op->c_str(), owner.c_str(), phase, where);
   Py_XDECREF(where);
   if (result == nullptr) {
     PyErr_WriteUnraisable(config.on_traced_write.obj);
@@ -561,16 +559,16 @@ void note_write(
   owner_and_phase(&owner, &phase);
   {
     std::lock_guard<std::mutex> guard(counts_mutex);
-    ++counts[CountKey{owner, info.index, phase}];
+    ++counts[CountKey{owner, info.name, phase}];
   }
   if (!python_alive()) {
     return;
   }
   if (!candidates.empty()) {
-    attach_hits(candidates, written, info.index, owner, phase);
+    attach_hits(candidates, written, info.name, owner, phase);
   }
   if (trace_all.load(std::memory_order_relaxed)) {
-    hand_to_timeline(info.index, owner, phase);
+    hand_to_timeline(info.name, owner, phase);
   }
 }
 
@@ -786,7 +784,7 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
   for (auto& hit : record.hits) {
     PyObject* where = caller_tuple(hit->caller);
     PyObject* item = Py_BuildValue(
-        "(LsslLO)", static_cast<long long>(hit->seq), op_names[hit->op].c_str(),
+        "(LsslLO)", static_cast<long long>(hit->seq), hit->op->c_str(),
         hit->owner.c_str(), hit->phase, static_cast<long long>(hit->step), where);
     Py_XDECREF(where);
     if (item == nullptr || PyList_Append(hits, item) < 0) {
@@ -1041,7 +1039,7 @@ PyObject* take_counts(PyObject* /*module*/, PyObject* /*unused*/) {
   }
   for (const auto& [key, count] : taken) {
     PyObject* item = Py_BuildValue(
-        "(ssiL)", key.owner.c_str(), op_names[key.op].c_str(), key.phase,
+        "(ssiL)", key.owner.c_str(), key.op->c_str(), key.phase,
         static_cast<long long>(count));
     if (item == nullptr || PyList_Append(result, item) < 0) {
       Py_XDECREF(item);
