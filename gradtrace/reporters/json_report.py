@@ -1,4 +1,4 @@
-"""The stable JSON document `gradtrace report --json` prints (documented in README)."""
+"""The stable JSON document `gradtrace report --json` prints (documented in docs/run-format.md)."""
 
 from __future__ import annotations
 
