@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 
+from gradtrace import _native
 from gradtrace.api import print_summary
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
@@ -285,12 +288,6 @@ def _in_run(path: Path) -> Path:
 @cli.command(name="info")
 def info_command() -> int:
     """Say which core traces (native or Python), why, and the versions it was built for."""
-    import platform
-
-    import torch
-
-    from gradtrace import _native
-
     status = _native.status()
     click.echo(f"core: {status.name} ({status.reason})")
     click.echo(f"torch: {torch.__version__}")
