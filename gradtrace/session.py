@@ -275,7 +275,7 @@ class Session:
             self._store_grad_stats,
             every=self._every,
             update_ratio=self._update_ratio,
-            ranks=self._rank_check,
+            compare_ranks=None if self._rank_check is None else self._rank_check.compare,
             histograms=self._histograms,
             guard=self._guard("gradient statistics"),
         )
