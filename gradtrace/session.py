@@ -262,9 +262,18 @@ class Session:
                 )
                 self._writes.install(stack)
         self._timeline = TimelineProbe(
-            modules, self._trace_steps, self._writes, guard=self._guard("timeline")
+            modules,
+            self._trace_steps,
+            on_recording=self._trace_writes,
+            guard=self._guard("timeline"),
         )
         self._timeline.install(stack)
+
+    def _trace_writes(self, recording: bool) -> None:
+        """While the timeline records a step, the write log hands it every write."""
+        writes, timeline = self._writes, self._timeline
+        if writes is not None and timeline is not None:
+            writes.trace_writes(timeline.add_write if recording else None)
 
     def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
         grads = GradStatsProbe(
@@ -275,7 +284,7 @@ class Session:
             self._store_grad_stats,
             every=self._every,
             update_ratio=self._update_ratio,
-            ranks=self._rank_check,
+            compare_ranks=None if self._rank_check is None else self._rank_check.compare,
             histograms=self._histograms,
             guard=self._guard("gradient statistics"),
         )

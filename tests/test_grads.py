@@ -399,6 +399,78 @@ def test_gradient_at_parameter_free_module_outputs_on_sampled_steps(tmp_path: Pa
             assert recorded[step][name] == pytest.approx(expected, rel=1e-6)
 
 
+class Overflow(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + math.inf
+
+
+class Everything(nn.Module):
+    """Every statistic has something to record: a ReLU with dead units, a parameter-free
+    module, an output that is Inf, and a layer that is never called. The test calls the
+    modules one by one, to hook what reaches each output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.keep = nn.Identity()
+        self.head = nn.Linear(8, 2)
+        self.overflow = Overflow()
+        self.unused = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.hidden.bias[:3] = -100.0  # three units dead on every sample
+
+
+def test_each_statistic_of_a_step_reads_its_own_numbers(tmp_path: Path) -> None:
+    """One sampled step with every statistic on, clipped by a float and a tensor max_norm:
+    each recorded number is the one torch computes for that statistic."""
+    torch.manual_seed(0)
+    model = Everything()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen: dict[str, torch.Tensor] = {}
+    with Session(tmp_path / "run", model=model, update_ratio=True, level="light"):
+        x = torch.randn(16, 4)
+        act = model.act(model.hidden(x))
+        kept = model.keep(act)
+        act.register_hook(lambda g: seen.__setitem__("act", g))
+        kept.register_hook(lambda g: seen.__setitem__("keep", g))
+        model.overflow(kept)  # off the loss's graph: Inf, and no gradient reaches it
+        model.head(kept).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), torch.tensor(2e9))
+        optimizer.step()
+    [stats] = load_run(tmp_path / "run").grad_steps
+    assert [p.name for p in stats.params] == list(grads)
+    for stat in stats.params:
+        after = dict(model.named_parameters())[stat.name].detach()
+        expected = (
+            torch.linalg.vector_norm(grads[stat.name]).item(),
+            torch.linalg.vector_norm(before[stat.name]).item(),
+            (grads[stat.name] == 0).double().mean().item(),
+            torch.linalg.vector_norm(after - before[stat.name]).item(),
+            grads[stat.name].numel(),
+        )
+        recorded = (
+            stat.grad_norm,
+            stat.param_norm,
+            stat.zero_fraction,
+            stat.update_norm,
+            stat.numel,
+        )
+        assert recorded == pytest.approx(expected, rel=1e-5), stat.name
+    assert stats.missing == (("unused.weight", "unused"), ("unused.bias", "unused"))
+    assert [c.max_norm for c in stats.clips] == [1e9, 2e9]
+    assert [c.norm_before for c in stats.clips] == pytest.approx([total.item()] * 2, rel=1e-6)
+    assert stats.dead_units == (("act", 3, 8),)
+    assert dict(stats.output_grad_norms) == pytest.approx(
+        {name: torch.linalg.vector_norm(grad).item() for name, grad in seen.items()}, rel=1e-6
+    )
+    assert stats.nonfinite_outputs == ("overflow",)
+
+
 def updated_stepwise(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int):
     """Train, computing each step's ‖Δp‖/‖p‖ per parameter independently of gradtrace."""
     torch.manual_seed(1)

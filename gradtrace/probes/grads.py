@@ -10,6 +10,12 @@ to one norm per parameter (the copy is freed right then). The results, with the 
 `clip_grad_norm_` call returned since the previous step, are queued on the session's
 deferred queue; nothing is read back until the next step ends.
 
+NOTE [one read, no cursor]: each statistic is a small unit (`ParamColumn` and its kin below)
+that claims its device tensors in the step's `StepValues` and keeps the slice it gets back;
+all of a step's tensors are stacked and read in one transfer, and each unit decodes only
+its own slice. A new per-parameter statistic is one more `ParamColumn` named after its
+`ParamStat` field; no other unit changes.
+
 During forward it also reduces each module's output to one number (its sum in float32:
 NaN or Inf anywhere makes it non-finite) and notes modules whose output left the graph
 although they have trainable parameters. On sampled steps it also reduces each ReLU's
@@ -23,28 +29,28 @@ modules.py); post-accumulate-grad hooks on parameters and forward hooks are safe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim import Optimizer
 
-from gradtrace.events import ClipCall, ParamStat, StepGradStats
+from gradtrace.events import ClipCall, ParamStat, SourceLine, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
 from gradtrace.probes.guard import ProbeGuard
-from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
-from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.steps import StepProbe
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
@@ -162,15 +168,214 @@ class OutputSums:
         return names, views
 
 
-@dataclass
-class _Stepping:
-    """A recorded step whose optimizer is updating: its values wait for the update norms."""
+class StepValues:
+    """The device scalars of one recorded step, stacked for a single host read one step late.
 
-    params: list[torch.Tensor]
-    # Copies of `params` from before the update: the opt-in memory cost of update_ratio.
-    before: list[torch.Tensor]
-    values: list[torch.Tensor]
-    on_ready: Callable[[list[float]], None]
+    Every statistic `claim`s its tensors and keeps the slice it gets back; once the values
+    are read, it decodes that slice and nothing else (NOTE [one read, no cursor]).
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+
+    def claim(self, tensors: Sequence[torch.Tensor]) -> slice:
+        """Add `tensors`; where their values will be in the list read back."""
+        start = len(self.tensors)
+        self.tensors.extend(tensors)
+        return slice(start, len(self.tensors))
+
+
+class ParamColumn:
+    """One `ParamStat` field (`field`) for each parameter with a gradient, in step order,
+    claimed in the step's values on a step that takes it. A field without a column on a
+    step is NaN there (unknown)."""
+
+    __slots__ = ("_at", "field")
+
+    def __init__(self, field: str, values: StepValues, tensors: Sequence[torch.Tensor]) -> None:
+        self.field = field
+        self._at = values.claim(tensors)
+
+    def read(self, read: list[float]) -> list[float]:
+        return read[self._at]
+
+
+class ZeroFractions(ParamColumn):
+    """The share of each gradient that is exactly zero, from its non-zero count on device."""
+
+    __slots__ = ("_numels",)
+
+    def __init__(
+        self, values: StepValues, nonzero: Sequence[torch.Tensor], numels: list[int]
+    ) -> None:
+        super().__init__("zero_fraction", values, nonzero)
+        self._numels = numels
+
+    def read(self, read: list[float]) -> list[float]:
+        return [
+            1.0 - nonzero / max(numel, 1)
+            for nonzero, numel in zip(read[self._at], self._numels, strict=True)
+        ]
+
+
+class ParamsBefore:
+    """A device copy of the stepped parameters from before the optimizer step (the opt-in
+    memory cost of update_ratio), until `update_norms` reduces ‖p_after - p_before‖ per
+    parameter once the optimizer has updated them; the copy is freed right then."""
+
+    __slots__ = ("_before", "_params")
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params = params
+        with own_ops(*params):
+            self._before = _torch_compat.foreach_copy(params)
+
+    def update_norms(self, values: StepValues) -> ParamColumn:
+        params, before = self._params, self._before
+        self._params = self._before = []
+        with own_ops(*params):
+            _torch_compat.foreach_sub_(before, params)
+            return ParamColumn("update_norm", values, _torch_compat.foreach_norm(before, 2))
+
+
+class _ModuleValues:
+    """One device value per module, from an `OutputSums` handed over at the step."""
+
+    __slots__ = ("_at", "_names")
+
+    def __init__(self, values: StepValues, sums: OutputSums) -> None:
+        self._names, tensors = sums.take()
+        self._at = values.claim(tensors)
+
+    def _pairs(self, read: list[float]) -> zip[tuple[str, float]]:
+        return zip(self._names, read[self._at], strict=True)
+
+
+class NonfiniteOutputs(_ModuleValues):
+    """Modules whose output sum is NaN or Inf, in forward order."""
+
+    __slots__ = ()
+
+    def read(self, read: list[float]) -> tuple[str, ...]:
+        return tuple(name for name, total in self._pairs(read) if not math.isfinite(total))
+
+
+class OutputGradNorms(_ModuleValues):
+    """(module, L2 norm of the gradient at its output) for parameter-free modules."""
+
+    __slots__ = ()
+
+    def read(self, read: list[float]) -> tuple[tuple[str, float], ...]:
+        return tuple(self._pairs(read))
+
+
+class DeadUnits(_ModuleValues):
+    """(module, units zero for the whole batch, units) for ReLU-like modules."""
+
+    __slots__ = ("_units",)
+
+    def __init__(self, values: StepValues, sums: OutputSums, units: dict[str, int]) -> None:
+        super().__init__(values, sums)
+        self._units = units
+
+    def read(self, read: list[float]) -> tuple[tuple[str, int, int], ...]:
+        return tuple((name, int(count), self._units[name]) for name, count in self._pairs(read))
+
+
+class Clips:
+    """The `clip_grad_norm_` calls since the previous step: each one's total norm, and its
+    `max_norm` where that is a tensor (read with the values, never on the host now)."""
+
+    __slots__ = ("_at", "_norm_types")
+
+    def __init__(
+        self, values: StepValues, clips: list[tuple[torch.Tensor, float | torch.Tensor, float]]
+    ) -> None:
+        tensors: list[torch.Tensor] = []
+        # Per call: max_norm, or None when it is a tensor read after the norm; norm_type.
+        self._norm_types: list[tuple[float | None, float]] = []
+        for norm, max_norm, norm_type in clips:
+            tensors.append(norm)
+            if isinstance(max_norm, torch.Tensor):
+                tensors.append(max_norm)
+                self._norm_types.append((None, float(norm_type)))
+            else:
+                self._norm_types.append((float(max_norm), float(norm_type)))
+        self._at = values.claim(tensors)
+
+    def read(self, read: list[float]) -> tuple[ClipCall, ...]:
+        numbers = iter(read[self._at])
+        calls = []
+        for max_norm, norm_type in self._norm_types:
+            before = next(numbers)
+            calls.append(
+                ClipCall(before, next(numbers) if max_norm is None else max_norm, norm_type)
+            )
+        return tuple(calls)
+
+
+# ParamStat fields known on the host at the step; the others come from ParamColumns.
+_HOST_FIELDS = ("name", "module", "numel", "arrival")
+_PARAM_FIELDS = tuple(field.name for field in dataclasses.fields(ParamStat))
+
+
+@dataclass(slots=True)
+class _StepRecord:
+    """One recorded step: its host facts, and the units that decode its device values."""
+
+    step: int
+    optimizer: str
+    # The _HOST_FIELDS of each parameter with a gradient, in step order.
+    params: list[tuple[str, str, int, int]]
+    # One per statistic this step took, in any order.
+    columns: list[ParamColumn]
+    on_stats: Callable[[StepGradStats], None]
+    missing: tuple[tuple[str, str], ...]
+    cut: tuple[str, ...]
+    new_sites: tuple[tuple[str, SourceLine | None], ...]
+    nonfinite_outputs: NonfiniteOutputs
+    output_grad_norms: OutputGradNorms
+    dead_units: DeadUnits
+    clips: Clips
+
+    def deliver(self, read: list[float]) -> None:
+        """Hand on the record, once the step's values are read (on the store thread)."""
+        self.on_stats(self.stats(read))
+
+    def stats(self, read: list[float]) -> StepGradStats:
+        by_field = {column.field: column.read(read) for column in self.columns}
+        host = zip(*self.params, strict=True) if self.params else [()] * len(_HOST_FIELDS)
+        by_field.update(zip(_HOST_FIELDS, host, strict=True))
+        unknown = [math.nan] * len(self.params)  # a statistic this step did not take
+        # Positional, in field order: one ParamStat per parameter and step adds up.
+        rows = zip(*(by_field.get(name, unknown) for name in _PARAM_FIELDS), strict=True)
+        return StepGradStats(
+            step=self.step,
+            optimizer=self.optimizer,
+            params=tuple(itertools.starmap(ParamStat, rows)),
+            missing=self.missing,
+            nonfinite_outputs=self.nonfinite_outputs.read(read),
+            cut=self.cut,
+            new_sites=self.new_sites,
+            output_grad_norms=self.output_grad_norms.read(read),
+            dead_units=self.dead_units.read(read),
+            clips=self.clips.read(read),
+        )
+
+
+class GradHistograms(Protocol):
+    """What counts gradient histograms on the steps it wants (the session wires one in)."""
+
+    def due(self, step: int) -> bool: ...
+
+    def count(self, step: int, names: list[str], grads: list[torch.Tensor]) -> None: ...
+
+
+# (step, optimizer, parameter names, gradient norms, parameter norms): the rank check's
+# entry, with -1 for a parameter that has no gradient on this rank.
+CompareRanks = Callable[[int, str, list[str], list[torch.Tensor], list[torch.Tensor]], None]
 
 
 class GradStatsProbe:
@@ -183,14 +388,14 @@ class GradStatsProbe:
         on_stats: Callable[[StepGradStats], None],
         *,
         every: int = 1,
-        ranks: RankCheckProbe | None = None,
-        histograms: GradHistogramProbe | None = None,
+        compare_ranks: CompareRanks | None = None,
+        histograms: GradHistograms | None = None,
         update_ratio: bool = False,
         guard: ProbeGuard | None = None,
     ) -> None:
         self._guard = guard or ProbeGuard("gradient statistics", step=lambda: steps.step)
         self._modules = modules
-        self._ranks = ranks
+        self._compare_ranks_to = compare_ranks
         self._histograms = histograms
         self._steps = steps
         self._callers = callers
@@ -201,7 +406,7 @@ class GradStatsProbe:
         self._arrival = itertools.count()
         self._arrived: dict[int, int] = {}
         # id(optimizer) -> its recorded step in progress, while update_ratio waits for it.
-        self._stepping: dict[int, _Stepping] = {}
+        self._stepping: dict[int, tuple[StepValues, _StepRecord, ParamsBefore]] = {}
         # (total norm, max_norm, norm_type) of clip_grad_norm_ calls since the last step.
         self._clips: list[tuple[torch.Tensor, float | torch.Tensor, float]] = []
         # id(parameter) -> weakref, for parameters whose arrival hook is installed.
@@ -355,128 +560,88 @@ class GradStatsProbe:
         if histograms is not None and histograms.due(self._steps.step):
             names = [self._param_name(p) for p in with_grad]
             histograms.count(self._steps.step, names, [p.grad for p in with_grad])
-        values, on_ready = self._reductions(optimizer, params, with_grad)
+        values = StepValues()
+        record = self._gather(values, optimizer, params, with_grad)
         if self._update_ratio and with_grad:
-            with own_ops(*with_grad):
-                before = _torch_compat.foreach_copy(with_grad)
-            self._stepping[id(optimizer)] = _Stepping(with_grad, before, values, on_ready)
+            self._stepping[id(optimizer)] = (values, record, ParamsBefore(with_grad))
         else:
-            self._push(values, on_ready)
+            self._push(values, record)
 
     def _after_update(self, optimizer: Optimizer) -> None:
-        """‖p_after - p_before‖ per parameter; the copies are freed when this returns."""
+        """Update norms of a step that waits for them; the copies are freed when this returns."""
         stepping = self._stepping.pop(id(optimizer), None)
         if stepping is None:
             return
-        with own_ops(*stepping.params):
-            _torch_compat.foreach_sub_(stepping.before, stepping.params)
-            update_norms = _torch_compat.foreach_norm(stepping.before, 2)
-        self._push(stepping.values + update_norms, stepping.on_ready)
+        values, record, before = stepping
+        record.columns.append(before.update_norms(values))
+        self._push(values, record)
 
-    def _push(self, values: list[torch.Tensor], on_ready: Callable[[list[float]], None]) -> None:
-        on_ready = self._guard(on_ready)  # runs on the store thread, later
-        if values:
-            self._queue.push(stack_scalars(values), on_ready)
+    def _push(self, values: StepValues, record: _StepRecord) -> None:
+        on_ready = self._guard(record.deliver)  # runs on the store thread, later
+        if values.tensors:
+            self._queue.push(stack_scalars(values.tensors), on_ready)
         else:
             on_ready([])
 
-    def _reductions(
-        self, optimizer: Optimizer, params: list[torch.Tensor], with_grad: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
-        """The step's device values, and what turns them, once read, into a record.
-
-        Read back in this order: gradient norms, parameter norms (sampled steps, or every
-        step with the update ratio or the rank check), non-zero counts (sampled steps),
-        output sums, output-gradient norms and dead units (sampled steps), clip norms (and
-        tensor max_norms), then update norms when `_after_update` appended them.
-        """
+    def _gather(
+        self,
+        values: StepValues,
+        optimizer: Optimizer,
+        params: list[torch.Tensor],
+        with_grad: list[torch.Tensor],
+    ) -> _StepRecord:
+        """The step's host facts, and its statistics, whose device values go into `values`."""
         step = self._steps.step
-        missing = tuple(self._describe(p) for p in params if p.requires_grad and p.grad is None)
-        output_names, output_sums = self._outputs.take()
-        grad_names, grad_norms = self._output_grads.take()
-        dead_names, dead_counts = self._dead.take()
-        units, self._units = self._units, {}
-        clips, self._clips = self._clips, []
+        # Usually every parameter has a gradient: no second pass over them to find none.
+        missing = (
+            tuple([self._describe(p) for p in params if p.requires_grad and p.grad is None])
+            if len(with_grad) < len(params)
+            else ()
+        )
+        arrived = self._arrived
+        described = [(*self._describe(p), p.numel(), arrived.get(id(p), -1)) for p in with_grad]
         count_zeros = self._sampled()
         # Weights move slowly: their norms come with the sampled steps, unless the update
         # ratio or the rank check needs them at every recorded step.
-        weigh = count_zeros or self._update_ratio or self._ranks is not None
-        values: list[torch.Tensor] = []
+        weigh = count_zeros or self._update_ratio or self._compare_ranks_to is not None
+        columns: list[ParamColumn] = []
         grad_l2: list[torch.Tensor] = []
         param_l2: list[torch.Tensor] = []
         if with_grad:
             grads = [p.grad for p in with_grad]
             with own_ops(*grads, *with_grad):
                 grad_l2 = _torch_compat.foreach_norm(grads, 2)
+                columns.append(ParamColumn("grad_norm", values, grad_l2))
                 if weigh:
                     param_l2 = _torch_compat.foreach_norm(with_grad, 2)
-                values += grad_l2 + param_l2
+                    columns.append(ParamColumn("param_norm", values, param_l2))
                 if count_zeros:
-                    values += _torch_compat.foreach_norm(grads, 0)
-        values += output_sums
-        values += grad_norms
-        values += dead_counts
-        values += [norm for norm, _, _ in clips]
-        values += [m for _, m, _ in clips if isinstance(m, torch.Tensor)]
-        # (max_norm, or None when it is a tensor read with the values; norm_type) per call.
-        clip_args = [
-            (None if isinstance(m, torch.Tensor) else float(m), float(norm_type))
-            for _, m, norm_type in clips
-        ]
-        arrived = self._arrived
-        described = [(*self._describe(p), p.numel(), arrived.get(id(p), -1)) for p in with_grad]
-        cut, self._cut = tuple(self._cut), {}
-        new_sites = tuple((name, source_line(site)) for name, site in self._new_sites)
+                    nonzero = _torch_compat.foreach_norm(grads, 0)
+                    numels = [numel for _, _, numel, _ in described]
+                    columns.append(ZeroFractions(values, nonzero, numels))
+        units, self._units = self._units, {}
+        clips, self._clips = self._clips, []
+        record = _StepRecord(
+            step=step,
+            optimizer=f"{type(optimizer).__name__}.step",
+            params=described,
+            columns=columns,
+            on_stats=self._on_stats,
+            missing=missing,
+            cut=tuple(self._cut),
+            new_sites=tuple((name, source_line(site)) for name, site in self._new_sites),
+            nonfinite_outputs=NonfiniteOutputs(values, self._outputs),
+            output_grad_norms=OutputGradNorms(values, self._output_grads),
+            dead_units=DeadUnits(values, self._dead, units),
+            clips=Clips(values, clips),
+        )
+        self._cut = {}
         self._new_sites.clear()
         self._arrived.clear()
         self._arrival = itertools.count()
-        label = f"{type(optimizer).__name__}.step"
-        if self._ranks is not None and params:
-            self._compare_ranks(step, label, params, with_grad, grad_l2, param_l2)
-
-        def on_ready(read: list[float]) -> None:
-            n = len(described)
-            cursor = iter(read)
-            grad = _take(cursor, n)
-            norm = _take(cursor, n) if weigh else [math.nan] * n
-            nonzero = _take(cursor, n) if count_zeros else [math.nan] * n
-            finite = _take(cursor, len(output_names))
-            output_grads = _take(cursor, len(grad_names))
-            dead = _take(cursor, len(dead_names))
-            clip_norms = _take(cursor, len(clip_args))
-            tensor_maxes = iter(_take(cursor, sum(m is None for m, _ in clip_args)))
-            updates = _take(cursor, n) or [math.nan] * n
-            self._on_stats(
-                StepGradStats(
-                    step=step,
-                    optimizer=label,
-                    params=tuple(
-                        ParamStat(name, module, numel, g, p, 1.0 - nz / max(numel, 1), a, u)
-                        for (name, module, numel, a), g, p, nz, u in zip(
-                            described, grad, norm, nonzero, updates, strict=True
-                        )
-                    ),
-                    missing=missing,
-                    nonfinite_outputs=tuple(
-                        name
-                        for name, value in zip(output_names, finite, strict=True)
-                        if not math.isfinite(value)
-                    ),
-                    cut=cut,
-                    new_sites=new_sites,
-                    output_grad_norms=tuple(zip(grad_names, output_grads, strict=True)),
-                    dead_units=tuple(
-                        (name, int(count), units[name])
-                        for name, count in zip(dead_names, dead, strict=True)
-                    ),
-                    clips=tuple(
-                        ClipCall(before, next(tensor_maxes) if m is None else m, norm_type)
-                        for before, (m, norm_type) in zip(clip_norms, clip_args, strict=True)
-                    ),
-                )
-            )
-
-        return values, on_ready
+        if self._compare_ranks_to is not None and params:
+            self._compare_ranks(step, record.optimizer, params, with_grad, grad_l2, param_l2)
+        return record
 
     def _compare_ranks(
         self,
@@ -492,14 +657,14 @@ class GradStatsProbe:
         Over all of the optimizer's parameters, not just those with a gradient this step, so
         every rank contributes a table of the same shape even when one rank lost a gradient.
         """
-        assert self._ranks is not None
+        assert self._compare_ranks_to is not None
         computed = {id(p): i for i, p in enumerate(with_grad)}
         with own_ops():
             absent = torch.full((), -1.0, device=params[0].device)
         grads = [grad_l2[computed[id(p)]] if id(p) in computed else absent for p in params]
         norms = [param_l2[computed[id(p)]] if id(p) in computed else absent for p in params]
         names = [self._param_name(p) for p in params]
-        self._ranks.compare(step, label, names, grads, norms)
+        self._compare_ranks_to(step, label, names, grads, norms)
 
     def end_iteration(self) -> None:
         """Forget forward facts of an iteration whose step was skipped (GradScaler)."""
@@ -538,10 +703,6 @@ class GradStatsProbe:
         if entry is None:
             return f"<unnamed {tuple(param.shape)}>", "?"
         return entry
-
-
-def _take(cursor: Iterator[float], n: int) -> list[float]:
-    return list(itertools.islice(cursor, n))
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:

@@ -29,7 +29,9 @@ from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
 from gradtrace.probes.steps import StepProbe
-from gradtrace.probes.timeline import TimelineProbe
+
+# Takes each write of a traced step: (op, owner, phase, the user's frame).
+_AddWrite = Callable[[str, str, str, Caller | None], None]
 
 
 class NativeCoreError(RuntimeError):
@@ -56,7 +58,7 @@ class NativeCoreProbe:
         self._observe = observe_writes
         self._check = CorruptionCheck(modules, on_finding, writes_logged=observe_writes)
         self._aside = False
-        self._timeline: TimelineProbe | None = None
+        self._add_write: _AddWrite | None = None
 
     def install(self, stack: ExitStack) -> None:
         core = self._core
@@ -98,27 +100,27 @@ class NativeCoreProbe:
 
     @property
     def tracing_writes(self) -> bool:
-        """Whether every write goes to the timeline now (a step chosen for trace.json)."""
-        return self._timeline is not None
+        """Whether every write is handed on now (a step chosen for trace.json)."""
+        return self._add_write is not None
 
     def live_count(self) -> int:
         """Saved tensors registered by storage now (none between steps: nothing leaks)."""
         return self._core.live_count()
 
-    def trace_writes(self, timeline: TimelineProbe | None) -> None:
-        """Hand every write to `timeline` from now on (None: stop)."""
-        self._timeline = timeline
-        self._core.trace_writes(None if timeline is None else self._guard(self._traced_write))
+    def trace_writes(self, add_write: _AddWrite | None) -> None:
+        """Hand every write, with its user frame, to `add_write` from now on (None: stop)."""
+        self._add_write = add_write
+        self._core.trace_writes(None if add_write is None else self._guard(self._traced_write))
 
     def _traced_write(self, op: str, owner: str, phase: int, caller: Caller | None) -> None:
-        timeline = self._timeline
-        if timeline is not None:
-            timeline.add_write(op, owner, self._core.PHASES[phase], caller)
+        add_write = self._add_write
+        if add_write is not None:
+            add_write(op, owner, self._core.PHASES[phase], caller)
 
     def _step_aside(self) -> None:
         """A plain optimizer step with no saved tensor live writes nothing that matters (see
         NOTE [plain optimizer steps] in writes.py): the observer steps aside for it."""
-        if not self._aside and self._timeline is None and self._core.live_count() == 0:
+        if not self._aside and self._add_write is None and self._core.live_count() == 0:
             self._aside = True
             self._core.set_observing(False)
 

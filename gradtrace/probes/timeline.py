@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
 import torch
@@ -45,7 +45,6 @@ from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, source_line
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import ModuleStackProbe, thread_stack
-from gradtrace.probes.writes import WriteLogProbe
 
 DEFAULT_TRACE_STEPS = "0-2"
 # A step records at most this many spans and writes (a loop without optimizer stays in step
@@ -155,16 +154,17 @@ class TimelineProbe:
     """Times module calls, optimizer steps and writes on the steps in `steps`.
 
     The session calls `take()` when a step ends (or the run stops) and `begin_step()` with
-    the next step's index; the write log reports writes through `add_write()` while a
-    traced step runs.
+    the next step's index. `on_recording(True)` says a traced step begins, and
+    `on_recording(False)` that recording stopped: the session then has the write log report
+    writes through `add_write()` while a traced step runs.
     """
 
     def __init__(
         self,
         modules: ModuleStackProbe,
         steps: TraceSteps,
-        writes: WriteLogProbe | None,
         *,
+        on_recording: Callable[[bool], None] | None = None,
         guard: ProbeGuard | None = None,
     ) -> None:
         guard = self._guard = guard or ProbeGuard("timeline")
@@ -175,7 +175,7 @@ class TimelineProbe:
         self.add_write = guard(self.add_write)  # type: ignore[method-assign]
         self._modules = modules
         self._steps = steps
-        self._writes_probe = writes
+        self._on_recording = on_recording
         self._local = threading.local()
         self._handles: list[RemovableHandle] = []
         self._param_handles: list[RemovableHandle] = []
@@ -213,13 +213,13 @@ class TimelineProbe:
             register_module_forward_hook(guard(self._leave), always_call=True),
             register_optimizer_step_pre_hook(guard(self._optimizer_starts)),
         ]
-        if self._writes_probe is not None:
-            self._writes_probe.trace_writes(self)
+        if self._on_recording is not None:
+            self._on_recording(True)
 
     def _stop_recording(self) -> None:
         self.recording = False
-        if self._writes_probe is not None:
-            self._writes_probe.trace_writes(None)
+        if self._on_recording is not None:
+            self._on_recording(False)
         for handle in [*self._handles, *self._param_handles]:
             handle.remove()
         self._handles, self._param_handles = [], []

@@ -16,8 +16,9 @@ about ten per parameter). The mode steps aside for it, so those writes are not c
 A step taken while saved tensors are live (before backward, or with retain_graph), or on a
 step chosen for the timeline, is logged as any other code.
 NOTE [traced steps]: on the steps chosen for the timeline (`--trace-steps`), `on_write` is
-switched to a method that also hands every write, with its user frame, to the timeline.
-Other steps run `record` itself: the fast path is the same with or without a timeline.
+switched to a method that also hands every write, with its user frame, to the callable the
+session gave `trace_writes` (the timeline's). Other steps run `record` itself: the fast path
+is the same with or without a timeline.
 
 NOTE [versions]: inside `__torch_dispatch__` the version counter is not bumped yet, even
 after the op ran: the bump happens above the Python dispatch key. gradtrace compares versions
@@ -28,26 +29,26 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
 from gradtrace.probes import _torch_compat
-from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.frames import Caller, CallerFinder
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import LiveSaved, RawWrite, layout_of, record_hits
 from gradtrace.probes.steps import StepProbe
 
-if TYPE_CHECKING:
-    from gradtrace.probes.timeline import TimelineProbe
-
 # (op name, positions of written arguments); op name is empty for ops that write nothing.
 _OpInfo = tuple[str, tuple[tuple[int, str], ...]]
 _NO_WRITES: _OpInfo = ("", ())
+# Takes each write of a traced step: (op, owner, phase, the user's frame).
+_AddWrite = Callable[[str, str, str, Caller | None], None]
 
 
 def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
@@ -86,22 +87,22 @@ class WriteLogProbe:
         self._seq = itertools.count()
         self._mode = _WriteLogMode(self)
         self._aside = False
-        self._timeline: TimelineProbe | None = None
+        self._add_write: _AddWrite | None = None
         # What the dispatch mode calls for a mutating op: `record`, or on traced steps
         # `_record_traced` (see NOTE [traced steps]).
         self.on_write = self.record
         self.write_seen = guard(self.on_write)
 
-    def trace_writes(self, timeline: TimelineProbe | None) -> None:
-        """Hand every write to `timeline` from now on (None: stop)."""
-        self._timeline = timeline
-        self.on_write = self.record if timeline is None else self._record_traced
+    def trace_writes(self, add_write: _AddWrite | None) -> None:
+        """Hand every write, with its user frame, to `add_write` from now on (None: stop)."""
+        self._add_write = add_write
+        self.on_write = self.record if add_write is None else self._record_traced
         self.write_seen = self._guard(self.on_write)
 
     @property
     def tracing_writes(self) -> bool:
-        """Whether every write goes to the timeline now (a step chosen for trace.json)."""
-        return self._timeline is not None
+        """Whether every write is handed on now (a step chosen for trace.json)."""
+        return self._add_write is not None
 
     def live_count(self) -> int:
         """Saved tensors registered by storage now (none between steps: nothing leaks)."""
@@ -117,7 +118,7 @@ class WriteLogProbe:
         self._modules.on_root_start(guard(self._step_back))
 
     def _step_aside(self) -> None:
-        if not self._live and not self._aside and self._timeline is None:
+        if not self._live and not self._aside and self._add_write is None:
             self._aside = _torch_compat.step_aside(self._mode)
 
     def _step_back(self) -> None:
@@ -176,10 +177,10 @@ class WriteLogProbe:
         self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any
     ) -> None:
         self.record(op, written, args, kwargs)
-        timeline = self._timeline
-        if timeline is not None and not in_own_ops():
+        add_write = self._add_write
+        if add_write is not None and not in_own_ops():
             owner, phase = self.owner_and_phase()
-            timeline.add_write(op, owner, phase, self._callers.caller())
+            add_write(op, owner, phase, self._callers.caller())
 
 
 class _WriteLogMode(_torch_compat.UntracedDynamoMode):
