@@ -722,3 +722,21 @@ def test_exploding_needs_ten_finite_values_before_the_jump() -> None:
         1.0,
         20.0,
     )
+
+
+def test_a_batch_of_one_is_no_evidence_of_dead_units(tmp_path: Path) -> None:
+    """A policy called on one observation at a time, as REINFORCE does: most of its ReLU
+    units are zero for that one sample, though none is dead over many."""
+    torch.manual_seed(0)
+    model = Dying(0)
+    with torch.no_grad():
+        model.hidden.bias[:] = -0.5  # more than half of the units are zero for one sample
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Session(tmp_path / "run") as session:
+        for _ in range(11):
+            loss = sum(model(torch.randn(1, 4)).square().sum() for _ in range(8))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert [f.kind for f in session.findings] == []
+    assert all(not s.dead_units for s in load_run(tmp_path / "run").grad_steps)

@@ -112,6 +112,11 @@ def norm_into(tensor: torch.Tensor, slot: torch.Tensor) -> None:
         slot.copy_(torch.linalg.vector_norm(tensor))
 
 
+# Values per unit (batch × positions) below which a unit that is zero everywhere is no
+# evidence: with one sample, half of a freshly initialised ReLU's units are.
+MIN_SAMPLES_PER_UNIT = 8
+
+
 def unit_dim(tensor: torch.Tensor) -> int:
     """The dimension that indexes units: features of (batch, sequence, features) outputs,
     channels (dim 1) of everything else ((batch, features), (batch, channels, H, W), ...)."""
@@ -523,8 +528,15 @@ class GradStatsProbe:
             tensor.register_hook(self._guard(functools.partial(self._output_grad_arrived, name)))
 
     def _count_dead_units(self, name: str, tensor: torch.Tensor) -> None:
-        """Only reads the output, so ReLU(inplace=True) is as safe as any other module."""
+        """Only reads the output, so ReLU(inplace=True) is as safe as any other module.
+
+        A unit is judged only on at least MIN_SAMPLES_PER_UNIT values: about half of a
+        ReLU's units are zero for any one sample (a policy called on one observation), which
+        says nothing about their dying.
+        """
         if tensor.dim() < 2 or not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        if tensor.numel() < MIN_SAMPLES_PER_UNIT * tensor.shape[unit_dim(tensor)]:
             return
         with own_ops(tensor):
             self._dead.add(name, tensor)
