@@ -336,7 +336,6 @@ class _StepRecord:
     params: list[tuple[str, str, int, int]]
     # One per statistic this step took, in any order.
     columns: list[ParamColumn]
-    on_stats: Callable[[StepGradStats], None]
     missing: tuple[tuple[str, str], ...]
     cut: tuple[str, ...]
     new_sites: tuple[tuple[str, SourceLine | None], ...]
@@ -344,10 +343,6 @@ class _StepRecord:
     output_grad_norms: OutputGradNorms
     dead_units: DeadUnits
     clips: Clips
-
-    def deliver(self, read: list[float]) -> None:
-        """Hand on the record, once the step's values are read (on the store thread)."""
-        self.on_stats(self.stats(read))
 
     def stats(self, read: list[float]) -> StepGradStats:
         by_field = {column.field: column.read(read) for column in self.columns}
@@ -406,6 +401,8 @@ class GradStatsProbe:
         self._callers = callers
         self._queue = queue
         self._on_stats = on_stats
+        # Hands on each step's record once its values are read, on the store thread.
+        self._deliver = self._guard(self._deliver_record)
         self._every = max(1, every)
         self._update_ratio = update_ratio
         self._arrival = itertools.count()
@@ -589,11 +586,14 @@ class GradStatsProbe:
         self._push(values, record)
 
     def _push(self, values: StepValues, record: _StepRecord) -> None:
-        on_ready = self._guard(record.deliver)  # runs on the store thread, later
+        on_ready = functools.partial(self._deliver, record)
         if values.tensors:
             self._queue.push(stack_scalars(values.tensors), on_ready)
         else:
             on_ready([])
+
+    def _deliver_record(self, record: _StepRecord, read: list[float]) -> None:
+        self._on_stats(record.stats(read))
 
     def _gather(
         self,
@@ -611,7 +611,10 @@ class GradStatsProbe:
             else ()
         )
         arrived = self._arrived
-        described = [(*self._describe(p), p.numel(), arrived.get(id(p), -1)) for p in with_grad]
+        entry = self._modules.parameter_entry  # what _describe does, one call less per parameter
+        described = [
+            (*(entry(p) or _unnamed(p)), p.numel(), arrived.get(id(p), -1)) for p in with_grad
+        ]
         count_zeros = self._sampled()
         # Weights move slowly: their norms come with the sampled steps, unless the update
         # ratio or the rank check needs them at every recorded step.
@@ -638,7 +641,6 @@ class GradStatsProbe:
             optimizer=f"{type(optimizer).__name__}.step",
             params=described,
             columns=columns,
-            on_stats=self._on_stats,
             missing=missing,
             cut=tuple(self._cut),
             new_sites=tuple((name, source_line(site)) for name, site in self._new_sites),
@@ -711,10 +713,12 @@ class GradStatsProbe:
 
     def _describe(self, param: torch.Tensor) -> tuple[str, str]:
         """(name, owning module) of a parameter, in one lookup."""
-        entry = self._modules.parameter_entry(param)
-        if entry is None:
-            return f"<unnamed {tuple(param.shape)}>", "?"
-        return entry
+        return self._modules.parameter_entry(param) or _unnamed(param)
+
+
+def _unnamed(param: torch.Tensor) -> tuple[str, str]:
+    """(name, owning module) of a parameter outside every named module."""
+    return f"<unnamed {tuple(param.shape)}>", "?"
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
