@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cores import CORES
 from torch import nn
 from trace_format import check_trace_format
 
@@ -65,9 +66,10 @@ def train(
     return losses
 
 
-def test_inplace_bug_is_attributed_across_device_threads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", CORES)
+def test_inplace_bug_is_attributed_across_device_threads(tmp_path: Path, core: str) -> None:
     model, optimizer = make(inplace=True)
-    session = Session(tmp_path / "run")
+    session = Session(tmp_path / "run", core=core)
     with (
         pytest.raises(RuntimeError, match="modified by an inplace operation") as raised,
         session,
@@ -82,9 +84,10 @@ def test_inplace_bug_is_attributed_across_device_threads(tmp_path: Path) -> None
     assert "gradtrace:" in str(raised.value)
 
 
-def test_silent_data_write_on_cuda(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", CORES)
+def test_silent_data_write_on_cuda(tmp_path: Path, core: str) -> None:
     x = torch.randn(16, 16, device=DEVICE, requires_grad=True)
-    with Session(tmp_path / "run") as session:
+    with Session(tmp_path / "run", core=core) as session:
         y = torch.tanh(x)
         y.data.mul_(0.5)
         y.sum().backward()
@@ -93,7 +96,8 @@ def test_silent_data_write_on_cuda(tmp_path: Path) -> None:
     assert finding.op == "mul_"
 
 
-def test_training_is_bitwise_equal_and_uses_no_extra_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", CORES)
+def test_training_is_bitwise_equal_and_uses_no_extra_memory(tmp_path: Path, core: str) -> None:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     model, optimizer = make(inplace=False)
@@ -105,7 +109,7 @@ def test_training_is_bitwise_equal_and_uses_no_extra_memory(tmp_path: Path) -> N
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, optimizer = make(inplace=False)
-    with Session(tmp_path / "run") as session:
+    with Session(tmp_path / "run", core=core) as session:
         traced = torch.stack(train(model, optimizer))
     torch.cuda.synchronize()
     assert torch.equal(plain, traced)
