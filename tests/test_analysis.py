@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from events_factory import evidence, saved, write
 
 from gradtrace.analysis.culprits import (
@@ -14,7 +16,8 @@ from gradtrace.analysis.culprits import (
     learn_wording,
     pytorch_message,
 )
-from gradtrace.events import OPTIMIZER
+from gradtrace.analysis.grad_health import clipping, diagnose_gradients, module_norms
+from gradtrace.events import OPTIMIZER, ClipCall, ParamStat, StepGradStats
 
 
 def test_intact_tensor_is_no_finding() -> None:
@@ -108,3 +111,19 @@ def test_forward_op_strips_backward_suffix() -> None:
     assert forward_op("SigmoidBackward0") == "sigmoid"
     assert forward_op("AddmmBackward0") == "addmm"
     assert forward_op("CustomThing") == "customthing"
+
+
+def test_huge_finite_norms_combine_without_overflow() -> None:
+    """A float64 model's gradient norm may be 1e308: finite, though its square is not."""
+    params = tuple(
+        ParamStat(f"fc.{name}", "fc", 4, 1e308, 1.0, 0.0, index, update_norm=1.0)
+        for index, name in enumerate(("weight", "bias"))
+    )
+    clips = (ClipCall(1e308, 1.0, 2.0), ClipCall(1e308, 1.0, 2.0))
+    stats = StepGradStats(0, "SGD.step", params, (), (), (), (), clips=clips)
+    norms = module_norms([stats])
+    assert norms.grad["fc"] == [(0, math.hypot(1e308, 1e308))]
+    assert norms.global_grad == [(0, math.hypot(1e308, 1e308))]
+    [clip] = clipping([stats])
+    assert math.isclose(clip.norm_before, math.hypot(1e308, 1e308))
+    diagnose_gradients([stats], {})  # no OverflowError anywhere in the analysis

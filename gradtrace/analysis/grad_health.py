@@ -68,24 +68,27 @@ def module_norms(steps: Sequence[StepGradStats]) -> ModuleNorms:
     for stats in steps:
         by_step.setdefault(stats.step, []).extend(stats.params)
     for step, params in by_step.items():
-        grad_sq: dict[str, float] = {}
-        param_sq: dict[str, float] = {}
-        update_sq: dict[str, float] = {}
+        # Norms are combined with hypot, never by squaring: a float64 norm of 1e308 is
+        # finite, its square is not (and `x**2` raises OverflowError).
+        grads: dict[str, list[float]] = {}
+        params_taken: dict[str, list[float]] = {}
+        updates: dict[str, list[float]] = {}
         for p in params:
-            grad_sq[p.module] = grad_sq.get(p.module, 0.0) + p.grad_norm**2
+            grads.setdefault(p.module, []).append(p.grad_norm)
             if not math.isnan(p.param_norm):  # NaN: not taken at this step
-                param_sq[p.module] = param_sq.get(p.module, 0.0) + p.param_norm**2
+                params_taken.setdefault(p.module, []).append(p.param_norm)
             if not math.isnan(p.update_norm):
-                update_sq[p.module] = update_sq.get(p.module, 0.0) + p.update_norm**2
-        for module, value in grad_sq.items():
-            grad.setdefault(module, []).append((step, math.sqrt(value)))
-        for module, value in param_sq.items():
-            param.setdefault(module, []).append((step, math.sqrt(value)))
-        for module, value in update_sq.items():
-            ratio = _ratio(math.sqrt(value), math.sqrt(param_sq.get(module, math.nan)))
+                updates.setdefault(p.module, []).append(p.update_norm)
+        for module, norms in grads.items():
+            grad.setdefault(module, []).append((step, math.hypot(*norms)))
+        for module, norms in params_taken.items():
+            param.setdefault(module, []).append((step, math.hypot(*norms)))
+        for module, norms in updates.items():
+            taken = params_taken.get(module)
+            ratio = _ratio(math.hypot(*norms), math.hypot(*taken) if taken else math.nan)
             update_ratio.setdefault(module, []).append((step, ratio))
         if params:
-            global_grad.append((step, math.sqrt(sum(grad_sq.values()))))
+            global_grad.append((step, math.hypot(*(p.grad_norm for p in params))))
     return ModuleNorms(grad=grad, param=param, global_grad=global_grad, update_ratio=update_ratio)
 
 
@@ -119,17 +122,15 @@ class ClipStep:
 def clipping(steps: Sequence[StepGradStats]) -> list[ClipStep]:
     """Recorded steps that called clip_grad_norm_, in step order (empty if none did)."""
     calls: dict[int, list[ClipCall]] = {}
-    grad_sq: dict[int, float] = {}
+    grad_norms: dict[int, list[float]] = {}
     for stats in steps:
         calls.setdefault(stats.step, []).extend(stats.clips)
-        grad_sq[stats.step] = grad_sq.get(stats.step, 0.0) + sum(
-            p.grad_norm**2 for p in stats.params
-        )
+        grad_norms.setdefault(stats.step, []).extend(p.grad_norm for p in stats.params)
     return [
         ClipStep(
             step=step,
             norm_before=_combined_norm(made),
-            norm_after=math.sqrt(grad_sq[step]),
+            norm_after=math.hypot(*grad_norms[step]),
             max_norm=min(call.max_norm for call in made),
         )
         for step, made in sorted(calls.items())
@@ -144,9 +145,13 @@ def _combined_norm(calls: Sequence[ClipCall]) -> float:
         return math.nan
     (p,) = kinds
     norms = [call.norm_before for call in calls]
-    if math.isinf(p):
-        return max(norms)
-    return sum(n**p for n in norms) ** (1 / p)
+    if any(math.isnan(n) for n in norms):
+        return math.nan
+    peak = max(norms)
+    if math.isinf(p) or peak == 0 or math.isinf(peak):
+        return peak
+    # Scaled by the largest: the p-th power of a finite float64 norm can overflow.
+    return peak * sum((n / peak) ** p for n in norms) ** (1 / p)
 
 
 def diagnose_gradients(
