@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chromium import chromium_command, needs_chromium
 from cli_process import gradtrace as run_cli
 
 from gradtrace.cli import main
@@ -27,7 +28,6 @@ from gradtrace.store.format import DATABASE
 from gradtrace.store.reader import MAX_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium")
 XSS = "<img src=x onerror=\"document.body.setAttribute('data-pwned','yes')\">"
 LINK = "[link=https://evil.example/]x[/link]"
 TITLE = "\x1b]0;pwned title\x07"
@@ -139,7 +139,7 @@ def test_stored_script_is_escaped_in_html(run_dir: Path, tmp_path: Path) -> None
     assert "&lt;img src=x onerror=&quot;document.body" in html  # phase, escaped like the rest
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
+@needs_chromium
 def test_stored_script_does_not_run_in_chromium(run_dir: Path, tmp_path: Path) -> None:
     plant_hostile_strings(run_dir)
     page = tmp_path / "report.html"
@@ -154,20 +154,7 @@ def test_stored_script_does_not_run_in_chromium(run_dir: Path, tmp_path: Path) -
 def dump_dom(page: Path, tmp_path: Path) -> str:
     """The page's DOM after its scripts ran, from headless Chromium."""
     done = subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=2000",
-            "--dump-dom",
-            page.resolve().as_uri(),
-        ],
+        chromium_command(page, tmp_path / "profile", "--virtual-time-budget=2000", "--dump-dom"),
         capture_output=True,
         text=True,
         timeout=120,

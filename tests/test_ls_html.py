@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from chromium import chromium_command, needs_chromium
 from cli_process import gradtrace as run_cli
 from cli_process import kill_when_ready
 from events_factory import evidence, write
@@ -22,8 +23,6 @@ from gradtrace.reporters.html import render_html
 from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, INTERRUPTED, OK, RUNNING
 from gradtrace.store.reader import Run, StoredFinding, load_run
 from gradtrace.store.writer import RunWriter, add_meta
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 TRAIN = """
 import sys, time, torch
@@ -271,26 +270,15 @@ def test_html_post_mortem_of_a_killed_run_shows_its_finished_steps(tmp_path: Pat
         assert f"training loop · step {step} · writes" in writes
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)")
+@needs_chromium
 def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     page = tmp_path / "report.html"
     page.write_text(render_html(sample_run()))
     screenshot = tmp_path / "shot.png"
     subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1200,1600",
-            page.resolve().as_uri(),
-        ],
+        chromium_command(
+            page, tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1200,1600"
+        ),
         capture_output=True,
         timeout=90,
         check=False,

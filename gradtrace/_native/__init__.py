@@ -13,7 +13,6 @@ failed build an error; anything else (the default) takes the native core where i
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
 import importlib.util
 import os
 import platform
@@ -103,11 +102,12 @@ def observing() -> bool:
 
 
 def _import_built(where: Path) -> ModuleType | None:
-    """Import an existing build without importing torch's extension builder (slow to import)."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+    """Import an existing build without importing torch's extension builder (slow to import).
+
+    torch's builder names the library `<name>.so` on Linux and macOS, `<name>.pyd` on Windows.
+    """
+    for suffix in (".so", ".pyd"):
         path = where / f"{MODULE_NAME}{suffix}"
-        if not path.is_file():
-            path = where / f"{MODULE_NAME}.so"
         if path.is_file():
             return _import_file(path)
     return None
