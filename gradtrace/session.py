@@ -171,6 +171,19 @@ class Session:
     def step(self) -> int:
         return self._steps.step
 
+    # Diagnostics: read-only views of what the probes hold, for tests and bug reports.
+
+    def live_saved_count(self) -> int | None:
+        """Saved tensors the write log holds as live right now; None without a write log
+        (level light). Between steps it is 0: anything more is a tensor kept alive."""
+        return None if self._writes is None else self._writes.live_count()
+
+    @property
+    def tracing_writes(self) -> bool:
+        """Whether every write is handed to the timeline now: only during the steps chosen
+        for trace.json (`trace_steps`); outside them a write costs no timeline work."""
+        return self._writes is not None and self._writes.tracing_writes
+
     def start(self) -> Session:
         global _active
         _torch_compat.check_supported()
