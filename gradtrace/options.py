@@ -76,8 +76,10 @@ class Flag:
             return [self.option_name(name)] if value else []
         return [self.option_name(name), str(value)]
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any, default: Any) -> None:
         """Refuse a value the command line would refuse (GradtraceError, exit 2)."""
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise GradtraceError(f"{name} must be True or False, not {value!r}.")
         if self.choices is not None and value not in self.choices:
             raise GradtraceError(
                 f"Unknown {name} '{value}'; choose one of {', '.join(self.choices)}."
@@ -121,7 +123,7 @@ class TensorBoardFlags(Flag):
             return [self.option_name(name) + "-logdir", str(value)]
         return super().argv(name, value)
 
-    def check(self, name: str, value: Any) -> None:
+    def check(self, name: str, value: Any, default: Any) -> None:
         if not isinstance(value, bool | Path):
             raise GradtraceError(f"{name} must be True, False or a logdir path, not {value!r}.")
 
@@ -222,7 +224,7 @@ class RunOptions:
         if isinstance(self.tensorboard, str):
             object.__setattr__(self, "tensorboard", Path(self.tensorboard))
         for item in dataclasses.fields(self):
-            _flag(item).check(item.name, getattr(self, item.name))
+            _flag(item).check(item.name, getattr(self, item.name), item.default)
 
     @classmethod
     def of(cls, base: RunOptions | None = None, /, **values: Any) -> RunOptions:

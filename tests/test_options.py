@@ -62,6 +62,7 @@ def test_all_options_together_and_the_defaults_survive_it() -> None:
         ({"level": "max"}, "Unknown level 'max'; choose one of light, full."),
         ({"every": 0}, "every must be an integer >= 1"),
         ({"grad_histograms": -1}, "grad_histograms must be an integer >= 0"),
+        ({"update_ratio": "yes"}, "update_ratio must be True or False"),
         ({"trace_steps": "3-1"}, "Bad trace steps '3-1'"),
         ({"tensorboard": 1}, "tensorboard must be True, False or a logdir path"),
     ],
