@@ -3,6 +3,7 @@
 from gradtrace.api import Trace, start, trace
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
+from gradtrace.options import RunOptions
 from gradtrace.session import Session
 from gradtrace.store import Run, load_run
 
@@ -12,6 +13,7 @@ __all__ = [
     "Finding",
     "GradtraceError",
     "Run",
+    "RunOptions",
     "Session",
     "Trace",
     "__version__",

@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import torch
 from rich.console import Console
@@ -21,31 +22,16 @@ from torch import nn
 from gradtrace.analysis.culprits import explain
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
-from gradtrace.probes.timeline import TraceSteps
+from gradtrace.options import RunOptions
 from gradtrace.reporters.terminal import TerminalReporter
-from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
+from gradtrace.session import Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
 from gradtrace.store.reader import Run, StoredFinding, load_run
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 # An exception is annotated with at most this many findings; the run directory has them all.
 MAX_NOTES = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class TraceOptions(TypedDict, total=False):
-    """What a trace records, as `trace()` documents it; a missing one takes Session's default."""
-
-    level: str
-    every: int
-    update_ratio: bool
-    grad_histograms: int
-    trace_steps: str | Iterable[int] | TraceSteps
-    tensorboard: bool | str | Path
-    check_ranks: bool
 
 
 class Trace:
@@ -64,17 +50,13 @@ class Trace:
         out: str | Path | None = None,
         name: str | None = None,
         front_end: str = "trace",
-        **options: Unpack[TraceOptions],
+        options: RunOptions | None = None,
+        **values: Any,
     ) -> None:
-        unknown = options.keys() - TraceOptions.__optional_keys__
-        if unknown:
-            raise TypeError(f"Unknown trace option(s): {', '.join(sorted(unknown))}.")
-        if "trace_steps" in options:
-            # Parsed now: a bad spec fails where it is written, not when tracing starts.
-            options["trace_steps"] = TraceSteps.parse(options["trace_steps"])
+        # Checked now: a bad option fails where it is written, not when tracing starts.
+        self.options = RunOptions.of(options, **values)
         self.model = model
         self.out = None if out is None else Path(out)
-        self.options = options
         self.name = name or _default_name(model)
         self.front_end = front_end
         self._session: Session | None = None
@@ -109,7 +91,7 @@ class Trace:
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
-            run_dir, model=self.model, argv=sys.argv[:], front_end=self.front_end, **self.options
+            run_dir, self.options, model=self.model, argv=sys.argv, front_end=self.front_end
         )
         session.start()
         self._session = session
@@ -181,7 +163,11 @@ class Trace:
         @functools.wraps(func)
         def traced(*args: Any, **kwargs: Any) -> Any:
             run = Trace(
-                self.model, out=self.out, name=name, front_end=self.front_end, **self.options
+                self.model,
+                out=self.out,
+                name=name,
+                front_end=self.front_end,
+                options=self.options,
             )
             traced.gradtrace = run  # type: ignore[attr-defined]
             with run:
@@ -202,30 +188,22 @@ def trace(
     model: nn.Module | None = None,
     *,
     out: str | Path | None = None,
-    **options: Unpack[TraceOptions],
+    **options: Any,
 ) -> Trace: ...
 def trace(
     model: nn.Module | Callable[..., Any] | None = None,
     *,
     out: str | Path | None = None,
-    **options: Unpack[TraceOptions],
+    **options: Any,
 ) -> Any:
     """Trace a block (`with gradtrace.trace(model) as tr:`) or a function (`@gradtrace.trace`).
 
     `model` is optional: it names module paths from your root module (otherwise each
-    top-level module called is a root). Options (all keyword, see `TraceOptions`):
+    top-level module called is a root). The options, all keyword, are the fields of
+    `gradtrace.options.RunOptions`, the same as `gradtrace run`'s; a misspelt one is a
+    TypeError. A whole `RunOptions` can be given as `options=`.
 
-    - `level`: "full" (default; names the writing line) or "light".
-    - `every`: record gradient statistics every N optimizer steps (default 1).
-    - `update_ratio`: also record ‖Δp‖/‖p‖ per parameter, at the cost of a device copy of
-      the stepped parameters during each recorded `optimizer.step()` (default False).
-    - `grad_histograms`: count every gradient's values into fixed bins every N optimizer
-      steps (default 0: never).
-    - `trace_steps`: the optimizer steps whose module spans and writes go into `trace.json`
-      ("0-2,10", "none", or step indices; default the first three).
-    - `tensorboard`: write TensorBoard events live: True into the run directory, a path into
-      that logdir (under a `gradtrace` sub-run).
-    - `check_ranks`: compare every parameter's norms across ranks at each recorded step.
+    {options}
 
     Under torchrun each rank records into `out/rank-N`. Only one trace may run at a time;
     starting a second raises GradtraceError.
@@ -235,11 +213,17 @@ def trace(
     return Trace(model, out=out, **options)  # type: ignore[arg-type]
 
 
+# The options' list, from their one declaration.
+trace.__doc__ = (trace.__doc__ or "").replace(
+    "    {options}", textwrap.indent(RunOptions.describe(), "    ")
+)
+
+
 def start(
     model: nn.Module | None = None,
     *,
     out: str | Path | None = None,
-    **options: Unpack[TraceOptions],
+    **options: Any,
 ) -> Trace:
     """Start tracing now; call `.stop()` on the result to finish the run (options as trace)."""
     return Trace(model, out=out, **options).start()
@@ -294,8 +278,7 @@ class CallbackTrace:
     trace: Trace | None
 
     def _set_options(self, out: str | Path | None, level: str, summary: bool) -> None:
-        if level not in LEVELS:
-            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        RunOptions(level=level)  # a bad level fails as the callback is made, not in training
         self.out = None if out is None else Path(out)
         self.level = level
         self.summary = summary

@@ -17,7 +17,7 @@ from gradtrace import _native
 from gradtrace.api import print_summary
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
-from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
+from gradtrace.options import RunOptions
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
@@ -26,7 +26,7 @@ from gradtrace.reporters.runs_table import find_runs, render_runs_table
 from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
-from gradtrace.session import DEFAULT_LEVEL, DEFAULT_RUNS_DIR, LEVELS, Session, default_run_dir
+from gradtrace.session import DEFAULT_RUNS_DIR, Session, default_run_dir
 from gradtrace.store.reader import Run, StoredFinding, load_run
 
 
@@ -45,66 +45,12 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     help=f"Run directory to create (default: ./{DEFAULT_RUNS_DIR}/<time>-<script>).",
 )
-@click.option(
-    "--level",
-    type=click.Choice(LEVELS),
-    default=DEFAULT_LEVEL,
-    show_default=True,
-    help="light: check saved tensors only; full: also log writes to name the culprit line.",
-)
-@click.option(
-    "--every",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Record gradient statistics every N optimizer steps.",
-)
-@click.option(
-    "--update-ratio",
-    is_flag=True,
-    help="Also record ‖Δp‖/‖p‖ per parameter; costs a device copy of the stepped parameters "
-    "during each recorded optimizer.step().",
-)
-@click.option(
-    "--grad-histograms",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Also count every gradient's values into fixed bins every N optimizer steps "
-    "(TensorBoard histograms grad_values/...); 0: never.",
-)
-@click.option(
-    "--trace-steps",
-    default=DEFAULT_TRACE_STEPS,
-    show_default=True,
-    metavar="STEPS",
-    help="Optimizer steps whose module spans and in-place writes go into trace.json: "
-    "steps and ranges such as 0-2,10, or none.",
-)
-@click.option(
-    "--tensorboard",
-    "tensorboard",
-    is_flag=True,
-    help="Write TensorBoard events while training, into RUN_DIR/tensorboard.",
-)
-@click.option(
-    "--tensorboard-logdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write TensorBoard events while training into this logdir, as the sub-run "
-    "gradtrace/<run name> (implies --tensorboard).",
-)
+@RunOptions.click_options
 @click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
     help="Launch N ranks on this node through torch.distributed.run (torchrun), each traced; "
     "one report for all of them.",
-)
-@click.option(
-    "--check-ranks",
-    is_flag=True,
-    help="Distributed: compare every parameter's gradient and value norms across ranks at "
-    "each recorded step (one small all_reduce per recorded step).",
 )
 @click.option(
     "--summary/--no-summary",
@@ -113,22 +59,13 @@ def cli() -> None:
     help="Print the summary when the script ends.",
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
 def run(
-    context: click.Context,
     module: str | None,
     out: Path | None,
-    level: str,
-    every: int,
-    update_ratio: bool,
-    grad_histograms: int,
-    trace_steps: str,
-    tensorboard: bool,
-    tensorboard_logdir: Path | None,
     nproc_per_node: int | None,
-    check_ranks: bool,
     summary: bool,
     args: tuple[str, ...],
+    **values: object,
 ) -> int:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) as python would, with tracing on."""
     if module is not None:
@@ -137,49 +74,24 @@ def run(
         target = Target(args[0], args[1:])
     else:
         raise click.UsageError("Give a script to run (gradtrace run train.py [ARGS]...).")
-    steps = TraceSteps.parse(trace_steps)
+    options = RunOptions.from_cli(values)
     target.check()
     run_dir = out or default_run_dir(Path(target.label).stem)
     if nproc_per_node is not None:
-        exit_code = launch_ranks(nproc_per_node, run_dir, _rank_args(context, target))
+        exit_code = launch_ranks(nproc_per_node, run_dir, _rank_args(options, target))
         if summary:
             print_summary(run_dir)  # a job no rank got to record in keeps the ranks' exit code
         return exit_code
-    live: bool | Path = tensorboard_logdir or tensorboard
-    session = Session(
-        run_dir,
-        level=level,
-        every=every,
-        update_ratio=update_ratio,
-        grad_histograms=grad_histograms,
-        trace_steps=steps,
-        tensorboard=live,
-        check_ranks=check_ranks,
-        argv=[target.name, *target.args],
-    )
+    session = Session(run_dir, options, argv=[target.name, *target.args])
     if summary:
         session.after_close(functools.partial(_print_summary, session))
     return run_target(target, session)
 
 
-def _rank_args(context: click.Context, target: Target) -> list[str]:
+def _rank_args(options: RunOptions, target: Target) -> list[str]:
     """This command's options and target as each rank's `gradtrace run` must get them."""
-    forwarded = ["--level", context.params["level"], "--every", str(context.params["every"])]
-    if context.params["update_ratio"]:
-        forwarded.append("--update-ratio")
-    forwarded += ["--trace-steps", context.params["trace_steps"]]
-    forwarded += ["--grad-histograms", str(context.params["grad_histograms"])]
-    if context.params["tensorboard"]:
-        forwarded.append("--tensorboard")
-    if context.params["tensorboard_logdir"] is not None:
-        forwarded += ["--tensorboard-logdir", str(context.params["tensorboard_logdir"])]
-    if context.params["check_ranks"]:
-        forwarded.append("--check-ranks")
-    if target.module:
-        forwarded += ["-m", target.name]
-    else:
-        forwarded.append(target.name)
-    return [*forwarded, *target.args]
+    where = ["-m", target.name] if target.module else [target.name]
+    return [*options.to_argv(), *where, *target.args]
 
 
 def _print_summary(session: Session, run: Run, findings: list[StoredFinding]) -> None:

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from gradtrace.api import CallbackTrace, Trace
-from gradtrace.session import DEFAULT_LEVEL
+from gradtrace.options import DEFAULT_LEVEL
 from gradtrace.store.format import FAILED
 
 try:

@@ -14,7 +14,7 @@ from typing import Any
 from gradtrace import session
 from gradtrace.api import CallbackTrace, Trace
 from gradtrace.errors import GradtraceError
-from gradtrace.session import DEFAULT_LEVEL
+from gradtrace.options import DEFAULT_LEVEL
 
 
 def _callback_bases() -> tuple[type, ...]:

@@ -9,7 +9,7 @@ import platform
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +33,7 @@ from gradtrace.events import (
     StepGradStats,
     TracedWrite,
 )
+from gradtrace.options import RunOptions
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.clip import GradClipProbe
@@ -46,7 +47,7 @@ from gradtrace.probes.native import NativeCoreProbe
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
-from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TimelineProbe, TraceSteps
+from gradtrace.probes.timeline import TimelineProbe, TraceSteps
 from gradtrace.probes.writes import WriteLogProbe
 from gradtrace.ranks import Rank, agree_on_job_dir, current_rank
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
@@ -59,11 +60,6 @@ from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, OK, RUNNING
 from gradtrace.store.jobs import StoreJobs
 from gradtrace.store.reader import Run, StoredFinding, load_run
 from gradtrace.store.writer import RunWriter, add_meta
-
-# "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
-# who saved it and where). "full": adds the write log, which names the line that wrote.
-LEVELS = ("light", "full")
-DEFAULT_LEVEL = "full"
 
 DEFAULT_RUNS_DIR = "gradtrace-runs"
 
@@ -104,36 +100,36 @@ class Session:
     def __init__(
         self,
         out: str | Path,
+        options: RunOptions | None = None,
         *,
-        level: str = DEFAULT_LEVEL,
         model: nn.Module | None = None,
-        every: int = 1,
-        update_ratio: bool = False,
         grad_stats: bool = True,
-        trace_steps: str | Iterable[int] | TraceSteps = DEFAULT_TRACE_STEPS,
-        tensorboard: bool | str | Path = False,
-        check_ranks: bool = False,
-        grad_histograms: int = 0,
         core: str | None = None,
-        **meta: Any,
+        argv: Sequence[str] | None = None,
+        front_end: str | None = None,
+        **values: Any,
     ) -> None:
-        if level not in LEVELS:
-            raise GradtraceError(f"Unknown level '{level}'; choose one of {', '.join(LEVELS)}.")
+        """`options` (default: every default) with `values` (its fields by name) replacing
+        them, as `RunOptions.of` does; `argv` and `front_end` go into the run's meta."""
+        options = RunOptions.of(options, **values)
+        self.options = options
         self.rank: Rank | None = current_rank()
         self.job_dir = Path(out)
         self.run_dir = self.job_dir if self.rank is None else self.rank.run_dir(self.job_dir)
-        self.level = level
+        self.level = options.level
         # "python" forces the Python probes; None takes the native core where it builds.
         self._core_choice = core
         self.findings: list[Finding] = []
-        self._meta = meta
+        self._meta: dict[str, Any] = {} if argv is None else {"argv": list(argv)}
+        if front_end is not None:
+            self._meta["front_end"] = front_end
         self._model = model
-        self._every = every
+        self._every = options.every
         # Opt-in: a device copy of the stepped parameters during each recorded step.
-        self._update_ratio = update_ratio
+        self._update_ratio = options.update_ratio
         # Off only to measure what the gradient statistics cost (scripts/bench_overhead.py).
         self._grad_stats = grad_stats
-        self._trace_steps = TraceSteps.parse(trace_steps)
+        self._trace_steps = TraceSteps.parse(options.trace_steps)
         self._timeline: TimelineProbe | None = None
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
@@ -151,22 +147,22 @@ class Session:
         self._forwards_at_step_end = 0
         self._checkpointed_stored = 0
         # TensorBoard: True writes into the run directory, a path into that logdir.
-        self._tensorboard = tensorboard
+        self._tensorboard = options.tensorboard
         self._live: LiveTensorBoard | None = None
         self._rank_check = (
             RankCheckProbe(self._deferred, self._store_rank_norms, guard=self._guard("rank check"))
-            if check_ranks
+            if options.check_ranks
             else None
         )
         # Gradient value histograms every N optimizer steps (0: never).
         self._histograms = (
             GradHistogramProbe(
-                grad_histograms,
+                options.grad_histograms,
                 self._deferred,
                 self._store_histograms,
                 guard=self._guard("gradient histograms"),
             )
-            if grad_histograms > 0
+            if options.grad_histograms > 0
             else None
         )
         self._after_close: list[Callable[[Run, list[StoredFinding]], None]] = []
@@ -174,6 +170,19 @@ class Session:
     @property
     def step(self) -> int:
         return self._steps.step
+
+    # Diagnostics: read-only views of what the probes hold, for tests and bug reports.
+
+    def live_saved_count(self) -> int | None:
+        """Saved tensors the write log holds as live right now; None without a write log
+        (level light). Between steps it is 0: anything more is a tensor kept alive."""
+        return None if self._writes is None else self._writes.live_count()
+
+    @property
+    def tracing_writes(self) -> bool:
+        """Whether every write is handed to the timeline now: only during the steps chosen
+        for trace.json (`trace_steps`); outside them a write costs no timeline work."""
+        return self._writes is not None and self._writes.tracing_writes
 
     def start(self) -> Session:
         global _active

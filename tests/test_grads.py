@@ -164,7 +164,7 @@ def test_a_bounded_activation_of_a_summed_output_is_not_summed_again(
     add = grads.OutputSums.add
 
     def spy(sums: grads.OutputSums, name: str, tensor: torch.Tensor) -> None:
-        if sums._reduce is grads.sum_into:  # output sums, not gradient norms or dead units
+        if sums.reduce is grads.sum_into:  # output sums, not gradient norms or dead units
             summed.append(name)
         add(sums, name, tensor)
 

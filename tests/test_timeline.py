@@ -90,12 +90,13 @@ def test_hooks_exist_only_during_traced_steps_and_keep_nothing_alive(tmp_path: P
     baseline = len(torch_module._global_forward_pre_hooks)
     with session:
         traced_hooks = len(torch_module._global_forward_pre_hooks)
+        assert session.tracing_writes  # step 0 is traced: its writes go into trace.json
         output = model(torch.randn(4, 8))
         watched = weakref.ref(output)
         output.square().mean().backward()
         optimizer.step()  # step 0 ends: the next one is not traced
         assert len(torch_module._global_forward_pre_hooks) == traced_hooks - 1
-        assert not session._writes.tracing_writes  # type: ignore[union-attr]
+        assert not session.tracing_writes
         # Only the gradient probe's own arrival hook is left on each parameter.
         assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
         del output

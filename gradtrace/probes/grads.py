@@ -163,6 +163,11 @@ class OutputSums:
         self._seen.add(name)
         self._views.append(slot)
 
+    @property
+    def reduce(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """What each module's slot holds: `sum_into` (output sums), `norm_into`, ..."""
+        return self._reduce
+
     def __contains__(self, name: str) -> bool:
         return name in self._seen
 

@@ -83,9 +83,19 @@ class TraceSteps:
     def __contains__(self, step: int) -> bool:
         return any(first <= step <= last for first, last in self.ranges)
 
-    def __repr__(self) -> str:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TraceSteps) and other.ranges == self.ranges
+
+    def __hash__(self) -> int:
+        return hash(self.ranges)
+
+    def __str__(self) -> str:
+        """The spec `parse` reads back: `0-2,10` or `none`."""
         parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in self.ranges]
-        return f"TraceSteps('{','.join(parts) or 'none'}')"
+        return ",".join(parts) or "none"
+
+    def __repr__(self) -> str:
+        return f"TraceSteps('{self}')"
 
 
 class _Call:
