@@ -10,6 +10,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterable
+from html import escape
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, overload
@@ -19,9 +20,11 @@ from rich.console import Console
 from torch import nn
 
 from gradtrace.analysis.culprits import explain
+from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.probes.timeline import TraceSteps
+from gradtrace.reporters.notebook import Findings, run_html
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
@@ -79,6 +82,7 @@ class Trace:
         self.front_end = front_end
         self._session: Session | None = None
         self._closed = False
+        self._run: Run | None = None
 
     @property
     def run_dir(self) -> Path | None:
@@ -87,8 +91,36 @@ class Trace:
 
     @property
     def findings(self) -> list[Finding]:
-        """Findings so far: the same objects the JSON report holds."""
-        return [] if self._session is None else list(self._session.findings)
+        """Findings so far: the same objects the JSON report holds (a list that a notebook
+        shows as finding cards). Gradient findings come once the trace has stopped."""
+        return Findings([] if self._session is None else self._session.findings)
+
+    @property
+    def grad_norms(self) -> dict[str, list[tuple[int, float]]]:
+        """Gradient L2 norm per module, `{path: [(step, norm), ...]}`, once the trace stopped.
+
+        For tests of gradient health (`gradtrace` pytest fixture): read from the run
+        directory, so it holds what every report shows.
+        """
+        return module_norms(self._stored_run().grad_steps).grad
+
+    def _stored_run(self) -> Run:
+        """The run as stored, read once after the trace stopped."""
+        if not self._closed:
+            raise GradtraceError("Stop the trace first: its run is read back once it stopped.")
+        if self._run is None:
+            assert self._session is not None
+            self._run = load_run(self._session.run_dir)
+        return self._run
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the HTML report once stopped, else where the trace records."""
+        if not self._closed:
+            return f"<p>{escape(repr(self))}</p>"
+        try:
+            return run_html(self._stored_run())
+        except GradtraceError as error:
+            return f"<p>gradtrace: {escape(str(error))}</p>"
 
     @property
     def step(self) -> int:
