@@ -67,6 +67,7 @@ class Trace:
         out: str | Path | None = None,
         name: str | None = None,
         front_end: str = "trace",
+        argv: list[str] | None = None,
         **options: Unpack[TraceOptions],
     ) -> None:
         unknown = options.keys() - TraceOptions.__optional_keys__
@@ -80,6 +81,8 @@ class Trace:
         self.options = options
         self.name = name or _default_name(model)
         self.front_end = front_end
+        # What the run says was run (reports' headers, `ls`): the process's argv by default.
+        self.argv = argv
         self._session: Session | None = None
         self._closed = False
         self._run: Run | None = None
@@ -141,7 +144,11 @@ class Trace:
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
-            run_dir, model=self.model, argv=sys.argv[:], front_end=self.front_end, **self.options
+            run_dir,
+            model=self.model,
+            argv=sys.argv[:] if self.argv is None else self.argv,
+            front_end=self.front_end,
+            **self.options,
         )
         session.start()
         self._session = session

@@ -81,14 +81,19 @@ def register_magic(ipython: Any) -> None:
             options = parse_options(line)
         except GradtraceError as error:
             raise UsageError(str(error)) from None
-        return trace_cell(ipython, cell, options, display)
+        return trace_cell(ipython, cell, options, display, argv=["%%gradtrace", *shlex.split(line)])
 
     ipython.register_magic_function(gradtrace, magic_kind="cell", magic_name="gradtrace")
 
 
-def trace_cell(ipython: Any, cell: str, options: argparse.Namespace, display: Any) -> Any:
+def trace_cell(
+    ipython: Any, cell: str, options: argparse.Namespace, display: Any, *, argv: list[str]
+) -> Any:
     """Run `cell` in the kernel's namespace under a trace, show the report, return the value
-    of the cell's last expression (IPython shows it as the cell's result)."""
+    of the cell's last expression (IPython shows it as the cell's result).
+
+    `argv`: what the run records as run (the magic's line; the kernel's own argv says nothing).
+    """
     __tracebackhide__ = True
     source = ipython.transform_cell(cell)  # %magics and !commands inside the cell
     # Cached under a name of IPython's, so tracebacks and gradtrace's code excerpts show the
@@ -98,7 +103,9 @@ def trace_cell(ipython: Any, cell: str, options: argparse.Namespace, display: An
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     body = compile(tree, filename, "exec")
     result = None if last is None else compile(ast.Expression(last.value), filename, "eval")
-    trace = Trace(out=options.out, name="notebook", front_end="notebook", level=options.level)
+    trace = Trace(
+        out=options.out, name="notebook", front_end="notebook", argv=argv, level=options.level
+    )
     trace.start()
     namespace = ipython.user_ns
     namespace[TRACE_NAME] = trace

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,11 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+nbconvert = pytest.importorskip("nbconvert")
 pytest.importorskip("ipykernel")
 
 import torch  # noqa: E402
+from chromium import chromium_command, needs_chromium  # noqa: E402
 from events_factory import evidence, write  # noqa: E402
 
 import gradtrace  # noqa: E402
@@ -66,8 +71,36 @@ buggy(torch.randn(4, 8)).sum().backward()
 SRCDOC = re.compile(r'srcdoc="([^"]*)"')
 
 
+# A WGAN critic clipped through `.data`: training runs, the gradients are silently wrong.
+CRITIC_CELL = """\
+import torch
+from torch import nn
+
+torch.manual_seed(11)
+critic = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+optimizer = torch.optim.RMSprop(critic.parameters(), lr=5e-4)
+"""
+
+CRITIC_TRAINING = """\
+%%gradtrace --out {out}
+for step in range(20):
+    real, fake = torch.randn(32, 2) + 1.0, torch.randn(32, 2)
+    loss = critic(fake).mean() - critic(real).mean()
+    optimizer.zero_grad()
+    for param in critic.parameters():
+        param.data.clamp_(-0.05, 0.05)  # weight clipping
+    loss.backward()
+    optimizer.step()
+"""
+
+
 def run_notebook(cells: list[str], cwd: Path) -> list[dict[str, Any]]:
     """Execute `cells` in a fresh kernel; errors are kept as outputs, as a notebook shows them."""
+    return [cell["outputs"] for cell in executed(cells, cwd).cells]
+
+
+def executed(cells: list[str], cwd: Path) -> Any:
+    """A notebook of `cells`, executed in a fresh kernel (errors kept as outputs)."""
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     client = nbclient.NotebookClient(
         notebook,
@@ -77,7 +110,7 @@ def run_notebook(cells: list[str], cwd: Path) -> list[dict[str, Any]]:
         resources={"metadata": {"path": str(cwd)}},
     )
     client.execute()
-    return [cell["outputs"] for cell in notebook.cells]
+    return notebook
 
 
 def report_in(output: dict[str, Any]) -> str:
@@ -111,7 +144,9 @@ def test_cell_magic_in_a_real_kernel(tmp_path: Path) -> None:
     assert "3 steps" in document
     assert value["output_type"] == "execute_result"
     assert value["data"]["text/plain"] == "12.35"
-    assert gradtrace.load_run(healthy_dir).meta["level"] == "light"
+    meta = gradtrace.load_run(healthy_dir).meta
+    assert (meta["level"], meta["front_end"]) == ("light", "notebook")
+    assert meta["argv"] == ["%%gradtrace", "--level", "light", "--out", str(healthy_dir)]
 
     # A buggy cell: the report first, the writing line marked, then PyTorch's own error.
     report, error = buggy
@@ -183,3 +218,49 @@ def document_in(fragment: str) -> str:
     match = SRCDOC.search(fragment)
     assert fragment.startswith("<iframe") and match is not None
     return html.unescape(match.group(1))
+
+
+@needs_chromium
+def test_exported_notebook_in_headless_chromium(tmp_path: Path) -> None:
+    """The executed notebook, exported by nbconvert, in a real browser: the report's frame
+    is sized to its content, and the screenshot shows it (docs/img/notebook.png)."""
+    cells = ["%load_ext gradtrace", CRITIC_CELL, CRITIC_TRAINING.format(out="runs/critic")]
+    notebook = executed(cells, tmp_path)
+    report = notebook.cells[2]["outputs"][0]
+    assert "silent overwrite: wrong gradients, no error" in report_in(report)
+    assert gradtrace.load_run(tmp_path / "runs" / "critic").steps == 20  # the kernel's cwd
+    page = tmp_path / "notebook.html"
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(notebook)
+    page.write_text(body, encoding="utf-8")
+
+    dom = subprocess.run(
+        chromium_command(page, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    frames = re.findall(r'<iframe class="gradtrace-report"[^>]*style="([^"]*)"', dom)
+    assert len(frames) == 1, dom[-2000:]
+    height = re.search(r"height:\s*(\d+)px", frames[0])
+    assert height is not None and int(height.group(1)) > 1000, frames[0]  # resized to fit
+
+    screenshot = tmp_path / "notebook.png"
+    subprocess.run(
+        chromium_command(
+            page,
+            tmp_path / "profile",
+            "--virtual-time-budget=5000",
+            "--hide-scrollbars",
+            f"--screenshot={screenshot}",
+            "--window-size=1100,1500",
+        ),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    data = screenshot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 20_000  # not a blank page
+    keep = os.environ.get("GRADTRACE_KEEP_NOTEBOOK_SCREENSHOT")
+    if keep:
+        shutil.copy(screenshot, keep)
