@@ -95,6 +95,8 @@ def trace_cell(
     `argv`: what the run records as run (the magic's line; the kernel's own argv says nothing).
     """
     __tracebackhide__ = True
+    from IPython.core.error import UsageError
+
     source = ipython.transform_cell(cell)  # %magics and !commands inside the cell
     # Cached under a name of IPython's, so tracebacks and gradtrace's code excerpts show the
     # cell's lines.
@@ -106,7 +108,10 @@ def trace_cell(
     trace = Trace(
         out=options.out, name="notebook", front_end="notebook", argv=argv, level=options.level
     )
-    trace.start()
+    try:
+        trace.start()
+    except GradtraceError as error:  # another trace runs: one line, and the cell does not run
+        raise UsageError(f"%%gradtrace: {error}") from None
     namespace = ipython.user_ns
     namespace[TRACE_NAME] = trace
     try:

@@ -172,8 +172,15 @@ def test_cell_magic_in_a_real_kernel(tmp_path: Path) -> None:
 
 
 def test_bad_magic_options_are_one_line(tmp_path: Path) -> None:
-    cells = ["%load_ext gradtrace", "%%gradtrace --level heavy\nx = 1", "print(x)"]
-    _, (usage,), (after,) = run_notebook(cells, tmp_path)
+    cells = [
+        "%load_ext gradtrace",
+        "%%gradtrace --level heavy\nx = 1",
+        "print(x)",
+        "import gradtrace\ntr = gradtrace.start(out='outer')",
+        "%%gradtrace\ny = 1",
+        "tr.stop()\nprint(y)",
+    ]
+    _, (usage,), (after,), _, (busy,), (after_busy,) = run_notebook(cells, tmp_path)
     # IPython shows a UsageError as one line on stderr, without a traceback.
     assert usage["name"] == "stderr"
     assert usage["text"].strip() == (
@@ -181,6 +188,13 @@ def test_bad_magic_options_are_one_line(tmp_path: Path) -> None:
         "(choose from 'light', 'full')."
     )
     assert after["ename"] == "NameError"  # the cell did not run
+    # Another trace runs: one line naming it, and the cell does not run.
+    assert busy["name"] == "stderr"
+    assert busy["text"].strip() == (
+        "UsageError: %%gradtrace: A gradtrace session is already tracing into 'outer'; "
+        "stop it before starting another."
+    )
+    assert after_busy["ename"] == "NameError"
     assert not (tmp_path / "gradtrace-runs").exists()
 
 
