@@ -73,7 +73,6 @@ def parse_options(line: str) -> argparse.Namespace:
 def register_magic(ipython: Any) -> None:
     """Add `%%gradtrace` to `ipython` (an InteractiveShell)."""
     from IPython.core.error import UsageError
-    from IPython.display import display
 
     def gradtrace(line: str, cell: str) -> Any:
         __tracebackhide__ = True  # IPython's traceback starts at the cell's own frames
@@ -81,14 +80,12 @@ def register_magic(ipython: Any) -> None:
             options = parse_options(line)
         except GradtraceError as error:
             raise UsageError(str(error)) from None
-        return trace_cell(ipython, cell, options, display, argv=["%%gradtrace", *shlex.split(line)])
+        return trace_cell(ipython, cell, options, argv=["%%gradtrace", *shlex.split(line)])
 
     ipython.register_magic_function(gradtrace, magic_kind="cell", magic_name="gradtrace")
 
 
-def trace_cell(
-    ipython: Any, cell: str, options: argparse.Namespace, display: Any, *, argv: list[str]
-) -> Any:
+def trace_cell(ipython: Any, cell: str, options: argparse.Namespace, *, argv: list[str]) -> Any:
     """Run `cell` in the kernel's namespace under a trace, show the report, return the value
     of the cell's last expression (IPython shows it as the cell's result).
 
@@ -96,11 +93,12 @@ def trace_cell(
     """
     __tracebackhide__ = True
     from IPython.core.error import UsageError
+    from IPython.display import display
 
     source = ipython.transform_cell(cell)  # %magics and !commands inside the cell
     # Cached under a name of IPython's, so tracebacks and gradtrace's code excerpts show the
     # cell's lines.
-    filename = ipython.compile.cache(source, ipython.execution_count, raw_code=cell)
+    filename = ipython.compile.cache(source, ipython.execution_count)
     tree = ast.parse(source, filename)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     body = compile(tree, filename, "exec")

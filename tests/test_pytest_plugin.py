@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from gradtrace import _native
 from gradtrace.analysis.culprits import INPLACE_WRITE, SILENT_OVERWRITE
@@ -228,6 +227,7 @@ def test_bad_level_is_a_usage_error(inner: pytest.Pytester) -> None:
 def test_entry_point_and_kinds() -> None:
     """pytest finds the plugin by the entry point pyproject declares; the kinds it fails on
     are the analysis's."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["pytest11"] == {
         "gradtrace": "gradtrace.pytest_plugin"
