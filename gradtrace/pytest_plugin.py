@@ -109,6 +109,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         item.config.stash[_TRACED] = item.config.stash.get(_TRACED, 0) + 1
     try:
         result = yield
+    except pytest.skip.Exception:
+        trace.stop()  # a skip is no failure of the run
+        raise
     except BaseException as error:
         trace.stop(exception=error)  # the finding that explains it becomes a note
         item.add_report_section("call", "gradtrace", f"run directory: {trace.run_dir}")

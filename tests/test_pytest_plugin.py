@@ -13,6 +13,7 @@ import pytest
 from gradtrace import _native
 from gradtrace.analysis.culprits import INPLACE_WRITE, SILENT_OVERWRITE
 from gradtrace.pytest_plugin import FAILING_KINDS
+from gradtrace.store.reader import load_run
 
 pytest_plugins = ["pytester"]
 
@@ -48,6 +49,7 @@ class Gated(nn.Module):
 """
 
 TESTS = """
+import pytest
 import torch
 from models import Critic, Gated
 
@@ -75,6 +77,11 @@ def test_healthy():
         critic(torch.randn(8, 2)).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_skipped():
+    Critic()(torch.randn(8, 2)).mean().backward()
+    pytest.skip("not today")
 """
 
 
@@ -107,7 +114,7 @@ def test_off_unless_asked_for(inner: pytest.Pytester) -> None:
     )
     run(inner, "test_load.py").assert_outcomes(passed=1)
     result = run(inner, "test_models.py")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=2, failed=1, skipped=1)
     result.stdout.fnmatch_lines(["*test_models.py::test_inplace_error - RuntimeError: one of*"])
     assert "gradtrace" not in result.stdout.str()
     assert not (inner.path / "gradtrace-runs").exists()
@@ -117,7 +124,7 @@ def test_every_test_traced(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_models=TESTS)
     out = inner.path / "runs"
     result = run(inner, "--gradtrace", f"--gradtrace-out={out}", "-v")
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=1, failed=2, skipped=1)
     text = result.stdout.str()
 
     # Passed on its own, failed by its finding: the finding's text and the run directory.
@@ -125,8 +132,8 @@ def test_every_test_traced(inner: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*_ test_silent_overwrite_passes_untraced _*",
-            "gradtrace: test_models.py:12 in training loop (clamp_) silently overwrote *",
-            "*test_models.py:12 in test_silent_overwrite_passes_untraced",
+            "gradtrace: test_models.py:13 in training loop (clamp_) silently overwrote *",
+            "*test_models.py:13 in test_silent_overwrite_passes_untraced",
             "*param.data.clamp_(-0.05, 0.05)",
             f"run directory: {silent_dir}",
         ]
@@ -145,7 +152,9 @@ def test_every_test_traced(inner: pytest.Pytester) -> None:
     )
     assert "test_models.py::test_healthy PASSED" in text
     assert (out / "test_models.py-test_healthy" / "trace.json").is_file()
-    result.stdout.fnmatch_lines([f"gradtrace: traced 3 tests; runs in {out}"])
+    assert load_run(out / "test_models.py-test_skipped").status == "ok"
+    assert load_run(out / "test_models.py-test_inplace_error").status == "failed"
+    result.stdout.fnmatch_lines([f"gradtrace: traced 4 tests; runs in {out}"])
 
 
 def test_fixture_gives_the_test_its_trace(inner: pytest.Pytester) -> None:
