@@ -11,6 +11,7 @@ import inspect
 import sys
 import textwrap
 from collections.abc import Callable
+from html import escape
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -20,9 +21,11 @@ from rich.console import Console
 from torch import nn
 
 from gradtrace.analysis.culprits import explain
+from gradtrace.analysis.grad_health import module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.options import RunOptions
+from gradtrace.reporters.notebook import Findings, run_html
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
@@ -50,6 +53,7 @@ class Trace:
         out: str | Path | None = None,
         name: str | None = None,
         front_end: str = "trace",
+        argv: list[str] | None = None,
         options: RunOptions | None = None,
         **values: Any,
     ) -> None:
@@ -59,8 +63,11 @@ class Trace:
         self.out = None if out is None else Path(out)
         self.name = name or _default_name(model)
         self.front_end = front_end
+        # What the run says was run (reports' headers, `ls`): the process's argv by default.
+        self.argv = argv
         self._session: Session | None = None
         self._closed = False
+        self._run: Run | None = None
 
     @property
     def run_dir(self) -> Path | None:
@@ -69,8 +76,36 @@ class Trace:
 
     @property
     def findings(self) -> list[Finding]:
-        """Findings so far: the same objects the JSON report holds."""
-        return [] if self._session is None else list(self._session.findings)
+        """Findings so far: the same objects the JSON report holds (a list that a notebook
+        shows as finding cards). Gradient findings come once the trace has stopped."""
+        return Findings([] if self._session is None else self._session.findings)
+
+    @property
+    def grad_norms(self) -> dict[str, list[tuple[int, float]]]:
+        """Gradient L2 norm per module, `{path: [(step, norm), ...]}`, once the trace stopped.
+
+        For tests of gradient health (`gradtrace` pytest fixture): read from the run
+        directory, so it holds what every report shows.
+        """
+        return module_norms(self._stored_run().grad_steps).grad
+
+    def _stored_run(self) -> Run:
+        """The run as stored, read once after the trace stopped."""
+        if not self._closed:
+            raise GradtraceError("Stop the trace first: its run is read back once it stopped.")
+        if self._run is None:
+            assert self._session is not None
+            self._run = load_run(self._session.run_dir)
+        return self._run
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the HTML report once stopped, else where the trace records."""
+        if not self._closed:
+            return f"<p>{escape(repr(self))}</p>"
+        try:
+            return run_html(self._stored_run())
+        except GradtraceError as error:
+            return f"<p>gradtrace: {escape(str(error))}</p>"
 
     @property
     def step(self) -> int:
@@ -91,7 +126,11 @@ class Trace:
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
         session = Session(
-            run_dir, self.options, model=self.model, argv=sys.argv, front_end=self.front_end
+            run_dir,
+            self.options,
+            model=self.model,
+            argv=sys.argv[:] if self.argv is None else self.argv,
+            front_end=self.front_end,
         )
         session.start()
         self._session = session

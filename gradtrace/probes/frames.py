@@ -25,6 +25,10 @@ _STDLIB_DIR = _dir_prefix(sysconfig.get_paths()["stdlib"])
 # Installed packages can live under the stdlib folder (pyenv, system Pythons): user code.
 _PACKAGE_DIRS = tuple({_dir_prefix(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")})
 
+# IPython's terminal names a cell's code "<ipython-input-N-HASH>" and keeps its lines in
+# linecache: the user's code (Jupyter kernels name cells after files in a temporary folder).
+IPYTHON_CELL = "<ipython-input-"
+
 # Lines shown either side of a culprit line in reports.
 CONTEXT_LINES = 2
 
@@ -34,7 +38,7 @@ Caller = tuple[CodeType, int]
 def is_user_code(code: CodeType) -> bool:
     filename = code.co_filename
     if filename.startswith("<"):
-        return False
+        return filename.startswith(IPYTHON_CELL)
     path = os.path.realpath(filename)
     if path.startswith(_LIBRARY_DIRS):
         return False
@@ -74,7 +78,8 @@ def source_line(caller: Caller | None, *, context: int = CONTEXT_LINES) -> Sourc
     if caller is None:
         return None
     code, line = caller
-    file = os.path.abspath(code.co_filename)
+    name = code.co_filename
+    file = name if name.startswith(IPYTHON_CELL) else os.path.abspath(name)
     start = max(1, line - context)
     lines = tuple(linecache.getline(file, n).rstrip("\n") for n in range(start, line + context + 1))
     return SourceLine(

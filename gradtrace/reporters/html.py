@@ -210,6 +210,14 @@ def _findings_section(findings: Sequence[StoredFinding]) -> str:
     return _section("Findings", "".join(_finding_card(stored) for stored in findings))
 
 
+def render_findings(findings: Sequence[StoredFinding]) -> str:
+    """The findings section alone, as one HTML document (a notebook shows a list of findings)."""
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<style>{_CSS}</style></head><body>{_findings_section(findings)}</body></html>\n"
+    )
+
+
 def _finding_card(stored: StoredFinding) -> str:
     finding = stored.finding
     seen = f" · seen {stored.count}×" if stored.count > 1 else ""

@@ -1,0 +1,57 @@
+"""Code typed into IPython is the user's code: findings name its lines.
+
+IPython's terminal compiles a cell as "<ipython-input-N-HASH>" and keeps its lines in
+linecache (Jupyter kernels use a file name in a temporary folder instead, see
+test_notebook.py). A name in angle brackets is otherwise Python's own (`<string>`,
+`<frozen ...>`), never a user line.
+"""
+
+from __future__ import annotations
+
+import linecache
+from pathlib import Path
+
+import pytest
+import torch
+from cores import CORES
+
+from gradtrace.session import Session
+
+CELL_NAME = "<ipython-input-3-0123456789ab>"
+CELL = """\
+class Gated(torch.nn.Module):
+    def forward(self, x):
+        gate = torch.sigmoid(x)
+        return gate.relu_()
+
+
+model = Gated()
+"""
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_cell_typed_into_ipython_is_named(core: str, tmp_path: Path) -> None:
+    lines = CELL.splitlines(keepends=True)
+    linecache.cache[CELL_NAME] = (len(CELL), None, lines, CELL_NAME)
+    namespace = {"torch": torch}
+    try:
+        exec(compile(CELL, CELL_NAME, "exec"), namespace)
+        session = Session(tmp_path / "run", core=core).start()
+        try:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                namespace["model"](torch.randn(2, 3, requires_grad=True)).sum().backward()
+        finally:
+            session.close()
+    finally:
+        linecache.cache.pop(CELL_NAME, None)
+    (finding,) = session.findings
+    assert (finding.kind, finding.file, finding.line) == ("inplace-write", CELL_NAME, 4)
+    assert finding.code == "return gate.relu_()"
+    assert finding.context_start == 2
+    assert finding.context[:3] == (
+        "    def forward(self, x):",
+        "        gate = torch.sigmoid(x)",
+        "        return gate.relu_()",
+    )
+    assert finding.saved_by["line"] == 3
+    assert finding.message.startswith(f"{CELL_NAME}:4 in Gated (relu_) overwrote")
