@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -82,40 +81,6 @@ def test_newer_format_is_refused_with_advice(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(GradtraceError, match="Upgrade gradtrace"):
         load_run(path)
-
-
-def test_a_run_written_before_update_norms_clipping_and_dead_units_opens(tmp_path: Path) -> None:
-    from gradtrace.events import ClipCall, ParamStat, StepGradStats
-
-    writer = RunWriter(tmp_path / "run")
-    writer.write_grad_stats(
-        StepGradStats(
-            step=0,
-            optimizer="SGD.step",
-            params=(ParamStat("fc.weight", "fc", 4, 0.5, 2.0, 0.0, 0, 0.01),),
-            missing=(),
-            nonfinite_outputs=(),
-            cut=(),
-            new_sites=(),
-            clips=(ClipCall(3.0, 1.0, 2.0),),
-            dead_units=(("act", 3, 8),),
-        )
-    )
-    writer.close()
-    [stats] = load_run(tmp_path / "run").grad_steps
-    assert (stats.params[0].update_norm, stats.clips) == (0.01, (ClipCall(3.0, 1.0, 2.0),))
-    assert stats.dead_units == (("act", 3, 8),)
-    db = sqlite3.connect(tmp_path / "run" / DATABASE)
-    db.executescript(
-        "CREATE TABLE old AS SELECT step, optimizer, param, module, numel, grad_norm, "
-        "param_norm, zero_fraction, arrival FROM param_stats; DROP TABLE param_stats; "
-        "ALTER TABLE old RENAME TO param_stats; DROP TABLE grad_clips; DROP TABLE dead_units;"
-    )
-    db.commit()
-    db.close()
-    [old] = load_run(tmp_path / "run").grad_steps
-    assert old.params[0].grad_norm == 0.5
-    assert math.isnan(old.params[0].update_norm) and old.clips == old.dead_units == ()
 
 
 def test_store_jobs_run_in_order_off_the_caller_thread_and_raise_on_it() -> None:

@@ -31,7 +31,9 @@ from typing import Any
 
 from gradtrace.events import ClipCall, GradHistogram, ParamStat, ProbeFailure, Span, TracedWrite
 
-FORMAT_VERSION = 1
+# 2: every table and column below exists in every run (format 1 gained tables and the
+# `param_stats.update_norm` column while it was current, so its runs differ).
+FORMAT_VERSION = 2
 DATABASE = "run.sqlite"
 
 # Meta key: the number of findings `close` found (stored plus derived from the series), so
@@ -210,6 +212,16 @@ WRITE_COUNTS = Table(
         Column("phase", TEXT),
         Column("count", INTEGER),
     ),
+)
+# A run's in-place writes: (owner, op, phase, count) most frequent first, and
+# (step, owner, op, phase, count) in step order.
+WRITE_TOTALS = (
+    "SELECT owner, op, phase, SUM(count) AS n FROM write_counts "
+    "GROUP BY owner, op, phase ORDER BY n DESC"
+)
+WRITES_PER_STEP = (
+    "SELECT step, owner, op, phase, SUM(count) FROM write_counts "
+    "GROUP BY step, owner, op, phase ORDER BY step, MIN(rowid)"
 )
 SCALARS = Table(
     "scalars",
