@@ -124,7 +124,8 @@ def test_spans_are_clipped_into_the_span_around_them_and_writes_say_legal_or_fin
 
 def test_a_run_recorded_before_timelines_still_opens(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path / "old")
-    writer.set_meta(status="ok", started_ns=1, argv=["t.py"])
+    # Run format 1, before the timeline tables.
+    writer.set_meta(format=1, status="ok", started_ns=1, argv=["t.py"])
     writer.write_step(0, [], finished=True)
     writer.close()
     with sqlite3.connect(tmp_path / "old" / DATABASE) as db:

@@ -393,6 +393,17 @@ BROKEN: dict[str, Any] = {
     "a-view-for-a-table": lambda run: edit(
         run, "DROP TABLE threads", "CREATE VIEW threads AS SELECT 1 AS thread, 'main' AS name"
     ),
+    "format-zero": _meta("format", "0"),
+    # A run of the older format 1 goes through its migration first, on a private copy.
+    "format-1-with-a-view-for-a-table": lambda run: edit(
+        run,
+        "UPDATE meta SET value = '1' WHERE key = 'format'",
+        "DROP TABLE param_stats",
+        "CREATE VIEW param_stats AS SELECT 0 AS step",
+    ),
+    "format-1-with-a-text-in-real": lambda run: edit(
+        run, "UPDATE meta SET value = '1' WHERE key = 'format'", (_PARAM_ROW, (4, "big"))
+    ),
 }
 
 

@@ -304,7 +304,8 @@ def test_runs_recorded_before_probe_failures_were_stored_still_read(tmp_path: Pa
     with Session(tmp_path / "run"):
         pass
     db = sqlite3.connect(tmp_path / "run" / "run.sqlite")
-    db.execute("DROP TABLE probe_failures")
+    db.execute("DROP TABLE probe_failures")  # run format 1, before probe failures were kept
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
     db.commit()
     db.close()
     run = load_run(tmp_path / "run")

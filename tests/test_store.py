@@ -41,6 +41,106 @@ def test_round_trip(tmp_path: Path) -> None:
     assert stored.finding == diagnose(evidence((write(),)))
 
 
+def test_every_stored_record_comes_back_field_for_field(tmp_path: Path) -> None:
+    """The INSERTs and SELECTs derived from the table declarations keep every field of every
+    record type, NaN and Inf and missing sources included."""
+    from gradtrace.events import (
+        HISTOGRAM_EDGES,
+        ClipCall,
+        GradHistogram,
+        ParamStat,
+        ProbeFailure,
+        RankNorms,
+        SourceLine,
+        Span,
+        StepGradStats,
+        TracedWrite,
+    )
+
+    stats = StepGradStats(
+        step=3,
+        optimizer="AdamW.step",
+        params=(
+            ParamStat("fc.weight", "fc", 12, 0.5, 2.0, 0.25, 1, 0.125),
+            ParamStat("fc.bias", "fc", 3, math.nan, math.inf, 0.0, 0),
+        ),
+        missing=(("head.weight", "head"),),
+        nonfinite_outputs=("fc", "act"),
+        cut=("head",),
+        new_sites=(),
+        output_grad_norms=(("act", 0.75), ("drop", math.nan)),
+        clips=(ClipCall(3.0, 1.0, math.inf),),
+        dead_units=(("act", 2, 8),),
+    )
+    spans = [
+        Span(3, "forward", "fc", 11, 1, 100, 200),
+        Span(3, "optimizer", "AdamW.step", 11, 0, 300, 400),
+    ]
+    writes = [
+        TracedWrite(3, 150, 11, "relu_", "act", "forward", SourceLine("m.py", 4, "f", "x.relu_()")),
+        TracedWrite(3, 350, 12, "add_", "AdamW.step", "optimizer", None),
+    ]
+    histogram = GradHistogram(3, "fc.weight", tuple(range(len(HISTOGRAM_EDGES) + 1)))
+    norms = RankNorms(3, "AdamW.step", ("fc.weight",), ((0.5,), (0.25,)), ((2.0,), (-1.0,)))
+    failure = ProbeFailure("write log", 3, "ValueError", "boom", "gradtrace/x.py:1 in f")
+    writer = RunWriter(tmp_path / "run")
+    writer.write_grad_stats(stats)
+    writer.write_timeline(spans, writes, {11: "MainThread", 12: "autograd"})
+    writer.write_histograms([histogram])
+    writer.write_rank_norms(norms)
+    writer.write_scalars(3, {"loss": 1.5, "scale": math.nan})
+    writer.add_probe_failure(failure)
+    writer.write_step(3, [], finished=True)
+    writer.close()
+    run = load_run(tmp_path / "run")
+    [back] = run.grad_steps
+    assert repr(back) == repr(stats)  # repr: NaN compares unequal to itself
+    assert (run.spans, run.traced_writes) == (spans, writes)
+    assert run.threads == {11: "MainThread", 12: "autograd"}
+    assert (run.grad_histograms, run.rank_norms, run.probe_failures) == (
+        [histogram],
+        [norms],
+        [failure],
+    )
+    assert run.scalars["loss"] == [(3, 1.5)] and math.isnan(run.scalars["scale"][0][1])
+
+
+def test_a_field_of_a_record_type_is_a_column_of_its_table() -> None:
+    """What adding a field to a stored record type does to its table, from the declaration."""
+    from dataclasses import dataclass
+
+    from gradtrace.store.format import STEP, record_table
+
+    @dataclass(frozen=True)
+    class Stat:
+        name: str
+        numel: int
+        foo_norm: float
+        note: str | None
+        counts: tuple[int, ...]
+
+    table = record_table("stats", Stat, keys=(STEP,), rename={"name": "param"})
+    assert [(c.name, c.type, c.nullable, c.json) for c in table.columns] == [
+        ("step", "INTEGER", False, False),
+        ("param", "TEXT", False, False),
+        ("numel", "INTEGER", False, False),
+        ("foo_norm", "REAL", True, False),
+        ("note", "TEXT", True, False),
+        ("counts", "TEXT", False, True),
+    ]
+    db = sqlite3.connect(":memory:")
+    db.executescript(table.create)
+    db.executemany(table.insert, table.rows([Stat("w", 3, math.nan, None, (1, 2))], 7))
+    assert db.execute(table.select).fetchall() == [(7, "w", 3, None, None, "[1, 2]")]
+
+    @dataclass(frozen=True)
+    class Unstorable:
+        options: dict[str, int]
+
+    with pytest.raises(TypeError, match="no column type for a field 'options'"):
+        record_table("unstorable", Unstorable)
+
+
 def test_unclosed_run_reads_as_killed(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path / "run")
     writer.set_meta(status="running")
@@ -82,40 +182,6 @@ def test_newer_format_is_refused_with_advice(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(GradtraceError, match="Upgrade gradtrace"):
         load_run(path)
-
-
-def test_a_run_written_before_update_norms_clipping_and_dead_units_opens(tmp_path: Path) -> None:
-    from gradtrace.events import ClipCall, ParamStat, StepGradStats
-
-    writer = RunWriter(tmp_path / "run")
-    writer.write_grad_stats(
-        StepGradStats(
-            step=0,
-            optimizer="SGD.step",
-            params=(ParamStat("fc.weight", "fc", 4, 0.5, 2.0, 0.0, 0, 0.01),),
-            missing=(),
-            nonfinite_outputs=(),
-            cut=(),
-            new_sites=(),
-            clips=(ClipCall(3.0, 1.0, 2.0),),
-            dead_units=(("act", 3, 8),),
-        )
-    )
-    writer.close()
-    [stats] = load_run(tmp_path / "run").grad_steps
-    assert (stats.params[0].update_norm, stats.clips) == (0.01, (ClipCall(3.0, 1.0, 2.0),))
-    assert stats.dead_units == (("act", 3, 8),)
-    db = sqlite3.connect(tmp_path / "run" / DATABASE)
-    db.executescript(
-        "CREATE TABLE old AS SELECT step, optimizer, param, module, numel, grad_norm, "
-        "param_norm, zero_fraction, arrival FROM param_stats; DROP TABLE param_stats; "
-        "ALTER TABLE old RENAME TO param_stats; DROP TABLE grad_clips; DROP TABLE dead_units;"
-    )
-    db.commit()
-    db.close()
-    [old] = load_run(tmp_path / "run").grad_steps
-    assert old.params[0].grad_norm == 0.5
-    assert math.isnan(old.params[0].update_norm) and old.clips == old.dead_units == ()
 
 
 def test_store_jobs_run_in_order_off_the_caller_thread_and_raise_on_it() -> None:

@@ -14,10 +14,11 @@ from gradtrace.analysis.grad_health import (
     module_norms,
     update_ratio,
 )
-from gradtrace.store.format import FORMAT_VERSION
 from gradtrace.store.reader import Run
 
-REPORT_FORMAT = FORMAT_VERSION
+# The JSON document's own version, bumped when its fields change; the run format (how the
+# run directory stores a run) is versioned apart, in store/format.py.
+REPORT_FORMAT = 1
 
 
 def render_json(run: Run) -> dict[str, Any]:

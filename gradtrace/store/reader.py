@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -32,13 +31,37 @@ from gradtrace.events import (
 )
 from gradtrace.store.format import (
     DATABASE,
+    DEAD_UNITS,
+    FINDINGS,
     FORMAT_VERSION,
+    GRAD_CLIPS,
+    GRAD_HISTOGRAMS,
+    GRAPH_CUTS,
     KILLED,
+    MISSING_GRADS,
+    MODULE_SITES,
+    NONFINITE_OUTPUTS,
     OK,
+    OUTPUT_GRADS,
+    PARAM_STATS,
+    PROBE_FAILURES,
+    RANK_NORMS,
+    REAL,
     RUNNING,
-    SCHEMA,
+    SCALARS,
+    SPANS,
+    STEPS,
+    TABLES,
+    TEXT,
+    THREADS,
+    TRACED_WRITES,
+    WRITE_TOTALS,
+    WRITES_PER_STEP,
+    Table,
     rank_run_dirs,
 )
+from gradtrace.store.format import META as META_TABLE
+from gradtrace.store.migrations import pending
 
 T = TypeVar("T")
 
@@ -132,7 +155,7 @@ def load_run(path: str | Path) -> Run:
     run_dir = _run_dir(path)
     if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
         return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
-    return _open(run_dir, _read)
+    return _open(run_dir, _read, TABLES)
 
 
 def load_facts(path: str | Path) -> RunFacts | None:
@@ -142,7 +165,7 @@ def load_facts(path: str | Path) -> RunFacts | None:
     run_dir = _run_dir(path)
     if not (run_dir / DATABASE).is_file() and rank_run_dirs(run_dir):
         return None
-    return _open(run_dir, _read_facts)
+    return _open(run_dir, _read_facts, (META_TABLE, STEPS))
 
 
 def _run_dir(path: str | Path) -> Path:
@@ -152,8 +175,12 @@ def _run_dir(path: str | Path) -> Path:
     return run_dir
 
 
-def _open(run_dir: Path, read: Callable[[Path, sqlite3.Connection], T]) -> T:
-    """`read` the run's database, read-only; anything unreadable is a one-line error."""
+Read = Callable[[Path, sqlite3.Connection, dict[str, Any]], T]
+
+
+def _open(run_dir: Path, read: Read[T], tables: tuple[Table, ...]) -> T:
+    """`read` the run's `tables` (given the checked meta), read-only and brought to
+    FORMAT_VERSION; anything unreadable is a one-line error."""
     database = run_dir / DATABASE
     if not database.is_file():
         raise GradtraceError(
@@ -161,7 +188,7 @@ def _open(run_dir: Path, read: Callable[[Path, sqlite3.Connection], T]) -> T:
             "Use the directory printed by 'gradtrace run'."
         )
     try:
-        return _read_without_writing(database, lambda db: read(run_dir, db))
+        return _read_without_writing(database, lambda db: _read_migrated(run_dir, db, read, tables))
     except (sqlite3.DatabaseError, ValueError, RecursionError, KeyError, TypeError) as error:
         why = _one_line(str(error) if isinstance(error, BrokenRun) else repr(error))
         raise GradtraceError(
@@ -194,6 +221,28 @@ def _read_without_writing(database: Path, read: Callable[[sqlite3.Connection], T
         return _query(f"{copy.as_uri()}?mode=ro", read)
 
 
+def _read_migrated(
+    run_dir: Path, db: sqlite3.Connection, read: Read[T], tables: tuple[Table, ...]
+) -> T:
+    """`read` the database as if written at FORMAT_VERSION: a run in an older format is
+    copied into a private scratch directory and migrated there (`store/migrations.py`), when a
+    migration changes any of the `tables` read."""
+    meta = _read_meta(run_dir, db)
+    migrations = pending(meta["format"])
+    names = {table.name for table in tables}
+    if not any(migration.tables & names for migration in migrations):
+        return read(run_dir, db, meta)
+    with tempfile.TemporaryDirectory(prefix="gradtrace-") as scratch:
+        copy = sqlite3.connect(Path(scratch) / DATABASE, isolation_level=None)
+        try:
+            db.backup(copy)
+            for migration in migrations:
+                migration.apply(copy)
+            return read(run_dir, copy, meta)
+        finally:
+            copy.close()
+
+
 def _query(uri: str, read: Callable[[sqlite3.Connection], T]) -> T:
     db = sqlite3.connect(uri, uri=True)
     try:
@@ -207,16 +256,18 @@ def _one_line(text: str) -> str:
     return _CONTROL.sub(" ", text)[:300]
 
 
-def _read_facts(run_dir: Path, db: sqlite3.Connection) -> RunFacts:
-    return RunFacts(run_dir, _read_meta(run_dir, db), _count_steps(db))
+def _read_facts(run_dir: Path, db: sqlite3.Connection, meta: dict[str, Any]) -> RunFacts:
+    return RunFacts(run_dir, meta, _count_steps(db))
 
 
 def _read_meta(run_dir: Path, db: sqlite3.Connection) -> dict[str, Any]:
-    _check_column_types(db, ("meta",))
-    meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+    _check_column_types(db, (META_TABLE,))
+    meta = {key: json.loads(value) for key, value in db.execute(META_TABLE.select)}
     version = meta.get("format")
     if not isinstance(version, int) or isinstance(version, bool):
         raise GradtraceError(f"'{run_dir}' has no gradtrace format version; not a gradtrace run.")
+    if version < 1:
+        raise BrokenRun(f"meta 'format' is {version}, a run format no gradtrace wrote")
     if version > FORMAT_VERSION:
         raise GradtraceError(
             f"'{run_dir}' was written in run format {version}; this gradtrace reads up to "
@@ -226,34 +277,18 @@ def _read_meta(run_dir: Path, db: sqlite3.Connection) -> dict[str, Any]:
 
 
 def _count_steps(db: sqlite3.Connection) -> int:
-    (steps,) = db.execute("SELECT COUNT(*) FROM steps").fetchone()
+    (steps,) = db.execute(f"SELECT COUNT(*) FROM {STEPS.name}").fetchone()
     return steps
 
 
-def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
-    meta = _read_meta(run_dir, db)
-    _check_column_types(db, _expected_columns())
+def _read(run_dir: Path, db: sqlite3.Connection, meta: dict[str, Any]) -> Run:
+    _check_column_types(db, [table for table in TABLES if table is not META_TABLE])
     findings = [
         StoredFinding(_finding(json.loads(body), f"finding {id_}"), count)
-        for id_, body, count in db.execute("SELECT id, body, count FROM findings ORDER BY id")
-    ]
-    steps = _count_steps(db)
-    write_counts = [
-        tuple(row)
-        for row in db.execute(
-            "SELECT owner, op, phase, SUM(count) AS n FROM write_counts "
-            "GROUP BY owner, op, phase ORDER BY n DESC"
-        )
-    ]
-    step_write_counts = [
-        tuple(row)
-        for row in db.execute(
-            "SELECT step, owner, op, phase, SUM(count) FROM write_counts "
-            "GROUP BY step, owner, op, phase ORDER BY step, MIN(rowid)"
-        )
+        for id_, _, _, count, body in db.execute(FINDINGS.select)
     ]
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for step, name, value in db.execute("SELECT step, name, value FROM scalars ORDER BY step"):
+    for step, name, value in db.execute(SCALARS.select):
         scalars.setdefault(name, []).append((step, _real(value)))
     return Run(
         path=run_dir,
@@ -261,14 +296,14 @@ def _read(run_dir: Path, db: sqlite3.Connection) -> Run:
         grad_steps=_read_grad_steps(db),
         module_sites={
             module: _source_line(json.loads(source), f"module_sites '{module}'") if source else None
-            for module, source in db.execute("SELECT module, source FROM module_sites")
+            for module, source in db.execute(MODULE_SITES.select)
         },
         meta=meta,
         findings=findings,
-        steps=steps,
-        write_counts=write_counts,
-        step_write_counts=step_write_counts,
-        step_end_ns=dict(db.execute("SELECT step, end_ns FROM steps ORDER BY step")),
+        steps=_count_steps(db),
+        write_counts=[tuple(row) for row in db.execute(WRITE_TOTALS)],
+        step_write_counts=[tuple(row) for row in db.execute(WRITES_PER_STEP)],
+        step_end_ns=dict(db.execute(STEPS.select)),
         rank_norms=_read_rank_norms(db),
         grad_histograms=_read_histograms(db),
         rank=meta.get("rank"),
@@ -319,88 +354,51 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
 
 
 def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
-    """Spans, traced writes and thread names; empty when the run predates these tables."""
-    if not all(_columns(db, table) for table in ("spans", "traced_writes", "threads")):
-        return {}
-    spans = [
-        Span(*row)
-        for row in db.execute(
-            "SELECT step, kind, name, thread, depth, start_ns, end_ns FROM spans ORDER BY rowid"
-        )
-    ]
+    """Spans, traced writes and thread names."""
+    spans = [Span(*row) for row in db.execute(SPANS.select)]
+    fields = len(TRACED_WRITES.fields)
     writes = [
-        TracedWrite(
-            step,
-            t_ns,
-            thread,
-            op,
-            owner,
-            phase,
-            None if file is None else SourceLine(file, line, function, code or ""),
-        )
-        for step, t_ns, thread, op, owner, phase, file, line, function, code in db.execute(
-            "SELECT step, t_ns, thread, op, owner, phase, file, line, function, code "
-            "FROM traced_writes ORDER BY rowid"
-        )
+        TracedWrite(*row[:fields], _traced_source(*row[fields:]))
+        for row in db.execute(TRACED_WRITES.select)
     ]
-    threads = dict(db.execute("SELECT thread, name FROM threads"))
+    threads = dict(db.execute(THREADS.select))
     return {"spans": spans, "traced_writes": writes, "threads": threads}
+
+
+def _traced_source(
+    file: str | None, line: int | None, function: str | None, code: str | None
+) -> SourceLine | None:
+    """A traced write's first user frame, from its SOURCE_COLUMNS."""
+    if file is None:
+        return None
+    return SourceLine(file, line, function, code or "")
 
 
 def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
     params: dict[tuple[int, str], list[ParamStat]] = {}
-    update = "update_norm" if "update_norm" in _columns(db, "param_stats") else "NULL"
-    # Interned: SQLite hands out a new string per row, and a long run has (parameters ×
-    # steps) rows of the same few hundred names. NULL -> NaN as `_real` does, inlined.
-    nan = math.nan
-    for step, optimizer, name, module, numel, grad, norm, zeros, arrival, moved in db.execute(
-        "SELECT step, optimizer, param, module, numel, grad_norm, param_norm, zero_fraction, "
-        f"arrival, {update} FROM param_stats ORDER BY rowid"
-    ):
-        params.setdefault((step, sys.intern(optimizer)), []).append(
-            ParamStat(
-                sys.intern(name),
-                sys.intern(module),
-                numel,
-                nan if grad is None else grad,
-                nan if norm is None else norm,
-                nan if zeros is None else zeros,
-                arrival,
-                nan if moved is None else moved,
-            )
-        )
+    decode = _decoder(PARAM_STATS)
+    for row in db.execute(PARAM_STATS.select):
+        step, optimizer, *fields = decode(row)
+        params.setdefault((step, optimizer), []).append(ParamStat(*fields))
     missing: dict[tuple[int, str], list[tuple[str, str]]] = {}
-    for step, optimizer, param, module in db.execute(
-        "SELECT step, optimizer, param, module FROM missing_grads ORDER BY rowid"
-    ):
+    for step, optimizer, param, module in db.execute(MISSING_GRADS.select):
         missing.setdefault((step, optimizer), []).append((param, module))
     nonfinite: dict[int, list[str]] = {}
-    for step, module in db.execute(
-        "SELECT step, module FROM nonfinite_outputs ORDER BY step, position"
-    ):
+    for step, _, module in db.execute(NONFINITE_OUTPUTS.select):
         nonfinite.setdefault(step, []).append(module)
     output_grads: dict[tuple[int, str], list[tuple[str, float]]] = {}
-    for step, optimizer, module, norm in db.execute(
-        "SELECT step, optimizer, module, grad_norm FROM output_grads ORDER BY rowid"
-    ):
+    for step, optimizer, module, norm in db.execute(OUTPUT_GRADS.select):
         output_grads.setdefault((step, optimizer), []).append((module, _real(norm)))
     clips: dict[tuple[int, str], list[ClipCall]] = {}
-    if _columns(db, "grad_clips"):
-        for step, optimizer, before, max_norm, norm_type in db.execute(
-            "SELECT step, optimizer, norm_before, max_norm, norm_type FROM grad_clips "
-            "ORDER BY rowid"
-        ):
-            clips.setdefault((step, optimizer), []).append(
-                ClipCall(_real(before), _real(max_norm), _real(norm_type))
-            )
+    decode = _decoder(GRAD_CLIPS)
+    for row in db.execute(GRAD_CLIPS.select):
+        step, optimizer, *fields = decode(row)
+        clips.setdefault((step, optimizer), []).append(ClipCall(*fields))
     dead: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
-    if _columns(db, "dead_units"):
-        for step, optimizer, module, count, units in db.execute(
-            "SELECT step, optimizer, module, dead, units FROM dead_units ORDER BY rowid"
-        ):
-            dead.setdefault((step, optimizer), []).append((module, count, units))
+    for step, optimizer, module, count, units in db.execute(DEAD_UNITS.select):
+        dead.setdefault((step, optimizer), []).append((module, count, units))
     cuts: dict[int, list[str]] = {}
-    for step, module in db.execute("SELECT step, module FROM graph_cuts ORDER BY rowid"):
+    for step, module in db.execute(GRAPH_CUTS.select):
         cuts.setdefault(step, []).append(module)
     keys = sorted({*params, *missing})
     return [
@@ -421,24 +419,15 @@ def _read_grad_steps(db: sqlite3.Connection) -> list[StepGradStats]:
 
 
 def _read_histograms(db: sqlite3.Connection) -> list[GradHistogram]:
-    if not _columns(db, "grad_histograms"):  # runs recorded before --grad-histograms existed
-        return []
     return [
         GradHistogram(step, param, _histogram_counts(json.loads(counts)))
-        for step, param, counts in db.execute(
-            "SELECT step, param, counts FROM grad_histograms ORDER BY step, rowid"
-        )
+        for step, param, counts in db.execute(GRAD_HISTOGRAMS.select)
     ]
 
 
 def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
-    if not _columns(db, "rank_norms"):  # runs recorded before --check-ranks existed
-        return []
     rows: dict[tuple[int, str], dict[int, list[tuple[str, float, float]]]] = {}
-    for step, optimizer, param, rank, grad, norm in db.execute(
-        "SELECT step, optimizer, param, rank, grad_norm, param_norm FROM rank_norms "
-        "ORDER BY step, rowid"
-    ):
+    for step, optimizer, param, rank, grad, norm in db.execute(RANK_NORMS.select):
         rows.setdefault((step, optimizer), {}).setdefault(rank, []).append(
             (param, _real(grad), _real(norm))
         )
@@ -455,19 +444,31 @@ def _read_rank_norms(db: sqlite3.Connection) -> list[RankNorms]:
 
 
 def _read_probe_failures(db: sqlite3.Connection) -> list[ProbeFailure]:
-    if not _columns(db, "probe_failures"):  # runs recorded before probes reported failures
-        return []
-    return [
-        ProbeFailure(*row)
-        for row in db.execute(
-            "SELECT probe, step, error, message, location FROM probe_failures ORDER BY rowid"
-        )
+    return [ProbeFailure(*row) for row in db.execute(PROBE_FAILURES.select)]
+
+
+def _decoder(table: Table) -> Callable[[tuple[Any, ...]], list[Any]]:
+    """A row of `table` as its record type holds it: NULL in a REAL column is NaN, and
+    names are interned (SQLite hands out a new string per row, and a long run has
+    parameters × steps rows of the same few hundred names)."""
+    reals = [i for i, column in enumerate(table.columns) if column.type == REAL]
+    names = [
+        i
+        for i, column in enumerate(table.columns)
+        if column.type == TEXT and not column.nullable and not column.json
     ]
+    nan, intern = math.nan, sys.intern
 
+    def decode(row: tuple[Any, ...]) -> list[Any]:
+        values = list(row)
+        for i in names:
+            values[i] = intern(values[i])
+        for i in reals:
+            if values[i] is None:
+                values[i] = nan
+        return values
 
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    """The table's columns; empty when it does not exist (a run written before it did)."""
-    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    return decode
 
 
 def _real(value: float | None) -> float:
@@ -483,76 +484,44 @@ class BrokenRun(ValueError):
 # Checked here, once, so that analysis and reporters can trust every type they are given.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# Columns holding JSON: their strings are checked (and long ones cut) once decoded.
-_JSON_COLUMNS = {("meta", "value"), ("findings", "body"), ("module_sites", "source")}
-_JSON_COLUMNS |= {("grad_histograms", "counts")}
 # SQLite value types (`typeof`) each declared column type may hold. REAL columns may hold
 # integers: SQLite stores a whole float so when a table was declared without a type.
 _VALUE_TYPES = {"INTEGER": ("integer",), "REAL": ("real", "integer"), "TEXT": ("text",)}
-# Rows that are well typed but impossible, as (SQL that is true for a bad row, the problem).
-_ROW_RULES = {
-    "dead_units": (("units <= 0 OR dead < 0 OR dead > units", "dead_units: dead not in 0…units"),),
-}
 _INT64 = 2**63
 
 
-@functools.cache
-def _expected_columns() -> dict[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """Each table's columns and the value types they may hold, from our own SCHEMA: the
-    types a database declares are not trusted (anyone can declare anything)."""
-    db = sqlite3.connect(":memory:")
-    try:
-        db.executescript(SCHEMA)
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        expected = {}
-        for table in tables:
-            columns = []
-            for _, name, declared, not_null, _, primary in db.execute(
-                f"PRAGMA table_info({table})"
-            ):
-                nullable = () if not_null or primary else ("null",)
-                columns.append((name, _VALUE_TYPES[declared] + nullable))
-            expected[table] = tuple(columns)
-        return expected
-    finally:
-        db.close()
-
-
-def _check_column_types(db: sqlite3.Connection, tables: Iterable[str]) -> None:
-    """Every value of `tables` has its column's type, and no name or line of code is longer
-    than MAX_TEXT: one scan per table, inside SQLite, before a row is read into Python (a
-    sixth of the time reading them back takes); a second query names what is wrong."""
-    expected = _expected_columns()
+def _check_column_types(db: sqlite3.Connection, tables: Iterable[Table]) -> None:
+    """Every value of `tables` has its declared column's type (the types a database declares
+    are not trusted: anyone can declare anything), and no name or line of code is longer than
+    MAX_TEXT: one scan per table, inside SQLite, before a row is read into Python (a sixth of
+    the time reading them back takes); a second query names what is wrong."""
     for table in tables:
-        kind = db.execute("SELECT type FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = ?", (table.name,)).fetchone()
         if kind is not None and kind[0] != "table":
             # A view could compute anything (endless rows from a recursive query).
-            raise BrokenRun(f"{table} is a {kind[0]}, not a table")
-        present = _columns(db, table)
-        # The rules' tables came with all of their columns: absent in older runs, or whole.
-        checks: list[tuple[str, str]] = list(_ROW_RULES.get(table, ())) if present else []
-        for column, types in expected[table]:
-            if column not in present:
-                continue
-            allowed = ", ".join(f"'{kind}'" for kind in types)
+            raise BrokenRun(f"{table.name} is a {kind[0]}, not a table")
+        checks = list(table.rules)
+        for column in table.columns:
+            types = _VALUE_TYPES[column.type]
+            if column.nullable and not column.primary:
+                types += ("null",)
+            allowed = ", ".join(f"'{t}'" for t in types)
             what = " or ".join(t if t != "null" else "NULL" for t in types)
-            checks.append(
-                (f'typeof("{column}") NOT IN ({allowed})', f"{table}.{column}: not {what}")
-            )
-            if "text" in types and (table, column) not in _JSON_COLUMNS:
+            where = f"{table.name}.{column.name}"
+            checks.append((f"typeof([{column.name}]) NOT IN ({allowed})", f"{where}: not {what}"))
+            if column.type == TEXT and not column.json:
                 checks.append(
                     (
-                        f'length("{column}") > {MAX_TEXT}',
-                        f"{table}.{column}: a text longer than {MAX_TEXT} characters",
+                        f"length([{column.name}]) > {MAX_TEXT}",
+                        f"{where}: a text longer than {MAX_TEXT} characters",
                     )
                 )
-        if not checks:
-            continue
         wrong = " OR ".join(sql for sql, _ in checks)
-        if db.execute(f"SELECT 1 FROM {table} WHERE {wrong} LIMIT 1").fetchone() is None:
+        if db.execute(f"SELECT 1 FROM {table.name} WHERE {wrong} LIMIT 1").fetchone() is None:
             continue
         for sql, problem in checks:
-            if db.execute(f"SELECT 1 FROM {table} WHERE {sql} LIMIT 1").fetchone() is not None:
+            query = f"SELECT 1 FROM {table.name} WHERE {sql} LIMIT 1"
+            if db.execute(query).fetchone() is not None:
                 raise BrokenRun(problem)
 
 

@@ -37,7 +37,31 @@ from gradtrace.events import (
     StepGradStats,
     TracedWrite,
 )
-from gradtrace.store.format import DATABASE, FORMAT_VERSION, SCHEMA
+from gradtrace.store.format import (
+    DATABASE,
+    DEAD_UNITS,
+    FINDING_REPEATED,
+    FINDINGS,
+    FORMAT_VERSION,
+    GRAD_CLIPS,
+    GRAD_HISTOGRAMS,
+    GRAPH_CUTS,
+    META,
+    MISSING_GRADS,
+    MODULE_SITES,
+    NONFINITE_OUTPUTS,
+    OUTPUT_GRADS,
+    PARAM_STATS,
+    PROBE_FAILURES,
+    RANK_NORMS,
+    SCALARS,
+    SCHEMA,
+    SPANS,
+    STEPS,
+    THREADS,
+    TRACED_WRITES,
+    WRITE_COUNTS,
+)
 
 # Room freed when the store fails, for the meta that says so (a few SQLite pages each write).
 RESERVE = ".gradtrace-reserve"
@@ -174,15 +198,9 @@ class RunWriter:
         """Commit a step's write counts with its other rows; `finished` marks the step done."""
         rows = [(step, owner, op, phase, count) for (owner, op, phase), count in counts]
         self._begin()
-        self._insert(
-            "INSERT INTO write_counts (step, owner, op, phase, count) VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
+        self._insert(WRITE_COUNTS.insert, rows)
         if finished:
-            self._db.execute(
-                "INSERT OR REPLACE INTO steps (step, end_ns) VALUES (?, ?)",
-                (step, time.time_ns()),
-            )
+            self._db.execute(STEPS.insert, (step, time.time_ns()))
         self._commit()
         if finished:
             self._last_step = step
@@ -190,65 +208,31 @@ class RunWriter:
     @_stops_on_failure(None)
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
         self._begin()
-        self._insert(
-            "INSERT INTO scalars (step, name, value) VALUES (?, ?, ?)",
-            [(step, name, value) for name, value in values.items()],
-        )
+        self._insert(SCALARS.insert, [(step, name, value) for name, value in values.items()])
 
     @_stops_on_failure(None)
     def write_grad_stats(self, stats: StepGradStats) -> None:
         """Store one optimizer's recorded step; committed with the step's other rows."""
         self._begin()
+        step, optimizer = stats.step, stats.optimizer
+        self._insert(PARAM_STATS.insert, PARAM_STATS.rows(stats.params, step, optimizer))
         self._insert(
-            "INSERT INTO param_stats (step, optimizer, param, module, numel, grad_norm, "
-            "param_norm, zero_fraction, arrival, update_norm) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    stats.step,
-                    stats.optimizer,
-                    p.name,
-                    p.module,
-                    p.numel,
-                    p.grad_norm,
-                    p.param_norm,
-                    p.zero_fraction,
-                    p.arrival,
-                    p.update_norm,
-                )
-                for p in stats.params
-            ],
+            MISSING_GRADS.insert,
+            [(step, optimizer, param, module) for param, module in stats.missing],
         )
         self._insert(
-            "INSERT INTO missing_grads (step, optimizer, param, module) VALUES (?, ?, ?, ?)",
-            [(stats.step, stats.optimizer, param, module) for param, module in stats.missing],
+            NONFINITE_OUTPUTS.insert,
+            [(step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
         )
         self._insert(
-            "INSERT INTO nonfinite_outputs (step, position, module) VALUES (?, ?, ?)",
-            [(stats.step, i, module) for i, module in enumerate(stats.nonfinite_outputs)],
+            OUTPUT_GRADS.insert,
+            [(step, optimizer, module, norm) for module, norm in stats.output_grad_norms],
         )
+        self._insert(GRAD_CLIPS.insert, GRAD_CLIPS.rows(stats.clips, step, optimizer))
+        self._insert(DEAD_UNITS.insert, [(step, optimizer, *counts) for counts in stats.dead_units])
+        self._insert(GRAPH_CUTS.insert, [(step, module) for module in stats.cut])
         self._insert(
-            "INSERT INTO output_grads (step, optimizer, module, grad_norm) VALUES (?, ?, ?, ?)",
-            [(stats.step, stats.optimizer, m, norm) for m, norm in stats.output_grad_norms],
-        )
-        self._insert(
-            "INSERT INTO grad_clips (step, optimizer, norm_before, max_norm, norm_type) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [
-                (stats.step, stats.optimizer, c.norm_before, c.max_norm, c.norm_type)
-                for c in stats.clips
-            ],
-        )
-        self._insert(
-            "INSERT INTO dead_units (step, optimizer, module, dead, units) VALUES (?, ?, ?, ?, ?)",
-            [(stats.step, stats.optimizer, *counts) for counts in stats.dead_units],
-        )
-        self._insert(
-            "INSERT INTO graph_cuts (step, module) VALUES (?, ?)",
-            [(stats.step, module) for module in stats.cut],
-        )
-        self._insert(
-            "INSERT OR IGNORE INTO module_sites (module, source) VALUES (?, ?)",
+            MODULE_SITES.insert,
             [
                 (module, json.dumps(asdict(source)) if source else None)
                 for module, source in stats.new_sites
@@ -258,10 +242,7 @@ class RunWriter:
     @_stops_on_failure(None)
     def write_histograms(self, histograms: list[GradHistogram]) -> None:
         self._begin()
-        self._insert(
-            "INSERT INTO grad_histograms (step, param, counts) VALUES (?, ?, ?)",
-            [(h.step, h.param, json.dumps(h.counts)) for h in histograms],
-        )
+        self._insert(GRAD_HISTOGRAMS.insert, GRAD_HISTOGRAMS.rows(histograms))
 
     @_stops_on_failure(None)
     def write_rank_norms(self, norms: RankNorms) -> None:
@@ -273,11 +254,7 @@ class RunWriter:
             for i, param in enumerate(norms.params)
         ]
         self._begin()
-        self._insert(
-            "INSERT INTO rank_norms (step, optimizer, param, rank, grad_norm, param_norm) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        self._insert(RANK_NORMS.insert, rows)
 
     @_stops_on_failure(None)
     def write_timeline(
@@ -285,28 +262,14 @@ class RunWriter:
     ) -> None:
         """Store a traced step's spans and writes, and names of threads first seen."""
         self._begin()
-        self._insert(
-            "INSERT INTO spans (step, kind, name, thread, depth, start_ns, end_ns) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(s.step, s.kind, s.name, s.thread, s.depth, s.start_ns, s.end_ns) for s in spans],
-        )
-        self._insert(
-            "INSERT INTO traced_writes (step, t_ns, thread, op, owner, phase, file, line, "
-            "function, code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(*_write_row(w), *_source_row(w)) for w in writes],
-        )
-        self._insert(
-            "INSERT OR IGNORE INTO threads (thread, name) VALUES (?, ?)", list(threads.items())
-        )
+        self._insert(SPANS.insert, SPANS.rows(spans))
+        self._insert(TRACED_WRITES.insert, TRACED_WRITES.rows(writes, extra=_source_row))
+        self._insert(THREADS.insert, list(threads.items()))
 
     @_stops_on_failure(None)
     def add_probe_failure(self, failure: ProbeFailure) -> None:
         """Store a probe's failure at once: a run killed later still tells it."""
-        self._db.execute(
-            "INSERT INTO probe_failures (probe, step, error, message, location) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (failure.probe, failure.step, failure.error, failure.message, failure.where),
-        )
+        self._insert(PROBE_FAILURES.insert, PROBE_FAILURES.rows([failure]))
         self._commit()
 
     @_stops_on_failure(False)
@@ -316,11 +279,10 @@ class RunWriter:
         known = self._finding_ids.get(key)
         if known is not None:
             self._begin()
-            self._db.execute("UPDATE findings SET count = count + 1 WHERE id = ?", (known,))
+            self._db.execute(FINDING_REPEATED, (known,))
             return False
         cursor = self._db.execute(
-            "INSERT INTO findings (kind, step, count, body) VALUES (?, ?, 1, ?)",
-            (finding.kind, finding.step, json.dumps(finding.to_dict())),
+            FINDINGS.insert, (finding.kind, finding.step, 1, json.dumps(finding.to_dict()))
         )
         self._commit()
         self._finding_ids[key] = cursor.lastrowid
@@ -359,19 +321,16 @@ def add_meta(run_dir: Path, **values: Any) -> None:
         db.close()
 
 
-SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+SET_META = META.insert
 
 
 def _meta_rows(values: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, json.dumps(value)) for key, value in values.items()]
 
 
-def _write_row(write: TracedWrite) -> tuple[object, ...]:
-    return (write.step, write.t_ns, write.thread, write.op, write.owner, write.phase)
-
-
 def _source_row(write: TracedWrite) -> tuple[object, ...]:
+    """A traced write's SOURCE_COLUMNS: its first user frame, without context lines."""
     source = write.source
     if source is None:
-        return (None, None, None, None)
+        return (None,) * 4
     return (source.file, source.line, source.function, source.code)
