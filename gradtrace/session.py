@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradtrace import _native
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.report import Report, build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     HISTOGRAM_EDGES,
@@ -57,7 +57,7 @@ from gradtrace.reporters.tensorboard import (
 )
 from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, OK, RUNNING
 from gradtrace.store.jobs import StoreJobs
-from gradtrace.store.reader import Run, StoredFinding, load_run
+from gradtrace.store.reader import load_run
 from gradtrace.store.writer import RunWriter, add_meta
 
 # "light": module stack, step counter and the saved-tensor check (names the corrupted tensor,
@@ -169,7 +169,7 @@ class Session:
             if grad_histograms > 0
             else None
         )
-        self._after_close: list[Callable[[Run, list[StoredFinding]], None]] = []
+        self._after_close: list[Callable[[Report], None]] = []
 
     @property
     def step(self) -> int:
@@ -360,32 +360,31 @@ class Session:
             _active = None
             stack.close()
         if writer is not None:
-            run = load_run(self.run_dir)
-            findings = run_findings(run)
-            self.findings = [stored.finding for stored in findings]
-            self._finish_files(run, findings)
+            report = build_report(load_run(self.run_dir))
+            self.findings = [stored.finding for stored in report.findings]
+            self._finish_files(report)
             if self._live is not None:
-                self._live.close(findings, step=self.step)
+                self._live.close(report.derived_findings, step=self.step)
             for callback in self._after_close:
-                callback(run, findings)
+                callback(report)
 
-    def _finish_files(self, run: Run, findings: list[StoredFinding]) -> None:
+    def _finish_files(self, report: Report) -> None:
         """trace.json and the findings count; on a full disk, say what is missing and go on
         (NOTE [store failure] in store/writer.py)."""
         trace = self.run_dir / TRACE_FILE
         try:
-            write_trace(run, trace, findings)
+            write_trace(report, trace)
         except GradtraceError as error:
             with contextlib.suppress(OSError):
                 trace.unlink(missing_ok=True)  # a cut-off file no viewer opens
             _say(f"{error} The run itself is kept: 'gradtrace trace {self.run_dir}' writes it.")
         # The count only spares `ls` reading the series back: a run without it is whole.
         with contextlib.suppress(sqlite3.DatabaseError):
-            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(findings)})
+            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(report.findings)})
 
-    def after_close(self, callback: Callable[[Run, list[StoredFinding]], None]) -> None:
-        """Call `callback` with the run as stored and its findings, once `close` has read
-        and analysed it.
+    def after_close(self, callback: Callable[[Report], None]) -> None:
+        """Call `callback` with the run's report (see analysis/report.py), once `close` has
+        read and analysed it.
 
         Close reads the whole store and derives the findings once (for trace.json and the
         findings count); a summary printed from them spares doing both again on a long run

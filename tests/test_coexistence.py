@@ -13,6 +13,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradtrace.analysis.report import build_report
 from gradtrace.probes import saved as saved_probe
 from gradtrace.reporters.json_report import render_json
 from gradtrace.reporters.terminal import TerminalReporter
@@ -122,9 +123,9 @@ def test_the_report_names_the_modules_checkpointing_ran(
     assert run.meta["checkpointed"] == {
         name: how for name in ["block", "block.0", "block.1", "block.2"]
     }
-    assert render_json(run)["run"]["checkpointed"] == run.meta["checkpointed"]
+    assert render_json(build_report(run))["run"]["checkpointed"] == run.meta["checkpointed"]
     console = Console(width=200, record=True)
-    TerminalReporter(console).render(run)
+    TerminalReporter(console).render(build_report(run))
     assert "4 modules ran under activation checkpointing: block (" in console.export_text()
 
 

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import clipping, dead_unit_fractions, module_norms
+from gradtrace.analysis.report import Report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import HISTOGRAM_EDGES, Finding, GradHistogram, StepGradStats
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
@@ -89,7 +89,7 @@ class TensorBoardReporter:
     """Writes a run's series as TensorBoard events, step by step, as the store gets them.
 
     Methods mirror the store writer's: `grad_stats`, `scalars`, `step`, `finding`, then
-    `close` with every finding of the run (gradient findings are only known then). A
+    `close` with the findings analysis derived (they are only known then). A
     step's gradient statistics are written once the next step's (or the close) arrive, so
     several optimizers stepping in one step make one global norm. Thread-safe: findings
     arrive from autograd's backward threads.
@@ -166,8 +166,9 @@ class TensorBoardReporter:
         with self._lock:
             self._text_finding(StoredFinding(finding, count))
 
-    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
-        """Write what is pending and the findings not seen yet; `step` is the run's tail."""
+    def close(self, derived: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
+        """Write what is pending and the `derived` findings (those analysis added to the
+        stored ones, see `Report.derived_findings`); `step` is the run's tail."""
         with self._lock:
             if self._closed:
                 return
@@ -175,10 +176,9 @@ class TensorBoardReporter:
             if self._pending:
                 self._write_grads(self._pending)
                 self._pending = []
-            new = list(findings)[self._findings :]
-            for stored in new:
+            for stored in derived:
                 self._text_finding(stored)
-            if new and step is not None:
+            if derived and step is not None:
                 self._scalar("global/findings", self._findings, step)
             self._writer.close()
 
@@ -257,8 +257,8 @@ class LiveTensorBoard:
     def finding(self, finding: Finding) -> None:
         self._guarded(lambda reporter: reporter.finding(finding))
 
-    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
-        self._guarded(lambda reporter: reporter.close(findings, step=step))
+    def close(self, derived: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
+        self._guarded(lambda reporter: reporter.close(derived, step=step))
         self._reporter = None
 
     def _guarded(self, call: Callable[[TensorBoardReporter], None]) -> None:
@@ -277,7 +277,7 @@ class LiveTensorBoard:
             )
 
 
-def write_tensorboard(run: Run, logdir: Path) -> Path:
+def write_tensorboard(report: Report, logdir: Path) -> Path:
     """Regenerate a run's TensorBoard events from the store alone; returns the directory.
 
     Event files gradtrace wrote there before (live or regenerated) are replaced; anything
@@ -292,17 +292,18 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
     except UnicodeEncodeError:
         # tensorboard's file writer takes UTF-8 paths only: write elsewhere, then move in.
         with tempfile.TemporaryDirectory(prefix="gradtrace-") as scratch:
-            _replay(run, Path(scratch))
+            _replay(report, Path(scratch))
             logdir.mkdir(parents=True, exist_ok=True)
             for written in Path(scratch).iterdir():
                 shutil.move(written, logdir / written.name)
         return logdir
-    _replay(run, logdir)
+    _replay(report, logdir)
     return logdir
 
 
-def _replay(run: Run, logdir: Path) -> None:
+def _replay(report: Report, logdir: Path) -> None:
     """Replay the stored run through a `TensorBoardReporter` writing into `logdir`."""
+    run = report.run
     reporter = TensorBoardReporter(logdir)
     grads: dict[int, list[StepGradStats]] = {}
     for stats in run.grad_steps:
@@ -318,7 +319,6 @@ def _replay(run: Run, logdir: Path) -> None:
     for step, owner, op, phase, count in run.step_write_counts:
         writes.setdefault(step, []).append(((owner, op, phase), count))
     stored = run.findings
-    findings = run_findings(run)
     steps = sorted({*grads, *scalars, *histograms, *writes, *run.step_end_ns})
     tail = max(run.step_end_ns, default=-1) + 1
     try:
@@ -339,7 +339,7 @@ def _replay(run: Run, logdir: Path) -> None:
         for found in stored:
             if found.finding.step not in recorded:
                 reporter.finding(found.finding, found.count)
-        reporter.close(findings, step=tail)
+        reporter.close(report.derived_findings, step=tail)
     finally:
         reporter.close()
 
