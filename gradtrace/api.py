@@ -22,6 +22,7 @@ from gradtrace.analysis.culprits import explain
 from gradtrace.analysis.report import Report, build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
+from gradtrace.outputs import attach_outputs
 from gradtrace.probes.timeline import TraceSteps
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import LEVELS, Session, default_run_dir, describe_exception
@@ -109,9 +110,12 @@ class Trace:
                 "Create a new one with gradtrace.trace() or gradtrace.start()."
             )
         run_dir = self.out if self.out is not None else default_run_dir(self.name)
+        options = dict(self.options)
+        tensorboard = options.pop("tensorboard", False)
         session = Session(
-            run_dir, model=self.model, argv=sys.argv[:], front_end=self.front_end, **self.options
+            run_dir, model=self.model, argv=sys.argv[:], front_end=self.front_end, **options
         )
+        attach_outputs(session, tensorboard=tensorboard)
         session.start()
         self._session = session
         return self

@@ -18,6 +18,7 @@ from gradtrace.analysis.report import Report, build_report
 from gradtrace.api import print_summary
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
+from gradtrace.outputs import attach_outputs
 from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TraceSteps
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
@@ -146,7 +147,6 @@ def run(
         if summary:
             print_summary(run_dir)  # a job no rank got to record in keeps the ranks' exit code
         return exit_code
-    live: bool | Path = tensorboard_logdir or tensorboard
     session = Session(
         run_dir,
         level=level,
@@ -154,10 +154,10 @@ def run(
         update_ratio=update_ratio,
         grad_histograms=grad_histograms,
         trace_steps=steps,
-        tensorboard=live,
         check_ranks=check_ranks,
         argv=[target.name, *target.args],
     )
+    attach_outputs(session, tensorboard=tensorboard_logdir or tensorboard)
     if summary:
         session.after_close(functools.partial(_print_summary, session))
     return run_target(target, session)

@@ -139,18 +139,18 @@ def test_ls_counts_a_closed_runs_findings_without_reading_its_series(tmp_path: P
 def test_close_stores_how_many_findings_it_found(tmp_path: Path) -> None:
     import torch
 
-    from gradtrace.session import Session
+    import gradtrace
 
     model = torch.nn.Linear(4, 4)
-    with Session(tmp_path / "run", level="light") as session:
+    with gradtrace.trace(model, out=tmp_path / "run", level="light") as traced:
         x = torch.randn(2, 4, requires_grad=True)
         y = torch.sigmoid(model(x))
         y.mul_(2)  # overwrites what sigmoid saved
         with pytest.raises(RuntimeError):
             y.sum().backward()
-    assert session.findings
+    assert traced.findings
     meta = load_run(tmp_path / "run").meta
-    assert meta[FINDINGS_AT_CLOSE] == len(session.findings) == 1  # the inplace-write
+    assert meta[FINDINGS_AT_CLOSE] == len(traced.findings) == 1  # the inplace-write
 
 
 def test_ls_of_a_missing_directory_is_one_line(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from events_factory import evidence, write
 
 from gradtrace.analysis.culprits import diagnose
 from gradtrace.analysis.report import build_report
+from gradtrace.api import start, trace
 from gradtrace.errors import GradtraceError
 from gradtrace.events import ParamStat, StepGradStats
 from gradtrace.reporters.tensorboard import (
@@ -26,7 +27,6 @@ from gradtrace.reporters.tensorboard import (
     tensorboard_dir,
     write_tensorboard,
 )
-from gradtrace.session import Session
 from gradtrace.store.reader import Run, StoredFinding, load_run
 
 pytest.importorskip("tensorboard")
@@ -216,8 +216,7 @@ def test_finding_markdown_for_a_gradient_finding() -> None:
 def test_live_events_equal_regenerated_ones(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(TRAIN))
-    session = Session(tmp_path / "run", tensorboard=True, update_ratio=True)
-    with session:
+    with trace(out=tmp_path / "run", tensorboard=True, update_ratio=True):
         subprocess_free_run(script, "4")
     live_dir = tmp_path / "run" / "tensorboard"
     live = accumulate(live_dir)
@@ -254,7 +253,7 @@ def test_tensorboard_missing_fails_before_the_run_directory_exists(
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
     with pytest.raises(GradtraceError, match=r"pip install 'gradtrace\[tensorboard\]'"):
-        Session(tmp_path / "run", tensorboard=True).start()
+        start(out=tmp_path / "run", tensorboard=True)
     assert not (tmp_path / "run").exists()
 
 
