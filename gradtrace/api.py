@@ -22,14 +22,16 @@ from torch import nn
 
 from gradtrace.analysis.culprits import explain
 from gradtrace.analysis.grad_health import module_norms
+from gradtrace.analysis.report import Report, build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.options import RunOptions
+from gradtrace.outputs import attach_outputs
 from gradtrace.reporters.notebook import Findings, run_html
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.session import Session, default_run_dir, describe_exception
 from gradtrace.store.format import FAILED, INTERRUPTED, OK
-from gradtrace.store.reader import Run, StoredFinding, load_run
+from gradtrace.store.reader import Run, load_run
 
 # An exception is annotated with at most this many findings; the run directory has them all.
 MAX_NOTES = 3
@@ -132,6 +134,7 @@ class Trace:
             argv=sys.argv[:] if self.argv is None else self.argv,
             front_end=self.front_end,
         )
+        attach_outputs(session, tensorboard=self.options.tensorboard)
         session.start()
         self._session = session
         return self
@@ -279,20 +282,19 @@ def annotate(exception: BaseException, findings: list[Finding]) -> None:
             add_note(explain(finding))
 
 
-def print_summary(
-    run_dir: Path, run: Run | None = None, findings: list[StoredFinding] | None = None
-) -> None:
+def print_summary(run_dir: Path, report: Report | None = None) -> None:
     """Print the run's terminal summary to stderr; never raise into the training loop.
 
-    `run` and `findings`: the run already read back and analysed (see
-    `Session.after_close`), else they are read and derived here.
-    It runs inside the framework's exception handler too, where raising would replace the
-    user's exception with ours.
+    `report`: the run already read back and analysed (see `Session.after_close`), else it is
+    read and analysed here. It runs inside the framework's exception handler too, where
+    raising would replace the user's exception with ours.
     """
     sys.stdout.flush()
     console = Console(stderr=True)
     try:
-        TerminalReporter(console).render(load_run(run_dir) if run is None else run, findings)
+        TerminalReporter(console).render(
+            build_report(load_run(run_dir)) if report is None else report
+        )
     except Exception as error:
         # Ours are one-line messages already; anything else is named as it is.
         known = isinstance(error, GradtraceError)

@@ -14,10 +14,12 @@ import torch
 from rich.console import Console
 
 from gradtrace import _native
+from gradtrace.analysis.report import Report, build_report
 from gradtrace.api import print_summary
 from gradtrace.errors import GradtraceError
 from gradtrace.launch import launch_ranks
 from gradtrace.options import RunOptions
+from gradtrace.outputs import attach_outputs
 from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
 from gradtrace.reporters.html import write_html
 from gradtrace.reporters.json_report import render_json
@@ -27,7 +29,7 @@ from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
 from gradtrace.session import DEFAULT_RUNS_DIR, Session, default_run_dir
-from gradtrace.store.reader import Run, StoredFinding, load_run
+from gradtrace.store.reader import load_run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,6 +85,7 @@ def run(
             print_summary(run_dir)  # a job no rank got to record in keeps the ranks' exit code
         return exit_code
     session = Session(run_dir, options, argv=[target.name, *target.args])
+    attach_outputs(session, tensorboard=options.tensorboard)
     if summary:
         session.after_close(functools.partial(_print_summary, session))
     return run_target(target, session)
@@ -94,12 +97,12 @@ def _rank_args(options: RunOptions, target: Target) -> list[str]:
     return [*options.to_argv(), *where, *target.args]
 
 
-def _print_summary(session: Session, run: Run, findings: list[StoredFinding]) -> None:
+def _print_summary(session: Session, report: Report) -> None:
     """The run's summary; under torchrun rank 0's, and other ranks' only if they found something."""
     rank = session.rank
     if rank is not None and rank.rank != 0 and not session.findings:
         return
-    print_summary(session.run_dir, run, findings)
+    print_summary(session.run_dir, report)
     if rank is not None:
         Console(stderr=True).print(
             f"Rank {rank.rank} of {rank.world_size}. All ranks: "
@@ -118,16 +121,16 @@ def _print_summary(session: Session, run: Run, findings: list[StoredFinding]) ->
 )
 def report(run_dir: Path, as_json: bool, html_out: Path | None) -> int:
     """Show the summary of a saved run (post-mortem, from the run directory alone)."""
-    run = load_run(run_dir)
+    report = build_report(load_run(run_dir))
     if html_out is not None:
-        written = write_html(run, html_out)
+        written = write_html(report, html_out)
         click.echo(f"HTML report in {written}", err=as_json)
         if not as_json:
             return 0
     if as_json:
-        click.echo(json.dumps(render_json(run), indent=2))
+        click.echo(json.dumps(render_json(report), indent=2))
     else:
-        TerminalReporter(Console()).render(run)
+        TerminalReporter(Console()).render(report)
     return 0
 
 
@@ -159,9 +162,9 @@ def ls_command(directory: Path | None) -> int:
 )
 def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
     """Regenerate a run's TensorBoard events from the run directory alone."""
-    run = load_run(run_dir)
+    report = build_report(load_run(run_dir))
     target = tensorboard_dir(run_dir, logdir)
-    written = write_tensorboard(run, target if logdir is not None else _in_run(target))
+    written = write_tensorboard(report, target if logdir is not None else _in_run(target))
     click.echo(f"TensorBoard events in {written}")
     click.echo(f"  view: tensorboard --logdir {logdir if logdir is not None else written}")
     return 0
@@ -176,8 +179,8 @@ def tensorboard_command(run_dir: Path, logdir: Path | None) -> int:
 )
 def trace_command(run_dir: Path, out: Path | None) -> int:
     """Write a Chrome trace (steps, module spans, in-place writes, findings) for ui.perfetto.dev."""
-    run = load_run(run_dir)
-    written = write_trace(run, out if out is not None else _in_run(run_dir / TRACE_FILE))
+    report = build_report(load_run(run_dir))
+    written = write_trace(report, out if out is not None else _in_run(run_dir / TRACE_FILE))
     click.echo(f"Chrome trace in {written} (open it in https://ui.perfetto.dev)")
     return 0
 

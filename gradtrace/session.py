@@ -1,13 +1,13 @@
-"""A tracing session: owns every probe and the run writer, and removes them all on close."""
+"""A tracing session: owns every probe, hands what they collect to its sinks (the run writer
+first), and removes them all on close."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import platform
-import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gradtrace import _native
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.report import Report, build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     HISTOGRAM_EDGES,
@@ -50,16 +50,11 @@ from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.timeline import TimelineProbe, TraceSteps
 from gradtrace.probes.writes import WriteLogProbe
 from gradtrace.ranks import Rank, agree_on_job_dir, current_rank
-from gradtrace.reporters.chrome_trace import TRACE_FILE, write_trace
-from gradtrace.reporters.tensorboard import (
-    LiveTensorBoard,
-    require_tensorboard,
-    tensorboard_dir,
-)
-from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, OK, RUNNING
+from gradtrace.sinks import Sink
+from gradtrace.store.format import FAILED, OK, RUNNING
 from gradtrace.store.jobs import StoreJobs
-from gradtrace.store.reader import Run, StoredFinding, load_run
-from gradtrace.store.writer import RunWriter, add_meta
+from gradtrace.store.reader import load_run
+from gradtrace.store.writer import RunWriter
 
 DEFAULT_RUNS_DIR = "gradtrace-runs"
 
@@ -95,6 +90,11 @@ class Session:
     every exit path by the front ends). Only one session may be active at a time: hooks are
     global, and two sessions would attribute each other's writes. Under torchrun (RANK and
     WORLD_SIZE set) `out` is the job's directory and this rank writes `out/rank-<RANK>`.
+
+    The session collects; its sinks consume (gradtrace/sinks.py). The run writer is always
+    the first; front ends add others (`add_sink`: live TensorBoard) and what is made from
+    the run once it is read back (`after_close`: trace.json, the findings count, the
+    summary). The session itself renders nothing.
     """
 
     def __init__(
@@ -119,7 +119,10 @@ class Session:
         self.level = options.level
         # "python" forces the Python probes; None takes the native core where it builds.
         self._core_choice = core
+        # Findings so far, one per bug (`Finding.same_bug`); after close, every finding.
         self.findings: list[Finding] = []
+        self._bugs: set[tuple[object, ...]] = set()
+        self._findings_lock = threading.Lock()
         self._meta: dict[str, Any] = {} if argv is None else {"argv": list(argv)}
         if front_end is not None:
             self._meta["front_end"] = front_end
@@ -133,6 +136,9 @@ class Session:
         self._timeline: TimelineProbe | None = None
         self._stack: ExitStack | None = None
         self._writer: RunWriter | None = None
+        # The run writer, then the sinks `add_sink` opened; empty until tracing starts.
+        self._sinks: tuple[Sink, ...] = ()
+        self._sink_openers: list[Callable[[], Sink]] = []
         self._jobs: StoreJobs | None = None
         self._pid = os.getpid()
         # Probes that failed and switched themselves off (NOTE [probe boundary] in guard.py).
@@ -146,9 +152,6 @@ class Session:
         self._modules = ModuleStackProbe(guard=self._guard("module stack"))
         self._forwards_at_step_end = 0
         self._checkpointed_stored = 0
-        # TensorBoard: True writes into the run directory, a path into that logdir.
-        self._tensorboard = options.tensorboard
-        self._live: LiveTensorBoard | None = None
         self._rank_check = (
             RankCheckProbe(self._deferred, self._store_rank_norms, guard=self._guard("rank check"))
             if options.check_ranks
@@ -165,7 +168,7 @@ class Session:
             if options.grad_histograms > 0
             else None
         )
-        self._after_close: list[Callable[[Run, list[StoredFinding]], None]] = []
+        self._after_close: list[Callable[[Report], None]] = []
 
     @property
     def step(self) -> int:
@@ -192,8 +195,6 @@ class Session:
                 f"A gradtrace session is already tracing into '{_active.run_dir}'; "
                 "stop it before starting another."
             )
-        if self._tensorboard is not False:
-            require_tensorboard()  # before the run directory exists: fail with nothing made
         core = None if self._core_choice == _native.PYTHON else _native.load()
         self.core = _native.NATIVE if core is not None else _native.PYTHON
         writer = RunWriter(self.run_dir, on_stop=_say)
@@ -216,14 +217,18 @@ class Session:
         stack = ExitStack()
         jobs = StoreJobs()
         self._writer = writer  # a probe failing as it installs is recorded too
+        self._sinks = (writer,)
         try:
             stack.callback(writer.close)
-            stack.callback(jobs.close)  # before the writer closes
-            if self._tensorboard is not False:
-                self._live = LiveTensorBoard(self._tensorboard_dir())
+            for open_sink in self._sink_openers:
+                sink = open_sink()
+                stack.callback(sink.close)
+                self._sinks = (*self._sinks, sink)
+            stack.callback(jobs.close)  # first: the store thread's last records reach every sink
             self._install(stack, core)
         except BaseException:
             self._writer = None
+            self._sinks = ()
             stack.close()
             raise
         self._stack = stack
@@ -318,8 +323,8 @@ class Session:
             return
         self.probe_failures.append(failure)
         print(f"gradtrace: {failure.describe()}", file=sys.stderr, flush=True)
-        if self._writer is not None:
-            self._writer.add_probe_failure(failure)
+        for sink in self._sinks:
+            sink.add_probe_failure(failure)
 
     def log(self, **values: float | torch.Tensor) -> None:
         """Record scalars (e.g. `loss=loss`) for the step they belong to.
@@ -369,45 +374,31 @@ class Session:
             _active = None
             stack.close()
         if writer is not None:
-            run = load_run(self.run_dir)
-            findings = run_findings(run)
-            self.findings = [stored.finding for stored in findings]
-            self._finish_files(run, findings)
-            if self._live is not None:
-                self._live.close(findings, step=self.step)
+            report = build_report(load_run(self.run_dir))
+            self.findings = [stored.finding for stored in report.findings]
             for callback in self._after_close:
-                callback(run, findings)
+                callback(report)
 
-    def _finish_files(self, run: Run, findings: list[StoredFinding]) -> None:
-        """trace.json and the findings count; on a full disk, say what is missing and go on
-        (NOTE [store failure] in store/writer.py)."""
-        trace = self.run_dir / TRACE_FILE
-        try:
-            write_trace(run, trace, findings)
-        except GradtraceError as error:
-            with contextlib.suppress(OSError):
-                trace.unlink(missing_ok=True)  # a cut-off file no viewer opens
-            _say(f"{error} The run itself is kept: 'gradtrace trace {self.run_dir}' writes it.")
-        # The count only spares `ls` reading the series back: a run without it is whole.
-        with contextlib.suppress(sqlite3.DatabaseError):
-            add_meta(self.run_dir, **{FINDINGS_AT_CLOSE: len(findings)})
+    def add_sink(self, open_sink: Callable[[], Sink]) -> None:
+        """Hand every record to the sink `open_sink` returns, after the run writer.
 
-    def after_close(self, callback: Callable[[Run, list[StoredFinding]], None]) -> None:
-        """Call `callback` with the run as stored and its findings, once `close` has read
-        and analysed it.
+        `open_sink` is called as tracing starts, once the run directory exists; an error
+        there fails `start` with nothing left installed. The sink is closed with the others
+        on every exit path.
+        """
+        if self._stack is not None:
+            raise GradtraceError("Add sinks before the session starts.")
+        self._sink_openers.append(open_sink)
 
-        Close reads the whole store and derives the findings once (for trace.json and the
-        findings count); a summary printed from them spares doing both again on a long run
-        (millions of rows at 20 000 steps of a 150-parameter model).
+    def after_close(self, callback: Callable[[Report], None]) -> None:
+        """Call `callback` with the run's report once `close` has read the run back, in the
+        order registered (front ends: trace.json, the findings count, the summary).
+
+        Close reads the whole store and derives the findings once; every consumer shares
+        them, which on a long run (millions of rows at 20 000 steps of a 150-parameter
+        model) spares reading and analysing it again for each.
         """
         self._after_close.append(callback)
-
-    def _tensorboard_dir(self) -> Path:
-        """Where live events go; in a user's logdir, a job's ranks sit side by side."""
-        logdir = None if self._tensorboard is True else Path(self._tensorboard)
-        if logdir is None or self.rank is None:
-            return tensorboard_dir(self.run_dir, logdir)
-        return tensorboard_dir(self.job_dir, logdir) / self.run_dir.name
 
     def _rank_meta(self) -> dict[str, int]:
         if self.rank is None:
@@ -502,19 +493,19 @@ class Session:
         return os.getpid() == self._pid
 
     def _store_step(self, writer: RunWriter, gathered: _Gathered) -> None:
-        """On the store thread: read the values, store them and the step, commit."""
+        """On the store thread: read the values, hand them and the step to every sink."""
         for step, values in gathered.scalars:
             self._store_scalars(step, values)
         deliver(gathered.ready)
         if gathered.checkpointed is not None:
             writer.set_meta(checkpointed=gathered.checkpointed)
         if gathered.timeline is not None:
-            writer.write_timeline(*gathered.timeline)
-        # Last: it commits everything the step wrote.
+            for sink in self._sinks:
+                sink.write_timeline(*gathered.timeline)
+        # Last: it ends the step (the writer commits everything the step wrote).
         if gathered.finished or gathered.counts:
-            writer.write_step(gathered.step, gathered.counts, finished=gathered.finished)
-            if self._live is not None:
-                self._live.step(gathered.step, gathered.counts, finished=gathered.finished)
+            for sink in self._sinks:
+                sink.write_step(gathered.step, gathered.counts, finished=gathered.finished)
 
     def _new_checkpointed(self) -> dict[str, str] | None:
         """Modules activation checkpointing ran, when one appeared (a killed run keeps them)."""
@@ -541,34 +532,33 @@ class Session:
         return plain_by_step
 
     def _store_scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
-            self._writer.write_scalars(step, values)
-            if self._live is not None:
-                self._live.scalars(step, values)
+        for sink in self._sinks:
+            sink.write_scalars(step, values)
 
     def _store_grad_stats(self, stats: StepGradStats) -> None:
-        if self._writer is not None:
-            self._writer.write_grad_stats(stats)
-            if self._live is not None:
-                self._live.grad_stats(stats)
+        for sink in self._sinks:
+            sink.write_grad_stats(stats)
 
     def _store_histograms(self, histograms: list[GradHistogram]) -> None:
-        if self._writer is not None:
-            self._writer.write_histograms(histograms)
-            if self._live is not None:
-                self._live.histograms(histograms)
+        for sink in self._sinks:
+            sink.write_histograms(histograms)
 
     def _store_rank_norms(self, norms: RankNorms) -> None:
-        if self._writer is not None:
-            self._writer.write_rank_norms(norms)
+        for sink in self._sinks:
+            sink.write_rank_norms(norms)
 
     def _add_finding(self, finding: Finding) -> None:
-        if not self._in_owner():
+        """Any thread. Every sink gets every repeat (the store counts them); `findings`
+        keeps one per bug."""
+        sinks = self._sinks
+        if not sinks or not self._in_owner():
             return
-        if self._writer is not None and self._writer.add_finding(finding):
-            self.findings.append(finding)
-            if self._live is not None:
-                self._live.finding(finding)
+        with self._findings_lock:
+            if finding.same_bug not in self._bugs:
+                self._bugs.add(finding.same_bug)
+                self.findings.append(finding)
+        for sink in sinks:
+            sink.add_finding(finding)
 
 
 @dataclass(frozen=True)

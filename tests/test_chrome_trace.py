@@ -17,6 +17,7 @@ from trace_format import check_trace_format
 from trace_format import spans as spans_of
 
 from gradtrace.analysis.culprits import diagnose
+from gradtrace.analysis.report import build_report
 from gradtrace.events import Span, TracedWrite
 from gradtrace.reporters.chrome_trace import MAX_STEP_SPANS, STEPS_TID, render_trace
 from gradtrace.store.format import DATABASE
@@ -45,7 +46,7 @@ def sample_run() -> Run:
 
 
 def test_steps_become_spans_with_write_counters_and_finding_markers() -> None:
-    document = render_trace(sample_run())
+    document = render_trace(build_report(sample_run()))
     check_trace_format(document)
     events = document["traceEvents"]
     spans = [(e["name"], e["ts"], e["dur"]) for e in events if e["ph"] == "X"]
@@ -106,7 +107,7 @@ def test_spans_are_clipped_into_the_span_around_them_and_writes_say_legal_or_fin
         ],
         threads={7: "MainThread"},
     )
-    document = render_trace(run)
+    document = render_trace(build_report(run))
     check_trace_format(document)
     assert [(e["name"], e["ts"], e["dur"]) for e in spans_of(document, "backward")] == [
         ("encoder.act (backward)", 9.0, 11.0),
@@ -133,7 +134,7 @@ def test_a_run_recorded_before_timelines_still_opens(tmp_path: Path) -> None:
     db.close()
     run = load_run(tmp_path / "old")
     assert (run.spans, run.traced_writes, run.threads) == ([], [], {})
-    check_trace_format(render_trace(run))
+    check_trace_format(render_trace(build_report(run)))
 
 
 SCRIPT = """\
@@ -244,7 +245,7 @@ def long_run(steps: int) -> Run:
 
 
 def test_the_step_track_stays_bounded_on_a_long_run() -> None:
-    document = render_trace(long_run(20_000))
+    document = render_trace(build_report(long_run(20_000)))
     check_trace_format(document)
     size = len(json.dumps(document))
     assert size < 400_000, size  # 2.6 MB with one span and one counter per step
@@ -260,6 +261,6 @@ def test_the_step_track_stays_bounded_on_a_long_run() -> None:
     assert {json.dumps(c["args"], sort_keys=True) for c in counters} == {
         json.dumps({"AdamW.step": 4, "encoder.act": 0.5}, sort_keys=True)
     }
-    short = render_trace(long_run(MAX_STEP_SPANS))
+    short = render_trace(build_report(long_run(MAX_STEP_SPANS)))
     assert len([e for e in short["traceEvents"] if e["ph"] == "X"]) == MAX_STEP_SPANS
     assert short["otherData"]["steps_per_span"] == 1

@@ -13,6 +13,8 @@ from rich.console import Console
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import gradtrace
+from gradtrace.analysis.report import build_report
 from gradtrace.probes import saved as saved_probe
 from gradtrace.reporters.json_report import render_json
 from gradtrace.reporters.terminal import TerminalReporter
@@ -122,9 +124,9 @@ def test_the_report_names_the_modules_checkpointing_ran(
     assert run.meta["checkpointed"] == {
         name: how for name in ["block", "block.0", "block.1", "block.2"]
     }
-    assert render_json(run)["run"]["checkpointed"] == run.meta["checkpointed"]
+    assert render_json(build_report(run))["run"]["checkpointed"] == run.meta["checkpointed"]
     console = Console(width=200, record=True)
-    TerminalReporter(console).render(run)
+    TerminalReporter(console).render(build_report(run))
     assert "4 modules ran under activation checkpointing: block (" in console.export_text()
 
 
@@ -145,7 +147,7 @@ def _train_steps(steps: int) -> None:
 
 
 def _train_and_close(steps: int) -> None:
-    """A forked child that also reaches the end of the `with Session` block it inherited."""
+    """A forked child that also reaches the end of the traced block it inherited."""
     from gradtrace.session import active
 
     _train_steps(steps)
@@ -160,7 +162,7 @@ def _train_and_close(steps: int) -> None:
 def test_a_process_forked_while_tracing_trains_and_leaves_the_run_alone(tmp_path: Path) -> None:
     """The child inherits the hooks but not the store thread: it must neither hang at a step
     end nor write into the parent's run."""
-    with Session(tmp_path / "run"):
+    with gradtrace.trace(out=tmp_path / "run"):
         _train_steps(2)
         child = multiprocessing.get_context("fork").Process(target=_train_and_close, args=(5,))
         child.start()
@@ -170,6 +172,7 @@ def test_a_process_forked_while_tracing_trains_and_leaves_the_run_alone(tmp_path
             child.kill()
         assert not (tmp_path / "run" / "trace.json").exists()  # the child's close did nothing
         _train_steps(1)
+    assert (tmp_path / "run" / "trace.json").exists()  # the parent's close wrote it
     assert not alive and child.exitcode == 0
     run = load_run(tmp_path / "run")
     assert run.steps == 3 and [s.step for s in run.grad_steps] == [0, 1, 2]

@@ -15,6 +15,7 @@ from cores import CORES
 from torch import nn
 from trace_format import check_trace_format
 
+from gradtrace.analysis.report import build_report
 from gradtrace.reporters.chrome_trace import render_trace
 from gradtrace.session import Session
 from gradtrace.store import load_run
@@ -191,4 +192,4 @@ def test_backward_spans_get_the_device_threads_tracks(tmp_path: Path) -> None:
     assert forward == {threading.get_native_id()}
     assert backward and not backward & forward  # CUDA backward runs on a device thread
     assert all(run.threads[thread] != "MainThread" for thread in backward)
-    check_trace_format(render_trace(run))
+    check_trace_format(render_trace(build_report(run)))

@@ -10,6 +10,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+import gradtrace
+from gradtrace.analysis.report import build_report
 from gradtrace.events import HISTOGRAM_EDGES
 from gradtrace.probes import histograms as histograms_probe
 from gradtrace.reporters.json_report import render_json
@@ -45,7 +47,7 @@ def test_counts_match_bucketize_every_nth_step_and_training_is_unchanged(
     monkeypatch.setattr(histograms_probe, "CHUNK_ELEMENTS", 7)  # several chunks per weight
     plain = _train(5)
     expected: dict[int, dict[str, list[int]]] = {}
-    with Session(tmp_path / "run", grad_histograms=2, tensorboard=True):
+    with gradtrace.trace(out=tmp_path / "run", grad_histograms=2, tensorboard=True):
         traced = _train(5, expected)
     assert traced == plain
     run = load_run(tmp_path / "run")
@@ -54,7 +56,7 @@ def test_counts_match_bucketize_every_nth_step_and_training_is_unchanged(
     for (step, param), counts in got.items():
         assert counts == expected[step][param], (step, param)
     assert run.meta["histogram_edges"] == list(HISTOGRAM_EDGES)
-    report = render_json(run)["grad_stats"]["value_histograms"]
+    report = render_json(build_report(run))["grad_stats"]["value_histograms"]
     assert report["params"]["0.weight"][1] == [2, expected[2]["0.weight"]]
 
     events = EventAccumulator(

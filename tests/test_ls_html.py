@@ -18,6 +18,7 @@ from cli_process import kill_when_ready
 from events_factory import evidence, write
 
 from gradtrace.analysis.culprits import diagnose
+from gradtrace.analysis.report import build_report
 from gradtrace.events import ParamStat, StepGradStats
 from gradtrace.reporters.html import render_html
 from gradtrace.store.format import FAILED, FINDINGS_AT_CLOSE, INTERRUPTED, OK, RUNNING
@@ -138,18 +139,18 @@ def test_ls_counts_a_closed_runs_findings_without_reading_its_series(tmp_path: P
 def test_close_stores_how_many_findings_it_found(tmp_path: Path) -> None:
     import torch
 
-    from gradtrace.session import Session
+    import gradtrace
 
     model = torch.nn.Linear(4, 4)
-    with Session(tmp_path / "run", level="light") as session:
+    with gradtrace.trace(model, out=tmp_path / "run", level="light") as traced:
         x = torch.randn(2, 4, requires_grad=True)
         y = torch.sigmoid(model(x))
         y.mul_(2)  # overwrites what sigmoid saved
         with pytest.raises(RuntimeError):
             y.sum().backward()
-    assert session.findings
+    assert traced.findings
     meta = load_run(tmp_path / "run").meta
-    assert meta[FINDINGS_AT_CLOSE] == len(session.findings) == 1  # the inplace-write
+    assert meta[FINDINGS_AT_CLOSE] == len(traced.findings) == 1  # the inplace-write
 
 
 def test_ls_of_a_missing_directory_is_one_line(tmp_path: Path) -> None:
@@ -208,7 +209,7 @@ def sample_run() -> Run:
 
 
 def test_html_is_self_contained_with_findings_heat_map_and_curves() -> None:
-    page = render_html(sample_run())
+    page = render_html(build_report(sample_run()))
     assert page.startswith("<!DOCTYPE html>")
     # Self-contained: nothing fetched from anywhere.
     assert not re.search(r"(src|href)\s*=|url\(|@import|https?://", page)
@@ -236,7 +237,9 @@ def test_html_bins_long_runs_keeping_the_worst_value() -> None:
         for s in range(1000)
     ]
     page = render_html(
-        Run(path=run.path, meta=run.meta, findings=[], steps=1000, grad_steps=long_steps)
+        build_report(
+            Run(path=run.path, meta=run.meta, findings=[], steps=1000, grad_steps=long_steps)
+        )
     )
     heatmap = page.split("Gradient norm per module × step")[1].split("</svg>")[0]
     cells = re.findall(r"data-label='([^']*)'", heatmap)
@@ -273,7 +276,7 @@ def test_html_post_mortem_of_a_killed_run_shows_its_finished_steps(tmp_path: Pat
 @needs_chromium
 def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     page = tmp_path / "report.html"
-    page.write_text(render_html(sample_run()))
+    page.write_text(render_html(build_report(sample_run())))
     screenshot = tmp_path / "shot.png"
     subprocess.run(
         chromium_command(

@@ -26,6 +26,7 @@ from rich.console import Console
 from torch import nn
 
 from gradtrace import _native
+from gradtrace.analysis.report import build_report
 from gradtrace.probes import (
     amp,
     clip,
@@ -159,7 +160,9 @@ def assert_bitwise_equal(a: object, b: object) -> None:
 
 def summary_text(run_dir: Path) -> str:
     out = io.StringIO()
-    TerminalReporter(Console(file=out, width=300, color_system=None)).render(load_run(run_dir))
+    TerminalReporter(Console(file=out, width=300, color_system=None)).render(
+        build_report(load_run(run_dir))
+    )
     return out.getvalue()
 
 
@@ -193,7 +196,7 @@ def test_a_failing_probe_leaves_training_bitwise_unchanged(
     run = load_run(tmp_path / "run")
     assert run.status == "ok"
     assert run.probe_failures == [failure]
-    reported = render_json(run)["probe_failures"]
+    reported = render_json(build_report(run))["probe_failures"]
     assert [(f["probe"], f["error"], f["step"]) for f in reported] == [
         (case.probe, case.error, failure.step)
     ]
@@ -310,4 +313,4 @@ def test_runs_recorded_before_probe_failures_were_stored_still_read(tmp_path: Pa
     db.close()
     run = load_run(tmp_path / "run")
     assert run.probe_failures == []
-    assert render_json(run)["probe_failures"] == []
+    assert render_json(build_report(run))["probe_failures"] == []

@@ -10,6 +10,7 @@ from events_factory import evidence, write
 from rich.console import Console
 
 from gradtrace.analysis.culprits import diagnose
+from gradtrace.analysis.report import build_report
 from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.reporters.html import render_html
 from gradtrace.reporters.json_report import render_json
@@ -34,7 +35,7 @@ def sample_run() -> Run:
 
 def test_terminal_summary_points_at_the_write() -> None:
     console = Console(width=100, record=True, color_system=None)
-    TerminalReporter(console).render(sample_run())
+    TerminalReporter(console).render(build_report(sample_run()))
     text = console.export_text()
     assert "gradtrace train.py  failed (exit 1) · level full · 4 steps · 20 in-place writes" in text
     assert "in-place write broke backward" in text
@@ -49,7 +50,7 @@ def test_terminal_summary_points_at_the_write() -> None:
 
 
 def test_json_document_shape() -> None:
-    document = render_json(sample_run())
+    document = render_json(build_report(sample_run()))
     assert document["format"] == 1
     assert document["run"]["status"] == "failed"
     assert document["run"]["writes"] == 20
@@ -97,27 +98,29 @@ def clipped_run() -> Run:
 
 def test_update_ratio_and_clipping_in_terminal_json_and_html() -> None:
     console = Console(width=100, record=True, color_system=None)
-    TerminalReporter(console).render(clipped_run())
+    TerminalReporter(console).render(build_report(clipped_run()))
     text = console.export_text()
     assert "‖Δp‖/‖p‖" in text
     assert re.search(r"│ \(global, before clip\) │\s+0\.9 │", text)
     assert re.search(r"│ \(global, after clip\)\s+│\s+1 │", text)
     assert re.search(r"│ fc\s+│\s+1 │\s+0\.2 │\s+0\.01 │", text)  # ‖Δp‖ 0.05 over ‖p‖ 5
     assert "clip_grad_norm_(max_norm=1) clipped on 1 of 2 recorded steps that called it" in text
-    stats = render_json(clipped_run())["grad_stats"]
+    stats = render_json(build_report(clipped_run()))["grad_stats"]
     assert stats["global_grad_norm_before_clip"] == [[0, 5.0], [2, 0.9]]
     assert stats["global_grad_norm"] == [[0, 1.0], [2, 1.0]]
     assert stats["clip_max_norm"] == [[0, 1.0], [2, 1.0]]
     assert stats["modules"]["fc"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
     assert stats["params"]["fc.bias"]["update_ratio"] == [[0, 0.01], [2, 0.01]]
     assert stats["dead_units"] == {"act": [[0, 0.25]]}
-    page = render_html(clipped_run())
+    page = render_html(build_report(clipped_run()))
     assert "Global gradient norm before clipping" in page
     assert "Clipped on 1 of 2 recorded steps" in page
     assert "Update ratio per module × step" in page
-    plain = render_html(sample_run())
+    plain = render_html(build_report(sample_run()))
     assert "before clipping" not in plain and "Update ratio" not in plain
-    assert render_json(sample_run())["grad_stats"]["global_grad_norm_before_clip"] == []
+    assert (
+        render_json(build_report(sample_run()))["grad_stats"]["global_grad_norm_before_clip"] == []
+    )
 
 
 def long_names_run(norms: list[float] | None = None) -> Run:
@@ -151,7 +154,7 @@ def long_names_run(norms: list[float] | None = None) -> Run:
 
 def test_module_paths_at_80_columns_keep_their_end() -> None:
     console = Console(width=80, record=True, color_system=None)
-    TerminalReporter(console).render(long_names_run())
+    TerminalReporter(console).render(build_report(long_names_run()))
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     # Each module is told apart by its layer index: it stays, and so do the numbers.
@@ -160,7 +163,7 @@ def test_module_paths_at_80_columns_keep_their_end() -> None:
         assert re.search(r"│\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+ │ [▁-█]{4}", row), row
     assert "│ m.e.l.2.s.out_projection.dropout_mask_owner " in text
     wide = Console(width=200, record=True, color_system=None)
-    TerminalReporter(wide).render(long_names_run())
+    TerminalReporter(wide).render(build_report(long_names_run()))
     assert "│ model.encoder.layers.0.self_attention.out_projection │" in wide.export_text()
 
 
@@ -185,12 +188,12 @@ GLOBAL_NORM = "‖grad‖ (L2, all parameters)"
 
 def test_a_flat_series_is_a_level_sparkline_not_noise_at_full_height() -> None:
     console = Console(width=120, record=True, color_system=None)
-    TerminalReporter(console).render(long_names_run(FLAT))
+    TerminalReporter(console).render(build_report(long_names_run(FLAT)))
     rows = [line for line in console.export_text().splitlines() if "out_projection │" in line]
     assert len(rows) == 3
     assert {re.findall(r"[▁-█]+", row)[-1] for row in rows} == {"▅▅▅▅"}
     swinging = Console(width=120, record=True, color_system=None)
-    TerminalReporter(swinging).render(long_names_run([0.2, 0.25, 0.3, 0.22]))
+    TerminalReporter(swinging).render(build_report(long_names_run([0.2, 0.25, 0.3, 0.22])))
     assert "▁▅█▃" in swinging.export_text()  # log-scaled
 
 
@@ -199,13 +202,15 @@ def _chart(page: str, label: str) -> str:
 
 
 def test_a_flat_norm_curve_is_level_between_axis_labels_that_differ() -> None:
-    chart = _chart(render_html(long_names_run(FLAT)), GLOBAL_NORM)
+    chart = _chart(render_html(build_report(long_names_run(FLAT))), GLOBAL_NORM)
     ys = {point.split(",")[1] for point in re.search(r"points='([^']*)'", chart)[1].split()}
     assert len(ys) == 1  # one level line
     top, bottom = re.findall(r"<text x='64' y='\d+' text-anchor='end'>([^<]*)</text>", chart)
     norm = 0.25 * math.sqrt(1 + 4 + 9)  # the global norm of the three modules
     assert top != bottom and float(bottom) < norm < float(top)
-    close = _chart(render_html(long_names_run([0.25, 0.25, 0.25, 0.2503])), GLOBAL_NORM)
+    close = _chart(
+        render_html(build_report(long_names_run([0.25, 0.25, 0.25, 0.2503]))), GLOBAL_NORM
+    )
     top, bottom = re.findall(r"<text x='64' y='\d+' text-anchor='end'>([^<]*)</text>", close)
     assert top != bottom  # 0.25 apart by 0.12 %: more digits, not "0.935" twice
 
@@ -216,7 +221,7 @@ def test_html_keeps_the_line_breaks_between_pytorchs_error_and_gradtraces_attrib
         "one of the variables needed ... expected version 0 instead.\n\ngradtrace: model.py:42"
     )
     run.meta["exception"] = {"type": "RuntimeError", "message": message}
-    page = render_html(run)
+    page = render_html(build_report(run))
     raised = re.search(r"<p class='([^']*)'>RuntimeError: ([^<]*)</p>", page)
     assert raised[2].endswith("instead.\n\ngradtrace: model.py:42")
     css_class = raised[1].split()[-1]
@@ -226,13 +231,13 @@ def test_html_keeps_the_line_breaks_between_pytorchs_error_and_gradtraces_attrib
 def test_step_labels_never_overlap_even_for_a_run_of_one_step() -> None:
     one_step = long_names_run([0.5])
     one_step.step_write_counts.append((0, "encoder.act", "relu_", "forward", 3))
-    page = render_html(one_step)
+    page = render_html(build_report(one_step))
     labels = re.findall(
         r"<text x='[\d.]+' y='\d+'( text-anchor='end')?>(steps? [^<]*)</text>", page
     )
     # The norm curve and the heat maps (norms, update ratios, writes): one label each.
     assert labels == [("", "step 0")] * 4
-    many = render_html(long_names_run([0.1, 0.2, 0.3, 0.4]))
+    many = render_html(build_report(long_names_run([0.1, 0.2, 0.3, 0.4])))
     labels = re.findall(r"<text x='([\d.]+)' y='\d+'( text-anchor='end')?>step (\d+)</text>", many)
     starts = [float(x) for x, end, _ in labels if not end]
     ends = [float(x) for x, end, _ in labels if end]

@@ -17,6 +17,8 @@ from cli_process import gradtrace, kill_when_ready
 from events_factory import evidence, write
 
 from gradtrace.analysis.culprits import diagnose
+from gradtrace.analysis.report import build_report
+from gradtrace.api import start, trace
 from gradtrace.errors import GradtraceError
 from gradtrace.events import ParamStat, StepGradStats
 from gradtrace.reporters.tensorboard import (
@@ -25,7 +27,6 @@ from gradtrace.reporters.tensorboard import (
     tensorboard_dir,
     write_tensorboard,
 )
-from gradtrace.session import Session
 from gradtrace.store.reader import Run, StoredFinding, load_run
 
 pytest.importorskip("tensorboard")
@@ -122,7 +123,9 @@ def test_update_ratio_clipping_and_dead_unit_scalars(tmp_path: Path) -> None:
         )
         for stats in run.grad_steps
     ]
-    events = accumulate(write_tensorboard(replace(run, grad_steps=moved), tmp_path / "tb"))
+    events = accumulate(
+        write_tensorboard(build_report(replace(run, grad_steps=moved)), tmp_path / "tb")
+    )
     ratios = scalars(events, "update_ratio/encoder/layers.3/attn")
     assert [step for step, _ in ratios] == [0, 1, 2]
     assert [value for _, value in ratios] == pytest.approx([0.01] * 3)
@@ -141,7 +144,7 @@ def test_module_paths_become_tag_trees() -> None:
 
 def test_stored_run_becomes_scalars_histograms_and_text(tmp_path: Path) -> None:
     run = sample_run(tmp_path)
-    logdir = write_tensorboard(run, tmp_path / "tb")
+    logdir = write_tensorboard(build_report(run), tmp_path / "tb")
     events = accumulate(logdir)
     tags = events.Tags()
     assert scalars(events, "grad_norm/encoder/layers.3/attn") == [(0, 5.0), (1, 10.0), (2, 15.0)]
@@ -178,8 +181,8 @@ def test_regenerating_replaces_only_gradtraces_own_event_files(tmp_path: Path) -
     logdir = tmp_path / "tb"
     logdir.mkdir()
     (logdir / "notes.txt").write_text("mine")
-    write_tensorboard(run, logdir)
-    write_tensorboard(run, logdir)
+    write_tensorboard(build_report(run), logdir)
+    write_tensorboard(build_report(run), logdir)
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
     assert (logdir / "notes.txt").read_text() == "mine"
     assert scalars(accumulate(logdir), "loss") == [(0, 1.5), (1, 1.0), (2, 0.5)]
@@ -213,8 +216,7 @@ def test_finding_markdown_for_a_gradient_finding() -> None:
 def test_live_events_equal_regenerated_ones(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(TRAIN))
-    session = Session(tmp_path / "run", tensorboard=True, update_ratio=True)
-    with session:
+    with trace(out=tmp_path / "run", tensorboard=True, update_ratio=True):
         subprocess_free_run(script, "4")
     live_dir = tmp_path / "run" / "tensorboard"
     live = accumulate(live_dir)
@@ -225,7 +227,9 @@ def test_live_events_equal_regenerated_ones(tmp_path: Path) -> None:
     assert [step for step, _ in scalars(live, "global/grad_norm")] == [0, 1, 2, 3]
     # clip_grad_norm_ scales the gradients in place: one _foreach_mul_ per step.
     assert scalars(live, "inplace_writes/training loop")[-1] == (3, 1.0)
-    regenerated = accumulate(write_tensorboard(load_run(tmp_path / "run"), tmp_path / "regen"))
+    regenerated = accumulate(
+        write_tensorboard(build_report(load_run(tmp_path / "run")), tmp_path / "regen")
+    )
     for kind in ("scalars", "tensors"):
         assert sorted(live.Tags()[kind]) == sorted(regenerated.Tags()[kind])
     for tag in live.Tags()["scalars"]:
@@ -249,7 +253,7 @@ def test_tensorboard_missing_fails_before_the_run_directory_exists(
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
     with pytest.raises(GradtraceError, match=r"pip install 'gradtrace\[tensorboard\]'"):
-        Session(tmp_path / "run", tensorboard=True).start()
+        start(out=tmp_path / "run", tensorboard=True)
     assert not (tmp_path / "run").exists()
 
 
@@ -304,7 +308,7 @@ def free_port() -> int:
 
 def test_a_real_tensorboard_server_serves_the_scalars(tmp_path: Path) -> None:
     run = sample_run(tmp_path)
-    write_tensorboard(run, tensorboard_dir(run.path, tmp_path / "logs"))
+    write_tensorboard(build_report(run), tensorboard_dir(run.path, tmp_path / "logs"))
     port = free_port()
     server = subprocess.Popen(
         [

@@ -15,6 +15,7 @@ from torch import nn
 from trace_format import check_trace_format, inside, spans
 
 import gradtrace
+from gradtrace.analysis.report import build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.probes.timeline import TraceSteps, _ParamWatch
 from gradtrace.reporters.chrome_trace import render_trace
@@ -65,7 +66,7 @@ def test_module_spans_nest_on_the_traced_steps_only(tmp_path: Path) -> None:
             train_step(model, optimizer)
     run = load_run(tmp_path / "run")
     assert {span.step for span in run.spans} == {1}
-    document = render_trace(run)
+    document = render_trace(build_report(run))
     check_trace_format(document)
     forward, backward = spans(document, "forward"), spans(document, "backward")
     assert {e["args"]["name"] for e in forward} == MODULES
@@ -135,7 +136,7 @@ def test_each_thread_gets_its_own_track(tmp_path: Path) -> None:
     run = load_run(tmp_path / "run")
     threads = {span.step: run.threads[span.thread] for span in run.spans}
     assert threads == {0: threading.current_thread().name, 1: "trainer"}
-    document = render_trace(run)
+    document = render_trace(build_report(run))
     check_trace_format(document)
     names = {e["args"]["name"] for e in document["traceEvents"] if e["name"] == "thread_name"}
     assert {"MainThread", "trainer"} <= names

@@ -12,17 +12,17 @@ The step track stays small on any run length: past MAX_STEP_SPANS recorded steps
 consecutive steps share one span ("steps 1000–1019") and one counter of their mean writes
 per step, so a run of any length gives at most MAX_STEP_SPANS of each.
 
-Pure: a `Run` in, a JSON-ready dict out.
+Pure: a `Report` in, a JSON-ready dict out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.report import Report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import BACKWARD, Span, TracedWrite
 from gradtrace.store.reader import Run, StoredFinding
@@ -39,11 +39,9 @@ MAX_STEP_SPANS = 1000
 Culprits = dict[tuple[str, str, str, int], str]
 
 
-def render_trace(run: Run, findings: list[StoredFinding] | None = None) -> dict[str, Any]:
-    """The trace as a JSON object (`traceEvents` plus metadata); times in µs from run start.
-
-    `findings`: the run's, when the caller has them already (else they are derived here).
-    """
+def render_trace(report: Report) -> dict[str, Any]:
+    """The trace as a JSON object (`traceEvents` plus metadata); times in µs from run start."""
+    run, findings = report.run, report.findings
     ends = sorted(run.step_end_ns.items())
     started = run.meta.get("started_ns")
     origin = started if isinstance(started, int) else (ends[0][1] if ends else 0)
@@ -58,7 +56,6 @@ def render_trace(run: Run, findings: list[StoredFinding] | None = None) -> dict[
         _meta("thread_name", STEPS_TID, {"name": "optimizer steps"}),
     ]
     events += [_meta("thread_name", tid, {"name": name}) for tid, name in _threads(run).items()]
-    findings = run_findings(run) if findings is None else findings
     timed = [
         *_step_track(run, ends, origin, us, findings),
         *_span_events(run.spans, us),
@@ -85,7 +82,7 @@ def _step_track(
     ends: list[tuple[int, int]],
     origin: int,
     us: Callable[[int], float],
-    findings: list[StoredFinding],
+    findings: Sequence[StoredFinding],
 ) -> list[dict[str, Any]]:
     """Step spans, write counters at each step's end and finding markers at its start; past
     MAX_STEP_SPANS steps, one span and one counter per group of consecutive steps."""
@@ -226,7 +223,7 @@ def nested(spans: list[Span]) -> list[tuple[Span, int, int]]:
     return result
 
 
-def _culprits(findings: list[StoredFinding]) -> Culprits:
+def _culprits(findings: Sequence[StoredFinding]) -> Culprits:
     return {
         (f.op, f.module, f.file, f.line): f.kind
         for f in (stored.finding for stored in findings)
@@ -270,9 +267,9 @@ def _write_events(
     return events
 
 
-def write_trace(run: Run, out: Path, findings: list[StoredFinding] | None = None) -> Path:
+def write_trace(report: Report, out: Path) -> Path:
     try:
-        out.write_text(json.dumps(render_trace(run, findings)), encoding="utf-8")
+        out.write_text(json.dumps(render_trace(report)), encoding="utf-8")
     except OSError as error:
         raise GradtraceError(f"Cannot write the trace to '{out}': {error.strerror}.") from None
     return out

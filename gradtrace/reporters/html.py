@@ -14,8 +14,8 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
-from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import ModuleNorms, clipping, module_norms
+from gradtrace.analysis.grad_health import ModuleNorms
+from gradtrace.analysis.report import Report
 from gradtrace.errors import GradtraceError
 from gradtrace.reporters.finding_text import (
     checkpointed_text,
@@ -80,10 +80,9 @@ document.querySelectorAll("svg.heatmap").forEach(function (svg) {
 """
 
 
-def render_html(run: Run) -> str:
+def render_html(report: Report) -> str:
     """The whole report as one HTML document."""
-    findings = run_findings(run)
-    norms = module_norms(run.grad_steps)
+    run, findings, norms = report.run, report.findings, report.norms
     sections = [
         _header(run, findings),
         *([_ranks_section(run, findings)] if run.ranks else []),
@@ -92,7 +91,7 @@ def render_html(run: Run) -> str:
             "Global gradient norm",
             _line_chart(norms.global_grad, "‖grad‖ (L2, all parameters)", log=True),
         ),
-        *_clipping_sections(run),
+        *_clipping_sections(report),
         _section(
             "Gradient norm per module × step",
             _heatmap(norms.grad, "gradient L2 norm", log=True, unit="‖grad‖"),
@@ -113,9 +112,9 @@ def render_html(run: Run) -> str:
     )
 
 
-def _clipping_sections(run: Run) -> list[str]:
+def _clipping_sections(report: Report) -> list[str]:
     """The norm clip_grad_norm_ saw, when the run called it (the curve above is after it)."""
-    clips = clipping(run.grad_steps)
+    clips = report.clips
     if not clips:
         return []
     clipped = sum(c.clipped for c in clips)
@@ -138,10 +137,10 @@ def _update_sections(norms: ModuleNorms) -> list[str]:
     return [_section("Update ratio per module × step", heatmap)]
 
 
-def write_html(run: Run, out: Path) -> Path:
+def write_html(report: Report, out: Path) -> Path:
     """Write the report; text that is no valid Unicode (a non-UTF-8 run path) shows as '?'."""
     try:
-        out.write_text(render_html(run), encoding="utf-8", errors="replace")
+        out.write_text(render_html(report), encoding="utf-8", errors="replace")
     except OSError as error:
         raise GradtraceError(
             f"Cannot write the HTML report to '{out}': {error.strerror}."

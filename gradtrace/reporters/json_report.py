@@ -7,13 +7,8 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import (
-    clipping,
-    dead_unit_fractions,
-    module_norms,
-    update_ratio,
-)
+from gradtrace.analysis.grad_health import update_ratio
+from gradtrace.analysis.report import Report
 from gradtrace.store.reader import Run
 
 # The JSON document's own version, bumped when its fields change; the run format (how the
@@ -21,8 +16,9 @@ from gradtrace.store.reader import Run
 REPORT_FORMAT = 1
 
 
-def render_json(run: Run) -> dict[str, Any]:
+def render_json(report: Report) -> dict[str, Any]:
     """Findings first-class, run facts alongside; plain JSON types only."""
+    run = report.run
     meta = run.meta
     return {
         "format": REPORT_FORMAT,
@@ -49,9 +45,9 @@ def render_json(run: Run) -> dict[str, Any]:
         "ranks": [_rank(rank, meta.get("first_failed_rank")) for rank in run.ranks],
         "probe_failures": [asdict(failure) for failure in run.probe_failures],
         "findings": [
-            {**stored.finding.to_dict(), "count": stored.count} for stored in run_findings(run)
+            {**stored.finding.to_dict(), "count": stored.count} for stored in report.findings
         ],
-        "grad_stats": _grad_stats(run),
+        "grad_stats": _grad_stats(report),
         "writes": [
             {"owner": owner, "op": op, "phase": phase, "count": count}
             for owner, op, phase, count in run.write_counts
@@ -74,14 +70,13 @@ def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:
     }
 
 
-def _grad_stats(run: Run) -> dict[str, Any]:
+def _grad_stats(report: Report) -> dict[str, Any]:
     """Per-step norms: global, per module and per parameter. NaN/Inf become strings.
 
     `update_ratio` lists only the steps where it was recorded (`--update-ratio`); the
     clipping series only the steps where `clip_grad_norm_` was called.
     """
-    norms = module_norms(run.grad_steps)
-    clips = clipping(run.grad_steps)
+    run, norms, clips = report.run, report.norms, report.clips
     params: dict[str, dict[str, list[list[Any]]]] = {}
     for stats in run.grad_steps:
         for p in stats.params:
@@ -109,10 +104,7 @@ def _grad_stats(run: Run) -> dict[str, Any]:
         "params": params,
         "output_grad_norm": _output_grads(run),
         "value_histograms": _value_histograms(run),
-        "dead_units": {
-            module: _series(series)
-            for module, series in dead_unit_fractions(run.grad_steps).items()
-        },
+        "dead_units": {module: _series(series) for module, series in report.dead_units.items()},
         "scalars": {name: _series(values) for name, values in run.scalars.items()},
     }
 

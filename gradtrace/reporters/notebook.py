@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
+from gradtrace.analysis.report import build_report
 from gradtrace.events import Finding
 from gradtrace.reporters.html import render_findings, render_html
 from gradtrace.store.reader import Run, StoredFinding
@@ -25,7 +26,7 @@ INITIAL_HEIGHT_PX = 640
 def report_document(run: Run | None, findings: Sequence[StoredFinding] = ()) -> str:
     """The one place that calls the HTML reporter: `run`'s whole report, or, without a run,
     a document of `findings` alone."""
-    return render_findings(findings) if run is None else render_html(run)
+    return render_findings(findings) if run is None else render_html(build_report(run))
 
 
 def inline_html(document: str) -> str:

@@ -10,7 +10,7 @@ from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.report import build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.store.format import (
     DATABASE,
@@ -81,7 +81,7 @@ def _entry(path: Path) -> RunEntry:
     count = None if facts is None else facts.meta.get(FINDINGS_AT_CLOSE)
     if facts is None or not isinstance(count, int):
         run = load_run(path)
-        facts, count = RunFacts(path, run.meta, run.steps), len(run_findings(run))
+        facts, count = RunFacts(path, run.meta, run.steps), len(build_report(run).findings)
     return RunEntry(path, facts, count)
 
 

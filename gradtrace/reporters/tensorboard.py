@@ -1,9 +1,9 @@
 """TensorBoard event files: written live while a run trains, or regenerated from the store.
 
 One class does both. `TensorBoardReporter` is told what the store is told, in the order the
-store gets it (a live session calls it from the same places it writes the store; the
-regenerator replays a stored run through it), so a live logdir and a regenerated one hold
-the same series. It writes with tensorboard's own event-file writer and summary protos
+store gets it (live, `LiveTensorBoard` is one of the session's sinks, beside the run writer;
+the regenerator replays a stored run through it), so a live logdir and a regenerated one
+hold the same series. It writes with tensorboard's own event-file writer and summary protos
 (no hand-written records), imported lazily: `import gradtrace` never needs tensorboard.
 
 Tags (module paths become tag trees: `encoder.layers.3.attn` -> `encoder/layers.3/attn`):
@@ -30,10 +30,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradtrace.analysis.findings import run_findings
 from gradtrace.analysis.grad_health import clipping, dead_unit_fractions, module_norms
+from gradtrace.analysis.report import Report
 from gradtrace.errors import GradtraceError
-from gradtrace.events import HISTOGRAM_EDGES, Finding, GradHistogram, StepGradStats
+from gradtrace.events import (
+    HISTOGRAM_EDGES,
+    Finding,
+    GradHistogram,
+    ProbeFailure,
+    RankNorms,
+    Span,
+    StepGradStats,
+    TracedWrite,
+)
 from gradtrace.reporters.finding_text import code_excerpt, finding_facts, title
 from gradtrace.store.reader import Run, StoredFinding
 
@@ -88,11 +97,11 @@ def finding_markdown(stored: StoredFinding) -> str:
 class TensorBoardReporter:
     """Writes a run's series as TensorBoard events, step by step, as the store gets them.
 
-    Methods mirror the store writer's: `grad_stats`, `scalars`, `step`, `finding`, then
-    `close` with every finding of the run (gradient findings are only known then). A
-    step's gradient statistics are written once the next step's (or the close) arrive, so
-    several optimizers stepping in one step make one global norm. Thread-safe: findings
-    arrive from autograd's backward threads.
+    It is told the records a run's sinks get (`grad_stats`, `scalars`, `histograms`, `step`,
+    `finding`), then `close` with the findings analysis derived (they are only known once
+    the run is read back). A step's gradient statistics are written once the next step's (or
+    `end_records`) arrive, so several optimizers stepping in one step make one global norm.
+    Thread-safe: findings arrive from autograd's backward threads.
     """
 
     def __init__(self, logdir: Path) -> None:
@@ -166,21 +175,29 @@ class TensorBoardReporter:
         with self._lock:
             self._text_finding(StoredFinding(finding, count))
 
-    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
-        """Write what is pending and the findings not seen yet; `step` is the run's tail."""
+    def end_records(self) -> None:
+        """No more records: write the last step's gradient statistics."""
+        with self._lock:
+            self._write_pending()
+
+    def close(self, derived: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
+        """Write what is pending and the `derived` findings (those analysis added to the
+        stored ones, see `Report.derived_findings`); `step` is the run's tail."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self._pending:
-                self._write_grads(self._pending)
-                self._pending = []
-            new = list(findings)[self._findings :]
-            for stored in new:
+            self._write_pending()
+            for stored in derived:
                 self._text_finding(stored)
-            if new and step is not None:
+            if derived and step is not None:
                 self._scalar("global/findings", self._findings, step)
             self._writer.close()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._write_grads(self._pending)
+            self._pending = []
 
     def _write_grads(self, records: Sequence[StepGradStats]) -> None:
         step = records[0].step
@@ -230,35 +247,67 @@ class TensorBoardReporter:
 
 
 class LiveTensorBoard:
-    """The session's observer: a `TensorBoardReporter` that never breaks training.
+    """A session's sink (see gradtrace/sinks.py): a `TensorBoardReporter` that never breaks
+    training.
 
-    The first error (disk full, a bad value) is reported once on stderr and turns the
-    observer off; the store, and so `gradtrace tensorboard RUN_DIR`, still has everything.
+    `open` creates the event file as tracing starts (the session calls it once the run
+    directory exists); `finish` adds the findings analysis derived after close. The first
+    error (disk full, a bad value) is reported once on stderr and turns the sink off; the
+    store, and so `gradtrace tensorboard RUN_DIR`, still has everything.
     """
 
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
-        self._reporter: TensorBoardReporter | None = TensorBoardReporter(logdir)
+        self._reporter: TensorBoardReporter | None = None
+        self._lock = threading.Lock()
+        # Bugs already shown (`Finding.same_bug`): a repeat only adds to the store's count.
+        self._seen: set[tuple[object, ...]] = set()
 
-    def grad_stats(self, stats: StepGradStats) -> None:
+    def open(self) -> LiveTensorBoard:
+        """Create the event file; returns the sink. Raises when the logdir cannot be made."""
+        self._reporter = TensorBoardReporter(self.logdir)
+        return self
+
+    def write_grad_stats(self, stats: StepGradStats) -> None:
         self._guarded(lambda reporter: reporter.grad_stats(stats))
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def write_scalars(self, step: int, values: dict[str, float]) -> None:
         self._guarded(lambda reporter: reporter.scalars(step, values))
 
-    def histograms(self, histograms: list[GradHistogram]) -> None:
+    def write_histograms(self, histograms: list[GradHistogram]) -> None:
         self._guarded(lambda reporter: reporter.histograms(histograms))
 
-    def step(
+    def write_step(
         self, step: int, counts: Iterable[tuple[tuple[str, str, str], int]], *, finished: bool
     ) -> None:
         self._guarded(lambda reporter: reporter.step(step, counts, finished=finished))
 
-    def finding(self, finding: Finding) -> None:
+    def add_finding(self, finding: Finding) -> None:
+        with self._lock:
+            if finding.same_bug in self._seen:
+                return
+            self._seen.add(finding.same_bug)
         self._guarded(lambda reporter: reporter.finding(finding))
 
-    def close(self, findings: Sequence[StoredFinding] = (), *, step: int | None = None) -> None:
-        self._guarded(lambda reporter: reporter.close(findings, step=step))
+    def write_rank_norms(self, norms: RankNorms) -> None:
+        """Not shown live: cross-rank norms are compared in the report."""
+
+    def write_timeline(
+        self, spans: Iterable[Span], writes: Iterable[TracedWrite], threads: dict[int, str]
+    ) -> None:
+        """Not shown: the traced steps go into trace.json."""
+
+    def add_probe_failure(self, failure: ProbeFailure) -> None:
+        """Not shown: the session says it on stderr and the store keeps it."""
+
+    def close(self) -> None:
+        """The records end: write the last step's gradients (the file stays open for
+        `finish`)."""
+        self._guarded(lambda reporter: reporter.end_records())
+
+    def finish(self, report: Report, *, step: int) -> None:
+        """Add the findings analysis derived and close the file; `step` is the run's tail."""
+        self._guarded(lambda reporter: reporter.close(report.derived_findings, step=step))
         self._reporter = None
 
     def _guarded(self, call: Callable[[TensorBoardReporter], None]) -> None:
@@ -277,7 +326,7 @@ class LiveTensorBoard:
             )
 
 
-def write_tensorboard(run: Run, logdir: Path) -> Path:
+def write_tensorboard(report: Report, logdir: Path) -> Path:
     """Regenerate a run's TensorBoard events from the store alone; returns the directory.
 
     Event files gradtrace wrote there before (live or regenerated) are replaced; anything
@@ -292,17 +341,18 @@ def write_tensorboard(run: Run, logdir: Path) -> Path:
     except UnicodeEncodeError:
         # tensorboard's file writer takes UTF-8 paths only: write elsewhere, then move in.
         with tempfile.TemporaryDirectory(prefix="gradtrace-") as scratch:
-            _replay(run, Path(scratch))
+            _replay(report, Path(scratch))
             logdir.mkdir(parents=True, exist_ok=True)
             for written in Path(scratch).iterdir():
                 shutil.move(written, logdir / written.name)
         return logdir
-    _replay(run, logdir)
+    _replay(report, logdir)
     return logdir
 
 
-def _replay(run: Run, logdir: Path) -> None:
+def _replay(report: Report, logdir: Path) -> None:
     """Replay the stored run through a `TensorBoardReporter` writing into `logdir`."""
+    run = report.run
     reporter = TensorBoardReporter(logdir)
     grads: dict[int, list[StepGradStats]] = {}
     for stats in run.grad_steps:
@@ -318,7 +368,6 @@ def _replay(run: Run, logdir: Path) -> None:
     for step, owner, op, phase, count in run.step_write_counts:
         writes.setdefault(step, []).append(((owner, op, phase), count))
     stored = run.findings
-    findings = run_findings(run)
     steps = sorted({*grads, *scalars, *histograms, *writes, *run.step_end_ns})
     tail = max(run.step_end_ns, default=-1) + 1
     try:
@@ -339,7 +388,7 @@ def _replay(run: Run, logdir: Path) -> None:
         for found in stored:
             if found.finding.step not in recorded:
                 reporter.finding(found.finding, found.count)
-        reporter.close(findings, step=tail)
+        reporter.close(report.derived_findings, step=tail)
     finally:
         reporter.close()
 

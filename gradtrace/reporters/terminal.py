@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -13,14 +14,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from gradtrace.analysis.findings import run_findings
-from gradtrace.analysis.grad_health import (
-    FOUND_INF,
-    ClipStep,
-    clipping,
-    module_norms,
-    scaler_skips,
-)
+from gradtrace.analysis.grad_health import FOUND_INF, ClipStep, scaler_skips
+from gradtrace.analysis.report import Report
 from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
 from gradtrace.reporters.html import is_flat
@@ -92,7 +87,7 @@ def cut_left(text: str, width: int) -> str:
 
 
 class TerminalReporter:
-    """Renders a `Run` to a rich console. Pure: reads the run, prints, nothing else.
+    """Renders a `Report` to a rich console. Pure: reads the report, prints, nothing else.
 
     Stored strings go into `Text` (never markup), and everything printed goes through
     `Plain`, which keeps their control characters off the terminal.
@@ -101,9 +96,8 @@ class TerminalReporter:
     def __init__(self, console: Console) -> None:
         self._console = console
 
-    def render(self, run: Run, findings: list[StoredFinding] | None = None) -> None:
-        """`findings`: the run's, when the caller has them already (else derived here)."""
-        findings = run_findings(run) if findings is None else findings
+    def render(self, report: Report) -> None:
+        run, findings = report.run, report.findings
         self._print(_headline(run, len(findings)))
         for notice in run.meta.get("notices") or []:
             self._print(Text.assemble(("note: ", "bold yellow"), notice))
@@ -119,7 +113,7 @@ class TerminalReporter:
         # A job's series are rank 0's: after the all-reduce every rank holds the same gradients.
         of_rank = " (rank 0)" if run.ranks else ""
         if any(stats.params for stats in run.grad_steps):
-            self._print(_health_table(run, of_rank))
+            self._print(_health_table(report, of_rank))
         if run.write_counts:
             self._print(_write_table(run, of_rank))
         self._print(Text.assemble(("run directory: ", "dim"), str(run.path)))
@@ -149,7 +143,7 @@ def _headline(run: Run, findings: int) -> Text:
     )
 
 
-def _ranks_table(run: Run, findings: list[StoredFinding]) -> Table:
+def _ranks_table(run: Run, findings: Sequence[StoredFinding]) -> Table:
     table = Table(title="ranks", title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("status")
@@ -258,11 +252,10 @@ def _saved_line(finding: Finding) -> Text:
     return text
 
 
-def _health_table(run: Run, of_rank: str) -> Table:
-    norms = module_norms(run.grad_steps)
-    clips = clipping(run.grad_steps)
+def _health_table(report: Report, of_rank: str) -> Table:
+    norms, clips = report.norms, report.clips
     updates = norms.update_ratio
-    last_step = run.grad_steps[-1].step
+    last_step = report.run.grad_steps[-1].step
     table = Table(
         title=f"gradient health{of_rank} (grad L2 norm; last recorded step {last_step})",
         title_justify="left",
