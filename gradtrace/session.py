@@ -110,7 +110,9 @@ class Session:
         **values: Any,
     ) -> None:
         """`options` (default: every default) with `values` (its fields by name) replacing
-        them, as `RunOptions.of` does; `argv` and `front_end` go into the run's meta."""
+        them, as `RunOptions.of` does; `argv` and `front_end` go into the run's meta.
+        `options.tensorboard` is not the collector's: the front end's outputs read it
+        (`gradtrace.outputs.attach_outputs`)."""
         options = RunOptions.of(options, **values)
         self.options = options
         self.rank: Rank | None = current_rank()
