@@ -20,6 +20,7 @@ TITLES = {
     "no-grad": "parameters never get a gradient",
     "rank-divergence": "ranks disagree",
     "dead-units": "dead ReLU units",
+    "all-gradients-zero": "every gradient is zero: nothing learns",
 }
 
 
