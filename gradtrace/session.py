@@ -22,6 +22,7 @@ from torch import nn
 
 from gradtrace import _native
 from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.refused import diagnose_refused
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
     HISTOGRAM_EDGES,
@@ -43,6 +44,7 @@ from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.native import NativeCoreProbe
+from gradtrace.probes.raised import refused_write
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
@@ -325,6 +327,18 @@ class Session:
             step -= 1
         self._logged.setdefault(step, {}).update(values)
 
+    def record_error(self, exc: BaseException) -> None:
+        """Turn an exception leaving the traced code into a finding, if it is one autograd
+        raised at an in-place write; front ends call it before `close`. The exception itself
+        is neither changed nor kept."""
+        if self._stack is not None:
+            self._guard("refused writes")(self._record_refused)(exc)
+
+    def _record_refused(self, exc: BaseException) -> None:
+        finding = diagnose_refused(refused_write(exc, self._modules, self.step))
+        if finding is not None:
+            self._add_finding(finding)
+
     def close(
         self,
         *,
@@ -442,6 +456,7 @@ class Session:
         if exc is None:
             self.close()
         else:
+            self.record_error(exc)
             self.close(status=FAILED, exit_code=None, exception=describe_exception(exc))
 
     def _end_step(self, step: int) -> None:

@@ -14,6 +14,7 @@ from gradtrace.store.reader import StoredFinding
 TITLES = {
     "inplace-write": "in-place write broke backward",
     "silent-overwrite": "silent overwrite: wrong gradients, no error",
+    "inplace-refused": "in-place write refused by autograd",
     "non-finite": "gradients went NaN/Inf",
     "exploding": "exploding gradients",
     "vanishing": "vanishing gradients",

@@ -170,7 +170,8 @@ def _ranks_table(run: Run, findings: list[StoredFinding]) -> Table:
 def _finding_panel(stored: StoredFinding, ranks: list[int]) -> Panel:
     finding = stored.finding
     parts: list[RenderableType] = [Text(finding.message, style="bold")]
-    if not finding.saved_by:
+    # A write names its op: one that corrupted a saved tensor, or one autograd refused.
+    if not finding.saved_by and finding.op is None:
         parts.extend(_gradient_parts(finding))
     elif finding.file is not None:
         parts.append(
