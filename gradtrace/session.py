@@ -36,6 +36,7 @@ from gradtrace.events import (
 )
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.amp import GradScalerProbe
+from gradtrace.probes.backward_steps import BackwardStepProbe
 from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
@@ -232,8 +233,12 @@ class Session:
         callers = CallerFinder()
         modules.install(stack)
         self._steps.install(stack)
-        if self._grad_stats:
-            self._install_grad_stats(stack, callers)
+        grads = self._install_grad_stats(stack, callers) if self._grad_stats else None
+        BackwardStepProbe(
+            self._steps,
+            None if grads is None else grads.record_backward,
+            guard=self._guard("backward steps"),
+        ).install(stack)
         full = self.level == "full"
         if core is not None:
             native = NativeCoreProbe(
@@ -277,7 +282,7 @@ class Session:
         if writes is not None and timeline is not None:
             writes.trace_writes(timeline.add_write if recording else None)
 
-    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
+    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> GradStatsProbe:
         grads = GradStatsProbe(
             self._modules,
             self._steps,
@@ -300,6 +305,7 @@ class Session:
         grads.install(stack)
         scaler.install(stack)
         GradClipProbe(grads.note_clip, guard=self._guard("gradient clipping")).install(stack)
+        return grads
 
     def _guard(self, probe: str) -> ProbeGuard:
         """The switch a probe runs behind: its failure is recorded, training goes on."""
@@ -369,6 +375,7 @@ class Session:
                     ended_ns=time.time_ns(),
                     cuda_device=_cuda_device_name(),
                     notices=self._notices(),
+                    steps_counted_by=self._steps.counted_by,
                 )
         finally:
             _active = None
@@ -461,6 +468,10 @@ class Session:
 
     def _end_step(self, step: int) -> None:
         self._forwards_at_step_end = self._modules.forwards
+        if step == 0 and self._writer is not None and self._jobs is not None:
+            # Now, not only at close: a killed run still says how its steps were counted.
+            counted_by = self._steps.counted_by
+            self._jobs.submit(functools.partial(self._writer.set_meta, steps_counted_by=counted_by))
         self._flush(finished=True, step=step)
         if self._timeline is not None:
             self._timeline.begin_step(step + 1)

@@ -89,6 +89,14 @@ def checkpointed_text(checkpointed: dict[str, str]) -> str:
     )
 
 
+def steps_text(steps: int, meta: dict[str, object]) -> str:
+    """ "N steps", and the rule that counted them when it is not optimizer steps."""
+    text = f"{steps} step{'s' if steps != 1 else ''}"
+    if meta.get("steps_counted_by") == "backward":
+        text += " (counted by backward passes: no optimizer stepped)"
+    return text
+
+
 def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding, list[int]]]:
     """Findings with the ranks that recorded them: one entry for the same bug on every rank.
 

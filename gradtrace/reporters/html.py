@@ -21,6 +21,7 @@ from gradtrace.reporters.finding_text import (
     checkpointed_text,
     code_excerpt,
     finding_facts,
+    steps_text,
     title,
 )
 from gradtrace.reporters.rank_rows import rank_rows
@@ -169,7 +170,7 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         f"<span class='{'ok' if run.status == OK else 'bad'}'>{escape(status)}</span>",
         f"level {escape(str(meta.get('level')))}",
         *([f"{len(run.ranks)} ranks"] if run.ranks else []),
-        f"{run.steps} steps",
+        steps_text(run.steps, meta),
         f"{run.writes} in-place writes",
         f"<span class='{'bad' if count else 'ok'}'>{count} finding{'s' if count != 1 else ''}"
         "</span>",

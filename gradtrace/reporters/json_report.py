@@ -41,6 +41,8 @@ def render_json(run: Run) -> dict[str, Any]:
             "notices": meta.get("notices") or [],
             "checkpointed": meta.get("checkpointed") or {},
             "steps": run.steps,
+            # "optimizer", "backward" (no optimizer stepped) or null (no step).
+            "steps_counted_by": _counted_by(meta.get("steps_counted_by")),
             "writes": run.writes,
             "rank": run.rank,
             "world_size": meta.get("world_size"),
@@ -56,6 +58,11 @@ def render_json(run: Run) -> dict[str, Any]:
             for owner, op, phase, count in run.write_counts
         ],
     }
+
+
+def _counted_by(value: object) -> str | None:
+    """The stored rule, if it is one this gradtrace knows (meta is anyone's JSON)."""
+    return value if value in ("optimizer", "backward") else None
 
 
 def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:

@@ -22,7 +22,12 @@ from gradtrace.analysis.grad_health import (
     scaler_skips,
 )
 from gradtrace.events import Finding
-from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
+from gradtrace.reporters.finding_text import (
+    across_ranks,
+    checkpointed_text,
+    steps_text,
+    title,
+)
 from gradtrace.reporters.html import is_flat
 from gradtrace.reporters.plain import Plain
 from gradtrace.reporters.rank_rows import rank_rows
@@ -143,7 +148,7 @@ def _headline(run: Run, findings: int) -> Text:
         (argv, "bold"),
         "  ",
         (status_text, style),
-        f" · level {meta.get('level')}{ranks} · {run.steps} steps{amp} · "
+        f" · level {meta.get('level')}{ranks} · {steps_text(run.steps, meta)}{amp} · "
         f"{run.writes} in-place writes · ",
         (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
     )
