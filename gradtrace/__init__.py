@@ -4,6 +4,7 @@ from gradtrace.api import Trace, start, trace
 from gradtrace.errors import GradtraceError
 from gradtrace.events import Finding
 from gradtrace.session import Session
+from gradtrace.silencing import ignore
 from gradtrace.store import Run, load_run
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "Session",
     "Trace",
     "__version__",
+    "ignore",
     "load_run",
     "start",
     "trace",

@@ -34,7 +34,7 @@ from gradtrace.events import (
     StepGradStats,
     TracedWrite,
 )
-from gradtrace.probes import _torch_compat
+from gradtrace.probes import _torch_compat, ignored
 from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.backward_steps import BackwardStepProbe
 from gradtrace.probes.clip import GradClipProbe
@@ -213,6 +213,8 @@ class Session:
         try:
             stack.callback(writer.close)
             stack.callback(jobs.close)  # before the writer closes
+            ignored.collect()
+            stack.callback(ignored.stop)
             if self._tensorboard is not False:
                 self._live = LiveTensorBoard(self._tensorboard_dir())
             self._install(stack, core)
@@ -333,6 +335,13 @@ class Session:
             step -= 1
         self._logged.setdefault(step, {}).update(values)
 
+    def store_ignored(self) -> None:
+        """Store the `gradtrace.ignore` blocks entered so far (analysis silences findings
+        inside them): now, so that a killed run keeps them, and again at close."""
+        writer, jobs = self._writer, self._jobs
+        if writer is not None and jobs is not None and self._in_owner():
+            jobs.submit(functools.partial(writer.set_meta, ignored=ignored.collected()))
+
     def record_error(self, exc: BaseException) -> None:
         """Turn an exception leaving the traced code into a finding, if it is one autograd
         raised at an in-place write; front ends call it before `close`. The exception itself
@@ -376,6 +385,7 @@ class Session:
                     cuda_device=_cuda_device_name(),
                     notices=self._notices(),
                     steps_counted_by=self._steps.counted_by,
+                    ignored=ignored.collected(),
                 )
         finally:
             _active = None

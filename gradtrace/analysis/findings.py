@@ -3,23 +3,58 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from dataclasses import dataclass
 
 from gradtrace.analysis.cross_rank import diagnose_ranks
 from gradtrace.analysis.grad_health import diagnose_gradients
+from gradtrace.analysis.silence import SilencedFinding, regions, split_silenced
 from gradtrace.store.reader import Run, StoredFinding
 
 
+@dataclass(frozen=True)
+class RunFindings:
+    """A run's findings to show, and those silenced on purpose (analysis/silence.py)."""
+
+    shown: list[StoredFinding]
+    silenced: list[SilencedFinding]
+
+
+# The last run classified: a summary asks for the findings, then for the silenced ones,
+# of the same run; deriving the gradient findings twice would double the cost on a long run.
+_last: tuple[weakref.ref[Run], RunFindings] | None = None
+
+
 def run_findings(run: Run) -> list[StoredFinding]:
-    """Stored (in-place) findings first, then gradient findings derived from the series.
+    """The findings to show: stored (in-place) ones first, then gradient findings derived
+    from the series; silenced ones left out (see `silenced_findings`).
 
     A torchrun job's stored findings come tagged with their rank (see `merge_ranks`); its
     derived ones follow, each rank's in rank order, tagged the same way. Live TensorBoard
     relies on stored findings coming first.
     """
+    return classify(run).shown
+
+
+def silenced_findings(run: Run) -> list[SilencedFinding]:
+    """The findings an ignore comment or `gradtrace.ignore` block silenced, with how."""
+    return classify(run).silenced
+
+
+def classify(run: Run) -> RunFindings:
+    global _last
+    last = _last
+    if last is not None and last[0]() is run:
+        return last[1]
     if run.ranks:
         derived = [_on_rank(stored, rank.rank) for rank in run.ranks for stored in _derived(rank)]
-        return [*run.findings, *derived]
-    return [*run.findings, *_derived(run)]
+        everything = [*run.findings, *derived]
+    else:
+        everything = [*run.findings, *_derived(run)]
+    blocks = [block for part in (run, *run.ranks) for block in regions(part.meta)]
+    result = RunFindings(*split_silenced(everything, blocks))
+    _last = (weakref.ref(run), result)
+    return result
 
 
 def _derived(run: Run) -> list[StoredFinding]:

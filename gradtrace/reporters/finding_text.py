@@ -97,6 +97,13 @@ def steps_text(steps: int, meta: dict[str, object]) -> str:
     return text
 
 
+def silenced_text(silenced: int) -> str:
+    """ " · N findings silenced" (by ignore comments or blocks), or nothing."""
+    if not silenced:
+        return ""
+    return f" · {silenced} finding{'s' if silenced != 1 else ''} silenced"
+
+
 def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding, list[int]]]:
     """Findings with the ranks that recorded them: one entry for the same bug on every rank.
 

@@ -14,13 +14,14 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.findings import run_findings, silenced_findings
 from gradtrace.analysis.grad_health import ModuleNorms, clipping, module_norms
 from gradtrace.errors import GradtraceError
 from gradtrace.reporters.finding_text import (
     checkpointed_text,
     code_excerpt,
     finding_facts,
+    silenced_text,
     steps_text,
     title,
 )
@@ -166,6 +167,7 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         else "?"
     )
     count = len(findings)
+    silenced = len(silenced_findings(run))
     facts = [
         f"<span class='{'ok' if run.status == OK else 'bad'}'>{escape(status)}</span>",
         f"level {escape(str(meta.get('level')))}",
@@ -174,6 +176,7 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         f"{run.writes} in-place writes",
         f"<span class='{'bad' if count else 'ok'}'>{count} finding{'s' if count != 1 else ''}"
         "</span>",
+        *([silenced_text(silenced).removeprefix(" · ")] if silenced else []),
         f"started {when}",
         f"torch {escape(str(meta.get('torch')))}",
     ]

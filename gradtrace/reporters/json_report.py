@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.findings import run_findings, silenced_findings
 from gradtrace.analysis.grad_health import (
     clipping,
     dead_unit_fractions,
@@ -51,6 +51,11 @@ def render_json(run: Run) -> dict[str, Any]:
         "probe_failures": [asdict(failure) for failure in run.probe_failures],
         "findings": [
             {**stored.finding.to_dict(), "count": stored.count} for stored in run_findings(run)
+        ],
+        # Silenced on purpose (an ignore comment, a gradtrace.ignore block): kept, not shown.
+        "silenced": [
+            {**silenced.stored.finding.to_dict(), "count": silenced.stored.count, "by": silenced.by}
+            for silenced in silenced_findings(run)
         ],
         "grad_stats": _grad_stats(run),
         "writes": [

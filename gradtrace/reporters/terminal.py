@@ -13,7 +13,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.findings import run_findings, silenced_findings
 from gradtrace.analysis.grad_health import (
     FOUND_INF,
     ClipStep,
@@ -25,6 +25,7 @@ from gradtrace.events import Finding
 from gradtrace.reporters.finding_text import (
     across_ranks,
     checkpointed_text,
+    silenced_text,
     steps_text,
     title,
 )
@@ -109,7 +110,7 @@ class TerminalReporter:
     def render(self, run: Run, findings: list[StoredFinding] | None = None) -> None:
         """`findings`: the run's, when the caller has them already (else derived here)."""
         findings = run_findings(run) if findings is None else findings
-        self._print(_headline(run, len(findings)))
+        self._print(_headline(run, len(findings), len(silenced_findings(run))))
         for notice in run.meta.get("notices") or []:
             self._print(Text.assemble(("note: ", "bold yellow"), notice))
         for failure in run.probe_failures:
@@ -133,7 +134,7 @@ class TerminalReporter:
         self._console.print(Plain(renderable))
 
 
-def _headline(run: Run, findings: int) -> Text:
+def _headline(run: Run, findings: int, silenced: int) -> Text:
     meta = run.meta
     argv = " ".join(meta.get("argv") or [])
     status = run.status
@@ -151,6 +152,7 @@ def _headline(run: Run, findings: int) -> Text:
         f" · level {meta.get('level')}{ranks} · {steps_text(run.steps, meta)}{amp} · "
         f"{run.writes} in-place writes · ",
         (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
+        silenced_text(silenced),
     )
 
 
