@@ -64,6 +64,9 @@ def test_a_manual_loop_counts_backward_passes_and_records_their_gradients(
         by_step = [norm for _, norm in entry["grad_norm"]]
         assert by_step == pytest.approx([norms[name] for norms in expected], rel=1e-6)
     assert set(report["grad_stats"]["modules"]) == {"0", "2"}
+    # The loop clips after the pass ended: no recorded gradient was clipped, none is claimed.
+    assert report["grad_stats"]["global_grad_norm_before_clip"] == []
+    assert "clip_grad_norm_" not in traced.stderr
     assert report["findings"] == []
 
 

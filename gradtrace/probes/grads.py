@@ -51,7 +51,7 @@ from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_l
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
-from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.steps import BY_BACKWARD, StepProbe
 
 # What a step counted by a backward pass (no optimizer steps) records as its optimizer.
 BACKWARD_LABEL = "backward"
@@ -462,8 +462,12 @@ class GradStatsProbe:
     def note_clip(
         self, total_norm: torch.Tensor, max_norm: float | torch.Tensor, norm_type: float
     ) -> None:
-        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step."""
-        if self._installed and self._recording():
+        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step.
+
+        Not where backward passes count the steps: their gradients are recorded as each pass
+        ends, before the loop clips them, so a clip call belongs to no recorded gradient.
+        """
+        if self._installed and self._recording() and self._steps.counted_by != BY_BACKWARD:
             self._clips.append((total_norm, max_norm, norm_type))
 
     def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
