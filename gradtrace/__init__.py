@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gradtrace.notebook import load_run
     from gradtrace.options import RunOptions
     from gradtrace.session import Session
+    from gradtrace.silencing import ignore
     from gradtrace.store import Run
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ _PUBLIC = {
     "RunOptions": "gradtrace.options",
     "Session": "gradtrace.session",
     "Trace": "gradtrace.api",
+    "ignore": "gradtrace.silencing",
     "load_run": "gradtrace.notebook",
     "start": "gradtrace.api",
     "trace": "gradtrace.api",
@@ -42,6 +44,7 @@ __all__ = [
     "Session",
     "Trace",
     "__version__",
+    "ignore",
     "load_ipython_extension",
     "load_run",
     "start",

@@ -160,6 +160,7 @@ class Trace:
             return
         failed = INTERRUPTED if isinstance(exception, KeyboardInterrupt) else FAILED
         try:
+            session.record_error(exception)
             session.close(status=failed, exit_code=None, exception=describe_exception(exception))
         except Exception as error:
             # Raising here would replace the user's exception with ours: say it and go on.

@@ -75,6 +75,7 @@ def run_target(target: Target, session: Session) -> int:
         raise
     except BaseException as exc:
         _print_user_traceback(exc)
+        session.record_error(exc)
         session.close(status=FAILED, exit_code=1, exception=describe_exception(exc))
         return 1
     session.close(status=OK, exit_code=0)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gradtrace import _native
+from gradtrace.analysis.refused import diagnose_refused
 from gradtrace.analysis.report import Report, build_report
 from gradtrace.errors import GradtraceError
 from gradtrace.events import (
@@ -34,8 +35,9 @@ from gradtrace.events import (
     TracedWrite,
 )
 from gradtrace.options import RunOptions
-from gradtrace.probes import _torch_compat
+from gradtrace.probes import _torch_compat, ignored
 from gradtrace.probes.amp import GradScalerProbe
+from gradtrace.probes.backward_steps import BackwardStepProbe
 from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
@@ -44,6 +46,7 @@ from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.native import NativeCoreProbe
+from gradtrace.probes.raised import refused_write
 from gradtrace.probes.rank_check import RankCheckProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
@@ -227,6 +230,8 @@ class Session:
                 stack.callback(sink.close)
                 self._sinks = (*self._sinks, sink)
             stack.callback(jobs.close)  # first: the store thread's last records reach every sink
+            ignored.collect()
+            stack.callback(ignored.stop)
             self._install(stack, core)
         except BaseException:
             self._writer = None
@@ -246,8 +251,12 @@ class Session:
         callers = CallerFinder()
         modules.install(stack)
         self._steps.install(stack)
-        if self._grad_stats:
-            self._install_grad_stats(stack, callers)
+        grads = self._install_grad_stats(stack, callers) if self._grad_stats else None
+        BackwardStepProbe(
+            self._steps,
+            None if grads is None else grads.record_backward,
+            guard=self._guard("backward steps"),
+        ).install(stack)
         full = self.level == "full"
         if core is not None:
             native = NativeCoreProbe(
@@ -291,7 +300,7 @@ class Session:
         if writes is not None and timeline is not None:
             writes.trace_writes(timeline.add_write if recording else None)
 
-    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> None:
+    def _install_grad_stats(self, stack: ExitStack, callers: CallerFinder) -> GradStatsProbe:
         grads = GradStatsProbe(
             self._modules,
             self._steps,
@@ -314,6 +323,7 @@ class Session:
         grads.install(stack)
         scaler.install(stack)
         GradClipProbe(grads.note_clip, guard=self._guard("gradient clipping")).install(stack)
+        return grads
 
     def _guard(self, probe: str) -> ProbeGuard:
         """The switch a probe runs behind: its failure is recorded, training goes on."""
@@ -340,6 +350,25 @@ class Session:
         if step > 0 and self._modules.forwards == self._forwards_at_step_end:
             step -= 1
         self._logged.setdefault(step, {}).update(values)
+
+    def store_ignored(self) -> None:
+        """Store the `gradtrace.ignore` blocks entered so far (analysis silences findings
+        inside them): now, so that a killed run keeps them, and again at close."""
+        writer, jobs = self._writer, self._jobs
+        if writer is not None and jobs is not None and self._in_owner():
+            jobs.submit(functools.partial(writer.set_meta, ignored=ignored.collected()))
+
+    def record_error(self, exc: BaseException) -> None:
+        """Turn an exception leaving the traced code into a finding, if it is one autograd
+        raised at an in-place write; front ends call it before `close`. The exception itself
+        is neither changed nor kept."""
+        if self._stack is not None:
+            self._guard("refused writes")(self._record_refused)(exc)
+
+    def _record_refused(self, exc: BaseException) -> None:
+        finding = diagnose_refused(refused_write(exc, self._modules, self.step))
+        if finding is not None:
+            self._add_finding(finding)
 
     def close(
         self,
@@ -371,6 +400,8 @@ class Session:
                     ended_ns=time.time_ns(),
                     cuda_device=_cuda_device_name(),
                     notices=self._notices(),
+                    steps_counted_by=self._steps.counted_by,
+                    ignored=ignored.collected(),
                 )
         finally:
             _active = None
@@ -444,10 +475,15 @@ class Session:
         if exc is None:
             self.close()
         else:
+            self.record_error(exc)
             self.close(status=FAILED, exit_code=None, exception=describe_exception(exc))
 
     def _end_step(self, step: int) -> None:
         self._forwards_at_step_end = self._modules.forwards
+        if step == 0 and self._writer is not None and self._jobs is not None:
+            # Now, not only at close: a killed run still says how its steps were counted.
+            counted_by = self._steps.counted_by
+            self._jobs.submit(functools.partial(self._writer.set_meta, steps_counted_by=counted_by))
         self._flush(finished=True, step=step)
         if self._timeline is not None:
             self._timeline.begin_step(step + 1)

@@ -15,6 +15,7 @@ EXPLODING = "exploding"
 VANISHING = "vanishing"
 NO_GRAD = "no-grad"
 DEAD_UNITS = "dead-units"
+ALL_ZERO = "all-gradients-zero"
 
 # Scalar series the GradScaler probe records (names shared with probes/amp.py).
 FOUND_INF = "amp/found_inf"
@@ -166,6 +167,7 @@ def diagnose_gradients(
     findings = [
         *_scaler_skips((scalars or {}).get(FOUND_INF, []), limits),
         *_non_finite(steps, sites),
+        *_all_zero(steps, sites, limits),
         *_exploding(norms, sites, limits),
         *_vanishing(norms, sites, limits),
         *_no_grad(steps, sites, limits),
@@ -405,6 +407,40 @@ def _no_grad(
     if only_zero:
         findings.append(_zero_finding(only_zero, steps, sites, recorded))
     return findings
+
+
+def _all_zero(
+    steps: Sequence[StepGradStats], sites: dict[str, SourceLine | None], limits: Thresholds
+) -> list[Finding]:
+    """Every gradient exactly zero on every recorded step: the model learns nothing.
+
+    `_no_grad` speaks of some parameters while others learn; here none does, which points
+    at the loss (constant, or detached from the output) rather than at one module.
+    """
+    recorded = [stats for stats in steps if stats.params]
+    if len({stats.step for stats in recorded}) < limits.min_steps:
+        return []
+    if any(p.grad_norm != 0.0 for stats in recorded for p in stats.params):
+        return []
+    # Sites are listed as forwards finish, children first: the last is the outermost module.
+    module = next(reversed(sites), None) or recorded[-1].params[0].module
+    parameters = sorted({p.name for stats in recorded for p in stats.params})
+    return [
+        _finding(
+            ALL_ZERO,
+            f"Every gradient was exactly zero at all {len(recorded)} recorded steps "
+            f"({_count(parameters)}): the loss does not depend on the parameters, so the "
+            "model learns nothing.",
+            "Check the loss: cross_entropy over a 1-output head is always 0 (use "
+            "binary_cross_entropy_with_logits, or one logit per class), and a loss built from "
+            "a detached value, a constant or fully masked targets has no gradient.",
+            step=recorded[-1].step,
+            module=module,
+            parameter=None,
+            site=sites.get(module),
+            details={"recorded_steps": len(recorded), "parameters": len(parameters)},
+        )
+    ]
 
 
 def dead_unit_fractions(steps: Sequence[StepGradStats]) -> dict[str, list[tuple[int, float]]]:

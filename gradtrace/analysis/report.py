@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from gradtrace.analysis.findings import run_findings
+from gradtrace.analysis.findings import classify
 from gradtrace.analysis.grad_health import (
     ClipStep,
     ModuleNorms,
@@ -19,6 +19,7 @@ from gradtrace.analysis.grad_health import (
     dead_unit_fractions,
     module_norms,
 )
+from gradtrace.analysis.silence import SilencedFinding
 from gradtrace.store.reader import Run, StoredFinding
 
 
@@ -32,13 +33,16 @@ class Report:
     """
 
     run: Run
-    # Stored findings first, then those the recorded series imply (see `run_findings`).
+    # Stored findings first, then those the recorded series imply (see `classify`).
     findings: tuple[StoredFinding, ...]
+    # Findings an ignore comment or a `gradtrace.ignore` block silenced: counted, not shown.
+    silenced: tuple[SilencedFinding, ...] = ()
 
     @property
     def derived_findings(self) -> tuple[StoredFinding, ...]:
         """The findings analysis added to the stored ones (gradient and rank findings)."""
-        return self.findings[len(self.run.findings) :]
+        stored = {id(finding) for finding in self.run.findings}
+        return tuple(finding for finding in self.findings if id(finding) not in stored)
 
     @cached_property
     def norms(self) -> ModuleNorms:
@@ -58,4 +62,5 @@ class Report:
 
 def build_report(run: Run) -> Report:
     """The report every reporter renders; the one place a loaded run's findings are derived."""
-    return Report(run, tuple(run_findings(run)))
+    findings = classify(run)
+    return Report(run, tuple(findings.shown), tuple(findings.silenced))

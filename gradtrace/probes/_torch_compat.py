@@ -7,6 +7,7 @@ If a future torch renames one, only this module changes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
@@ -292,3 +293,18 @@ def force_eager() -> AbstractContextManager[object]:
     native core is not used (`check_native_supported`).
     """
     return torch.compiler.set_stance("force_eager")
+
+
+def graph_task_id() -> int:
+    """An id of the backward pass running on this thread (-1 outside every backward)."""
+    return torch._C._current_graph_task_id()
+
+
+def at_backward_end(callback: Callable[[], None]) -> None:
+    """Run `callback` once the backward pass running now has finished, on its thread.
+
+    NOTE: `Variable._execution_engine.queue_callback` is what DDP uses to act once every
+    gradient of a pass is accumulated; it must be called from inside that pass (a hook).
+    Checked on torch 2.11 and 2.13.
+    """
+    torch.autograd.Variable._execution_engine.queue_callback(callback)

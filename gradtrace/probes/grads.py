@@ -51,7 +51,10 @@ from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_l
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
-from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.steps import BY_BACKWARD, StepProbe
+
+# What a step counted by a backward pass (no optimizer steps) records as its optimizer.
+BACKWARD_LABEL = "backward"
 
 # Zero counts (`_foreach_norm` with ord 0) have no fused CUDA kernel: one launch per
 # parameter. They are taken on every tenth recorded step, as are parameter norms (weights
@@ -464,8 +467,12 @@ class GradStatsProbe:
     def note_clip(
         self, total_norm: torch.Tensor, max_norm: float | torch.Tensor, norm_type: float
     ) -> None:
-        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step."""
-        if self._installed and self._recording():
+        """A `clip_grad_norm_` call returned `total_norm`; it is read with the next step.
+
+        Not where backward passes count the steps: their gradients are recorded as each pass
+        ends, before the loop clips them, so a clip call belongs to no recorded gradient.
+        """
+        if self._installed and self._recording() and self._steps.counted_by != BY_BACKWARD:
             self._clips.append((total_norm, max_norm, norm_type))
 
     def _after_forward(self, module: nn.Module, args: object, output: object) -> None:
@@ -566,6 +573,17 @@ class GradStatsProbe:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._hook_arrivals(params)
         self._stepping.pop(id(optimizer), None)  # left by a step of it that raised
+        self._record(f"{type(optimizer).__name__}.step", params, waits=optimizer)
+
+    def record_backward(self, params: list[torch.Tensor]) -> None:
+        """Record the step a finished backward pass ends, when no optimizer steps: the
+        gradients of `params` (those the pass reached) are final now."""
+        self._hook_arrivals(params)
+        self._record(BACKWARD_LABEL, params, waits=None)
+
+    def _record(self, label: str, params: list[torch.Tensor], *, waits: Optimizer | None) -> None:
+        """Gather a recorded step's statistics; with `waits`, the update ratio waits for
+        that optimizer to update the parameters."""
         if not self._recording():
             self._forget_step()
             return
@@ -575,9 +593,9 @@ class GradStatsProbe:
             names = [self._param_name(p) for p in with_grad]
             histograms.count(self._steps.step, names, [p.grad for p in with_grad])
         values = StepValues()
-        record = self._gather(values, optimizer, params, with_grad)
-        if self._update_ratio and with_grad:
-            self._stepping[id(optimizer)] = (values, record, ParamsBefore(with_grad))
+        record = self._gather(values, label, params, with_grad)
+        if self._update_ratio and with_grad and waits is not None:
+            self._stepping[id(waits)] = (values, record, ParamsBefore(with_grad))
         else:
             self._push(values, record)
 
@@ -603,7 +621,7 @@ class GradStatsProbe:
     def _gather(
         self,
         values: StepValues,
-        optimizer: Optimizer,
+        label: str,
         params: list[torch.Tensor],
         with_grad: list[torch.Tensor],
     ) -> _StepRecord:
@@ -643,7 +661,7 @@ class GradStatsProbe:
         clips, self._clips = self._clips, []
         record = _StepRecord(
             step=step,
-            optimizer=f"{type(optimizer).__name__}.step",
+            optimizer=label,
             params=described,
             columns=columns,
             missing=missing,

@@ -1,5 +1,8 @@
 """Step boundaries and the optimizer phase, from torch's global optimizer step hooks.
 
+A run in which no optimizer steps (a manual loop updating `p.data`) counts its steps by
+backward passes instead: see probes/backward_steps.py, which calls `end_backward_step`.
+
 NOTE [closures]: `optimizer.step(closure)` (LBFGS, Lightning's default loop) runs the user's
 forward and backward *inside* the step, after the pre-hook fired. The pre-hook therefore
 wraps the closure: while it runs, the optimizer phase is off (its writes belong to the
@@ -21,6 +24,10 @@ from torch.optim.optimizer import (
 )
 
 from gradtrace.probes.guard import ProbeGuard
+
+# How steps are counted (stored as the run's `steps_counted_by`).
+BY_OPTIMIZER = "optimizer"
+BY_BACKWARD = "backward"
 
 
 class StepProbe:
@@ -47,6 +54,9 @@ class StepProbe:
         # new step index: the native core labels writes and saved tensors without calling back.
         self._publish_optimizer: Callable[[str | None], None] | None = None
         self._publish_step: Callable[[int], None] | None = None
+        # Set by the first optimizer step; steps counted by backward passes before it.
+        self.optimizer_stepped = False
+        self.backward_steps = 0
 
     def publish_to(
         self,
@@ -87,9 +97,23 @@ class StepProbe:
         probe is off: a step it saw start may never be seen to end)."""
         return getattr(self._local, "optimizer", None) if self._guard.on else None
 
+    @property
+    def counted_by(self) -> str | None:
+        """Which rule counts the steps: BY_OPTIMIZER, BY_BACKWARD (no optimizer stepped)
+        or None (no step yet)."""
+        if self.optimizer_stepped:
+            return BY_OPTIMIZER
+        return BY_BACKWARD if self.backward_steps else None
+
+    def end_backward_step(self) -> None:
+        """A backward pass finished in a run where no optimizer steps: it ends the step."""
+        self.backward_steps += 1
+        self._end(self.step)
+
     def _before(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self.optimizer_stepped = True
         self._set_optimizer(f"{type(optimizer).__name__}.step")
         # `args` starts with the optimizer itself: the closure, if any, comes after it.
         if kwargs.get("closure") is not None:
@@ -110,8 +134,11 @@ class StepProbe:
         self._set_optimizer(None)
         for callback in self._updated:
             callback(optimizer)
-        self._on_step_end(self.step)
-        self.step += 1
+        self._end(self.step)
+
+    def _end(self, step: int) -> None:
+        self._on_step_end(step)
+        self.step = step + 1
         if self._publish_step is not None:
             self._publish_step(self.step)
 

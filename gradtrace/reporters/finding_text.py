@@ -14,12 +14,14 @@ from gradtrace.store.reader import StoredFinding
 TITLES = {
     "inplace-write": "in-place write broke backward",
     "silent-overwrite": "silent overwrite: wrong gradients, no error",
+    "inplace-refused": "in-place write refused by autograd",
     "non-finite": "gradients went NaN/Inf",
     "exploding": "exploding gradients",
     "vanishing": "vanishing gradients",
     "no-grad": "parameters never get a gradient",
     "rank-divergence": "ranks disagree",
     "dead-units": "dead ReLU units",
+    "all-gradients-zero": "every gradient is zero: nothing learns",
 }
 
 
@@ -85,6 +87,21 @@ def checkpointed_text(checkpointed: dict[str, str]) -> str:
         f"checkpointing: {shown}{more}. torch.utils.checkpoint keeps their activations, so "
         "gradtrace does not watch those; writes to a region's inputs are still caught."
     )
+
+
+def steps_text(steps: int, meta: dict[str, object]) -> str:
+    """ "N steps", and the rule that counted them when it is not optimizer steps."""
+    text = f"{steps} step{'s' if steps != 1 else ''}"
+    if meta.get("steps_counted_by") == "backward":
+        text += " (counted by backward passes: no optimizer stepped)"
+    return text
+
+
+def silenced_text(silenced: int) -> str:
+    """ " · N findings silenced" (by ignore comments or blocks), or nothing."""
+    if not silenced:
+        return ""
+    return f" · {silenced} finding{'s' if silenced != 1 else ''} silenced"
 
 
 def across_ranks(findings: Sequence[StoredFinding]) -> list[tuple[StoredFinding, list[int]]]:

@@ -21,6 +21,8 @@ from gradtrace.reporters.finding_text import (
     checkpointed_text,
     code_excerpt,
     finding_facts,
+    silenced_text,
+    steps_text,
     title,
 )
 from gradtrace.reporters.rank_rows import rank_rows
@@ -84,7 +86,7 @@ def render_html(report: Report) -> str:
     """The whole report as one HTML document."""
     run, findings, norms = report.run, report.findings, report.norms
     sections = [
-        _header(run, findings),
+        _header(run, findings, len(report.silenced)),
         *([_ranks_section(run, findings)] if run.ranks else []),
         _findings_section(findings),
         _section(
@@ -152,7 +154,7 @@ def _section(title: str, body: str) -> str:
     return f"<section><h2>{escape(title)}</h2>{body}</section>"
 
 
-def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
+def _header(run: Run, findings: Sequence[StoredFinding], silenced: int) -> str:
     meta = run.meta
     argv = " ".join(meta.get("argv") or [])
     exit_code = meta.get("exit_code")
@@ -168,10 +170,11 @@ def _header(run: Run, findings: Sequence[StoredFinding]) -> str:
         f"<span class='{'ok' if run.status == OK else 'bad'}'>{escape(status)}</span>",
         f"level {escape(str(meta.get('level')))}",
         *([f"{len(run.ranks)} ranks"] if run.ranks else []),
-        f"{run.steps} steps",
+        steps_text(run.steps, meta),
         f"{run.writes} in-place writes",
         f"<span class='{'bad' if count else 'ok'}'>{count} finding{'s' if count != 1 else ''}"
         "</span>",
+        *([silenced_text(silenced).removeprefix(" · ")] if silenced else []),
         f"started {when}",
         f"torch {escape(str(meta.get('torch')))}",
     ]

@@ -38,6 +38,8 @@ def render_json(report: Report) -> dict[str, Any]:
             "notices": meta.get("notices") or [],
             "checkpointed": meta.get("checkpointed") or {},
             "steps": run.steps,
+            # "optimizer", "backward" (no optimizer stepped) or null (no step).
+            "steps_counted_by": _counted_by(meta.get("steps_counted_by")),
             "writes": run.writes,
             "rank": run.rank,
             "world_size": meta.get("world_size"),
@@ -47,12 +49,22 @@ def render_json(report: Report) -> dict[str, Any]:
         "findings": [
             {**stored.finding.to_dict(), "count": stored.count} for stored in report.findings
         ],
+        # Silenced on purpose (an ignore comment, a gradtrace.ignore block): kept, not shown.
+        "silenced": [
+            {**silenced.stored.finding.to_dict(), "count": silenced.stored.count, "by": silenced.by}
+            for silenced in report.silenced
+        ],
         "grad_stats": _grad_stats(report),
         "writes": [
             {"owner": owner, "op": op, "phase": phase, "count": count}
             for owner, op, phase, count in run.write_counts
         ],
     }
+
+
+def _counted_by(value: object) -> str | None:
+    """The stored rule, if it is one this gradtrace knows (meta is anyone's JSON)."""
+    return value if value in ("optimizer", "backward") else None
 
 
 def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:

@@ -17,7 +17,13 @@ from rich.text import Text
 from gradtrace.analysis.grad_health import FOUND_INF, ClipStep, scaler_skips
 from gradtrace.analysis.report import Report
 from gradtrace.events import Finding
-from gradtrace.reporters.finding_text import across_ranks, checkpointed_text, title
+from gradtrace.reporters.finding_text import (
+    across_ranks,
+    checkpointed_text,
+    silenced_text,
+    steps_text,
+    title,
+)
 from gradtrace.reporters.html import is_flat
 from gradtrace.reporters.plain import Plain
 from gradtrace.reporters.rank_rows import rank_rows
@@ -98,7 +104,7 @@ class TerminalReporter:
 
     def render(self, report: Report) -> None:
         run, findings = report.run, report.findings
-        self._print(_headline(run, len(findings)))
+        self._print(_headline(run, len(findings), len(report.silenced)))
         for notice in run.meta.get("notices") or []:
             self._print(Text.assemble(("note: ", "bold yellow"), notice))
         for failure in run.probe_failures:
@@ -122,7 +128,7 @@ class TerminalReporter:
         self._console.print(Plain(renderable))
 
 
-def _headline(run: Run, findings: int) -> Text:
+def _headline(run: Run, findings: int, silenced: int) -> Text:
     meta = run.meta
     argv = " ".join(meta.get("argv") or [])
     status = run.status
@@ -137,9 +143,10 @@ def _headline(run: Run, findings: int) -> Text:
         (argv, "bold"),
         "  ",
         (status_text, style),
-        f" · level {meta.get('level')}{ranks} · {run.steps} steps{amp} · "
+        f" · level {meta.get('level')}{ranks} · {steps_text(run.steps, meta)}{amp} · "
         f"{run.writes} in-place writes · ",
         (f"{findings} finding{'s' if findings != 1 else ''}", "bold red" if findings else "green"),
+        silenced_text(silenced),
     )
 
 
@@ -164,7 +171,8 @@ def _ranks_table(run: Run, findings: Sequence[StoredFinding]) -> Table:
 def _finding_panel(stored: StoredFinding, ranks: list[int]) -> Panel:
     finding = stored.finding
     parts: list[RenderableType] = [Text(finding.message, style="bold")]
-    if not finding.saved_by:
+    # A write names its op: one that corrupted a saved tensor, or one autograd refused.
+    if not finding.saved_by and finding.op is None:
         parts.extend(_gradient_parts(finding))
     elif finding.file is not None:
         parts.append(
