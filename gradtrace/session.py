@@ -38,6 +38,7 @@ from gradtrace.probes.amp import GradScalerProbe
 from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.fsdp import FsdpWritesProbe
 from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
@@ -261,6 +262,8 @@ class Session:
                     live, modules, self._steps, callers, guard=self._guard("write log")
                 )
                 self._writes.install(stack)
+        if full:
+            FsdpWritesProbe(modules, guard=self._guard("FSDP2 writes")).install(stack)
         self._timeline = TimelineProbe(
             modules,
             self._trace_steps,
@@ -286,6 +289,7 @@ class Session:
             update_ratio=self._update_ratio,
             compare_ranks=None if self._rank_check is None else self._rank_check.compare,
             histograms=self._histograms,
+            on_shards=self._store_shards,
             guard=self._guard("gradient statistics"),
         )
         scaler = GradScalerProbe(
@@ -548,6 +552,11 @@ class Session:
             self._writer.write_histograms(histograms)
             if self._live is not None:
                 self._live.histograms(histograms)
+
+    def _store_shards(self, shards: dict[str, int]) -> None:
+        """Which parameters this rank records as shards, for the merged report to combine."""
+        if self._writer is not None:
+            self._writer.set_meta(param_shards=shards)
 
     def _store_rank_norms(self, norms: RankNorms) -> None:
         if self._writer is not None:

@@ -8,6 +8,7 @@ a timeout kills every process it started.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -21,13 +22,15 @@ import torch
 import gradtrace
 from gradtrace.analysis.cross_rank import RANK_DIVERGENCE, diagnose_ranks
 from gradtrace.errors import GradtraceError
-from gradtrace.events import RankNorms
+from gradtrace.events import ParamStat, RankNorms, StepGradStats
 from gradtrace.probes._torch_compat import unwrapped_path
 from gradtrace.ranks import agree_on_job_dir, current_rank
 from gradtrace.store.reader import load_run
+from gradtrace.store.shards import combine_shards
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed"
-TIMEOUT_S = 90
+# Generous: a job starts 2-4 processes on a box whose cores other work shares.
+TIMEOUT_S = 300
 PARAMS = {
     "encoder.0.weight",
     "encoder.0.bias",
@@ -87,12 +90,12 @@ def _torchrun_argv(*args: str) -> list[str]:
     return [*launcher, "--nproc-per-node", "2", *args]
 
 
-def _report(job_dir: Path) -> dict:
+def _report(*job_dirs: Path) -> dict:
     printed = subprocess.run(
-        [sys.executable, "-m", "gradtrace", "report", "--json", str(job_dir)],
+        [sys.executable, "-m", "gradtrace", "report", "--json", *map(str, job_dirs)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=True,
     )
     return json.loads(printed.stdout)
@@ -171,7 +174,7 @@ def test_inplace_bug_fails_as_without_gradtrace_and_names_line_module_ranks(
     subprocess.run(
         [sys.executable, "-m", "gradtrace", "report", str(job), "--html", str(html)],
         check=True,
-        timeout=60,
+        timeout=120,
     )
     assert "<h2>Ranks</h2>" in html.read_text() and "failed first" in html.read_text()
 
@@ -278,3 +281,139 @@ def test_check_ranks_without_a_process_group_says_it_compared_nothing(tmp_path: 
         optimizer.step()
     (notice,) = load_run(tmp_path / "run").meta["notices"]
     assert "compared nothing" in notice
+
+
+def _losses(printed: str) -> list[str]:
+    return re.findall(r"step \d loss [\d.]+", printed)
+
+
+SHARDED_PARAMS = {
+    f"{layer}.{kind}" for layer in ("up", "mid", "down") for kind in ("weight", "bias")
+}
+
+
+@needs_gloo
+@pytest.mark.parametrize(
+    "script", ["fsdp_clean.py", "tp_clean.py"], ids=["fsdp2", "tensor-parallel"]
+)
+def test_sharded_job_trains_as_under_torchrun_and_reports_whole_parameter_norms(
+    tmp_path: Path, script: str
+) -> None:
+    """FSDP2 (each Linear and the root fully_shard'ed) and tensor parallelism (column- and
+    row-wise, a replicated bias): each rank records its own shards, and the report's norms
+    are those of `full_tensor()`, which the script computes itself (gathering the shards)."""
+    job = tmp_path / "job"
+    plain = _start(_torchrun_argv(str(SCRIPTS / script)), SCRIPTS)
+    traced = _start(
+        _gradtrace_argv(script, job), SCRIPTS, SHARDED_NORMS_OUT=str(tmp_path / "norms.json")
+    )
+    plain, traced = _finish(plain), _finish(traced)
+    assert plain.returncode == 0, plain.stderr
+    assert traced.returncode == 0, traced.stderr
+    assert len(_losses(plain.stdout)) == 5
+    assert _losses(traced.stdout) == _losses(plain.stdout)
+
+    report = _report(job)
+    assert report["findings"] == []
+    assert report["probe_failures"] == []
+    assert [(r["rank"], r["status"], r["steps"]) for r in report["ranks"]] == [
+        (0, "ok", 5),
+        (1, "ok", 5),
+    ]
+    params = report["grad_stats"]["params"]
+    assert set(params) == SHARDED_PARAMS  # the user's names: no FSDP or DTensor wrapper
+    whole = json.loads((tmp_path / "norms.json").read_text())
+    for name, expected in whole.items():
+        got = [norm for _, norm in params[name]["grad_norm"]]
+        assert got == pytest.approx(expected, rel=1e-5), name
+    # Each rank's own series holds its shards: no rank alone has the whole norm.
+    ranks = [load_run(job / f"rank-{rank}") for rank in (0, 1)]
+    local = [{p.name: p.grad_norm for p in run.grad_steps[0].params}["up.weight"] for run in ranks]
+    assert all(norm < whole["up.weight"][0] for norm in local)
+
+
+@needs_gloo
+def test_inplace_bug_in_an_fsdp2_block_is_named_with_its_line_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """FSDP2 refills unsharded parameters skipping the version counter: never a finding;
+    the user's own in-place write inside the sharded block is."""
+    job = tmp_path / "job"
+    traced = _gradtrace_job("fsdp_inplace.py", job)
+    assert traced.returncode == 1
+    assert len(re.findall(r"^RuntimeError: one of the variables needed", traced.stderr, re.M)) == 2
+    report = _report(job)
+    source = (SCRIPTS / "fsdp_inplace.py").read_text().splitlines()
+    culprit = next(n for n, text in enumerate(source, 1) if "# expect:" in text)
+    assert sorted((f["kind"], f["rank"]) for f in report["findings"]) == [
+        ("inplace-write", 0),
+        ("inplace-write", 1),
+    ]
+    for finding in report["findings"]:
+        assert (finding["file"], finding["line"]) == (str(SCRIPTS / "fsdp_inplace.py"), culprit)
+        assert (finding["op"], finding["module"]) == ("mul_", "mid")
+
+
+@needs_gloo
+def test_ddp_around_a_compiled_model_trains_as_under_torchrun(tmp_path: Path) -> None:
+    # aot_eager: Dynamo, DDP's graph splitting and AOT autograd as with Inductor, without
+    # minutes of C++ code generation on a busy CPU.
+    env = {"DDP_COMPILE_BACKEND": "aot_eager"}
+    job = tmp_path / "job"
+    plain = _start(_torchrun_argv(str(SCRIPTS / "ddp_compile.py")), SCRIPTS, **env)
+    traced = _start(_gradtrace_argv("ddp_compile.py", job), SCRIPTS, **env)
+    plain, traced = _finish(plain), _finish(traced)
+    assert plain.returncode == 0, plain.stderr
+    assert traced.returncode == 0, traced.stderr
+    assert len(_losses(plain.stdout)) == 5
+    assert _losses(traced.stdout) == _losses(plain.stdout)
+    report = _report(job)
+    assert report["findings"] == []
+    assert report["probe_failures"] == []
+    assert set(report["grad_stats"]["params"]) == PARAMS  # no `module.` or `_orig_mod.`
+    assert all(len(stats["grad_norm"]) == 5 for stats in report["grad_stats"]["params"].values())
+
+
+def _shard_steps(**params: tuple[float, int]) -> list[StepGradStats]:
+    """One recorded step: each parameter's (gradient norm, numel) on this rank."""
+    stats = tuple(
+        ParamStat(name, "m", numel, grad, 1.0, 0.5, 0) for name, (grad, numel) in params.items()
+    )
+    return [StepGradStats(0, "SGD.step", stats, (), (), (), ())]
+
+
+def test_shards_combine_into_the_whole_parameter_by_sums_of_squares() -> None:
+    # FSDP2: ranks hold disjoint shards (3 and 4 -> 5); rank 0's plain parameter is kept.
+    (step,) = combine_shards(
+        [_shard_steps(w=(3.0, 6), plain=(7.0, 2)), _shard_steps(w=(4.0, 2), plain=(9.0, 2))],
+        {"w": 1},
+    )
+    whole, plain = step.params
+    assert (whole.grad_norm, whole.numel, whole.param_norm) == (5.0, 8, math.sqrt(2))
+    assert whole.zero_fraction == 0.5
+    assert (plain.grad_norm, plain.numel) == (7.0, 2)
+    # A replicated placement over 2 ranks: each holds the whole, counted once.
+    (step,) = combine_shards([_shard_steps(w=(3.0, 4)), _shard_steps(w=(3.0, 4))], {"w": 2})
+    assert (step.params[0].grad_norm, step.params[0].numel) == (pytest.approx(3.0), 4)
+
+
+def test_shards_that_cannot_combine_are_unknown_never_a_wrong_number() -> None:
+    partial = combine_shards([_shard_steps(w=(3.0, 4)), _shard_steps(w=(4.0, 4))], {"w": 0})
+    assert math.isnan(partial[0].params[0].grad_norm)
+    one_rank_short = combine_shards([_shard_steps(w=(3.0, 4)), []], {"w": 1})
+    assert math.isnan(one_rank_short[0].params[0].grad_norm)
+    nan_shard = combine_shards(
+        [_shard_steps(w=(math.inf, 4)), _shard_steps(w=(math.nan, 4))], {"w": 1}
+    )
+    assert math.isnan(nan_shard[0].params[0].grad_norm)  # as full_tensor().norm() would be
+
+
+def test_fsdp2_internals_are_wrapped_only_while_a_session_runs(tmp_path: Path) -> None:
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = vars(FSDPParamGroup)["unshard"]
+    model = torch.nn.Linear(2, 2)
+    with gradtrace.trace(model, out=tmp_path / "run"):
+        model(torch.ones(1, 2))
+        assert vars(FSDPParamGroup)["unshard"] is not original
+    assert vars(FSDPParamGroup)["unshard"] is original

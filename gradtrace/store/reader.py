@@ -39,6 +39,7 @@ from gradtrace.store.format import (
     SCHEMA,
     rank_run_dirs,
 )
+from gradtrace.store.shards import combine_shards
 
 T = TypeVar("T")
 
@@ -297,6 +298,10 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
         "world_size": first.meta.get("world_size", len(runs)),
         "first_failed_rank": failed[0].rank if failed else None,
     }
+    # FSDP2 / tensor parallel: each rank recorded its own shards; the job's series show whole
+    # parameters.
+    shards = {name: n for run in runs for name, n in (run.meta.get("param_shards") or {}).items()}
+    grad_steps = combine_shards([run.grad_steps for run in runs], shards)
     findings = [
         StoredFinding(dataclasses.replace(stored.finding, rank=run.rank), stored.count)
         for run in runs
@@ -315,6 +320,7 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
         rank=None,
         ranks=tuple(runs),
         probe_failures=failures,
+        grad_steps=grad_steps,
     )
 
 
@@ -677,6 +683,7 @@ META: dict[str, Check] = {
     "notices": _optional(_list_of(_text)),
     "checkpointed": _optional(_dict_of(_text)),
     "histogram_edges": _optional(_list_of(_number)),
+    "param_shards": _optional(lambda value, where: _shard_counts(value, where)),
 }
 """What each known meta key may hold; unknown keys (a newer gradtrace's) are plain JSON."""
 
@@ -731,6 +738,17 @@ _FINDING_DEFAULTS: dict[str, Any] = {
     **dict.fromkeys(("phase", "op", "module", "file", "line", "function", "code")),
     "saved_by": {},
 }
+
+
+def _shard_counts(value: Any, where: str) -> dict[str, int]:
+    """Sharded parameter -> ranks holding each element: every one, uncut (a parameter
+    cut from it would be reported as one rank's shard)."""
+    if not isinstance(value, dict):
+        raise BrokenRun(f"{where} is {_kind(value)}, expected an object")
+    counts = {_text(key, where): _integer(count, f"{where}.{key}") for key, count in value.items()}
+    if any(count < 0 for count in counts.values()):
+        raise BrokenRun(f"{where} holds a negative count")
+    return counts
 
 
 def _finding(data: Any, where: str) -> Finding:
