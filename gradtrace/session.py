@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import platform
+import socket
 import sqlite3
 import sys
 import time
@@ -404,13 +405,15 @@ class Session:
             return tensorboard_dir(self.run_dir, logdir)
         return tensorboard_dir(self.job_dir, logdir) / self.run_dir.name
 
-    def _rank_meta(self) -> dict[str, int]:
+    def _rank_meta(self) -> dict[str, int | str]:
         if self.rank is None:
             return {}
         return {
             "rank": self.rank.rank,
             "world_size": self.rank.world_size,
             "local_rank": self.rank.local_rank,
+            "node_rank": self.rank.node_rank,
+            "host": socket.gethostname(),
         }
 
     def _notices(self) -> list[str]:

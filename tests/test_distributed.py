@@ -12,6 +12,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,9 @@ def test_a_missing_gradient_on_the_rank_not_blamed_is_still_the_cause() -> None:
 def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
     assert current_rank({}) is None
     assert current_rank({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).world_size == 4
+    assert current_rank({"RANK": "5", "WORLD_SIZE": "8", "GROUP_RANK": "1"}).node_rank == 1
+    with pytest.raises(GradtraceError, match="GROUP_RANK='a' in the environment are not integers"):
+        current_rank({"RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "a"})
     with pytest.raises(GradtraceError, match="not integers"):
         current_rank({"RANK": "one", "WORLD_SIZE": "2"})
     with pytest.raises(GradtraceError, match="outside WORLD_SIZE"):
@@ -417,3 +421,85 @@ def test_fsdp2_internals_are_wrapped_only_while_a_session_runs(tmp_path: Path) -
         model(torch.ones(1, 2))
         assert vars(FSDPParamGroup)["unshard"] is not original
     assert vars(FSDPParamGroup)["unshard"] is original
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _agents(outs: list[Path], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """A two-node job on this machine: two torchrun agents (2 ranks each) meeting through
+    c10d rendezvous on 127.0.0.1, each starting `gradtrace run --out OUT` in its ranks."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [
+        _start(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=two-agents",
+                "-m",
+                "gradtrace",
+                "run",
+                "--out",
+                str(out),
+                str(SCRIPTS / "ddp_clean.py"),
+            ],
+            cwd,
+        )
+        for node, out in enumerate(outs)
+    ]
+    return [_finish(agent) for agent in agents]
+
+
+def _node_rows(report: dict) -> list[tuple[int, int, str, str]]:
+    return [(r["rank"], r["node"], r["host"], r["status"]) for r in report["ranks"]]
+
+
+@needs_gloo
+def test_two_agents_write_one_job_directory_read_as_one_run_with_nodes_and_hosts(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "shared" / "job"
+    for agent in _agents([job, job], tmp_path):
+        assert agent.returncode == 0, agent.stderr
+    assert sorted(p.name for p in job.iterdir()) == ["rank-0", "rank-1", "rank-2", "rank-3"]
+    report = _report(job)
+    host = socket.gethostname()
+    # torchrun numbers ranks node by node: GROUP_RANK * nproc-per-node + LOCAL_RANK.
+    assert _node_rows(report) == [(rank, rank // 2, host, "ok") for rank in range(4)]
+    assert report["run"]["world_size"] == 4
+    assert report["findings"] == []
+    assert set(report["grad_stats"]["params"]) == PARAMS
+
+
+@needs_gloo
+def test_per_node_directories_are_read_together_as_one_job(tmp_path: Path) -> None:
+    nodes = [tmp_path / "node-a" / "job", tmp_path / "node-b" / "job"]
+    for agent in _agents(nodes, tmp_path):
+        assert agent.returncode == 0, agent.stderr
+    held = [sorted(p.name for p in node.iterdir()) for node in nodes]
+    assert sorted(held) == [["rank-0", "rank-1"], ["rank-2", "rank-3"]]
+    report = _report(*nodes)
+    assert [(rank, node, status) for rank, node, _, status in _node_rows(report)] == [
+        (rank, rank // 2, "ok") for rank in range(4)
+    ]
+    assert report["run"]["status"] == "ok"
+    # The same node twice, or a directory that is no job's: one line, exit 2.
+    for wrong in ([nodes[0], nodes[0]], [nodes[0], nodes[0] / "rank-0"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "gradtrace", "report", *map(str, wrong)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2
+        assert "recorded twice" in refused.stderr
+        assert "Traceback" not in refused.stderr

@@ -11,7 +11,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -134,6 +134,47 @@ def load_run(path: str | Path) -> Run:
     if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
         return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
     return _open(run_dir, _read)
+
+
+def load_job(paths: Sequence[str | Path]) -> Run:
+    """One run from one directory, or one torchrun job from several: each node's own job
+    directory (or single rank runs) when the nodes share no filesystem.
+
+    Every directory must hold ranks of one job: a rank found twice, or ranks that disagree
+    on the job's size, is a one-line error.
+    """
+    if len(paths) == 1:
+        return load_run(paths[0])
+    by_rank: dict[int, Run] = {}
+    for path in paths:
+        for run in _rank_runs(_run_dir(path)):
+            assert run.rank is not None
+            if run.rank in by_rank:
+                raise GradtraceError(
+                    f"Rank {run.rank} is recorded twice ('{by_rank[run.rank].path}' and "
+                    f"'{run.path}'); give each node's directory once."
+                )
+            by_rank[run.rank] = run
+    sizes = {run.meta.get("world_size") for run in by_rank.values()}
+    if len(sizes) > 1:
+        raise GradtraceError(
+            f"The directories hold ranks of different jobs (world sizes "
+            f"{', '.join(sorted(map(str, sizes)))}); give the directories of one job."
+        )
+    return merge_ranks(Path(paths[0]), [by_rank[rank] for rank in sorted(by_rank)])
+
+
+def _rank_runs(run_dir: Path) -> list[Run]:
+    """The ranks a directory holds: a job directory's `rank-N` runs, or one rank's run."""
+    if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
+        return [load_run(rank_dir) for _, rank_dir in ranks]
+    run = load_run(run_dir)
+    if run.rank is None:
+        raise GradtraceError(
+            f"'{run_dir}' is a run of one process, not part of a torchrun job; only a job's "
+            "directories (one per node) are read together."
+        )
+    return [run]
 
 
 def load_facts(path: str | Path) -> RunFacts | None:
@@ -670,9 +711,18 @@ META: dict[str, Check] = {
     "status": _text,
     "exit_code": _INTEGER_OR_NULL,
     "argv": _optional(_list_of(_text)),
-    **dict.fromkeys(("level", "torch", "python", "platform", "cuda_device"), _TEXT_OR_NULL),
+    **dict.fromkeys(("level", "torch", "python", "platform", "cuda_device", "host"), _TEXT_OR_NULL),
     **dict.fromkeys(
-        ("started_ns", "ended_ns", "every", "rank", "world_size", "first_failed_rank"),
+        (
+            "started_ns",
+            "ended_ns",
+            "every",
+            "rank",
+            "world_size",
+            "first_failed_rank",
+            "local_rank",
+            "node_rank",
+        ),
         _INTEGER_OR_NULL,
     ),
     "findings_at_close": _INTEGER_OR_NULL,
