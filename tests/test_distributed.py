@@ -22,11 +22,13 @@ import torch
 
 import gradtrace
 from gradtrace.analysis.cross_rank import RANK_DIVERGENCE, diagnose_ranks
+from gradtrace.analysis.findings import run_findings
 from gradtrace.errors import GradtraceError
 from gradtrace.events import ParamStat, RankNorms, StepGradStats
 from gradtrace.probes._torch_compat import unwrapped_path
 from gradtrace.ranks import agree_on_job_dir, current_rank
-from gradtrace.store.reader import load_run
+from gradtrace.reporters.runs_table import find_runs
+from gradtrace.store.reader import load_job, load_run
 from gradtrace.store.shards import combine_shards
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed"
@@ -178,6 +180,11 @@ def test_inplace_bug_fails_as_without_gradtrace_and_names_line_module_ranks(
         timeout=120,
     )
     assert "<h2>Ranks</h2>" in html.read_text() and "failed first" in html.read_text()
+    # `ls` counts a job's findings from its ranks' counts at close, without its series.
+    (entry,) = find_runs(tmp_path)
+    assert (entry.facts.status, entry.findings) == ("failed", len(report["findings"]))
+    (first,) = [r["rank"] for r in report["ranks"] if r["failed_first"]]
+    assert entry.facts.meta["first_failed_rank"] == first
 
 
 @needs_gloo
@@ -503,3 +510,26 @@ def test_per_node_directories_are_read_together_as_one_job(tmp_path: Path) -> No
         assert refused.returncode == 2
         assert "recorded twice" in refused.stderr
         assert "Traceback" not in refused.stderr
+
+
+def test_synthetic_job_of_the_rank_benchmark_reads_as_one_job_and_ls_counts_it(
+    tmp_path: Path,
+) -> None:
+    """scripts/bench_ranks.py's jobs are what it claims (ranks, nodes, hosts, a finding per
+    rank), and `ls` counts a closed job from its ranks' counts as `report` derives them."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ranks.py"
+    spec = importlib.util.spec_from_file_location("bench_ranks", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.build_rank(tmp_path / "template", steps=12, params=4)
+    job_dir = tmp_path / "runs" / "job"
+    bench.build_job(job_dir, 10, tmp_path / "template")
+    job = load_job([job_dir])
+    assert [(r.rank, r.meta["node_rank"], r.meta["host"]) for r in job.ranks] == [
+        (rank, rank // 8, f"node-{rank // 8}") for rank in range(10)
+    ]
+    (entry,) = find_runs(tmp_path / "runs")
+    assert entry.findings == len(run_findings(job)) == 10
+    assert (entry.facts.status, entry.facts.steps) == ("ok", 12)

@@ -32,6 +32,7 @@ from gradtrace.events import (
 )
 from gradtrace.store.format import (
     DATABASE,
+    FINDINGS_AT_CLOSE,
     FORMAT_VERSION,
     KILLED,
     OK,
@@ -328,17 +329,7 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
     failed first, since later failures are usually the others noticing it.
     """
     first = runs[0]
-    failed = sorted(
-        (run for run in runs if run.status != OK),
-        key=lambda run: (run.meta.get("ended_ns") is None, run.meta.get("ended_ns") or 0),
-    )
-    outcome = failed[0].meta if failed else first.meta
-    meta = {
-        **first.meta,
-        **{key: outcome.get(key) for key in ("status", "exit_code", "exception", "ended_ns")},
-        "world_size": first.meta.get("world_size", len(runs)),
-        "first_failed_rank": failed[0].rank if failed else None,
-    }
+    meta = _job_meta([run.meta for run in runs])
     # FSDP2 / tensor parallel: each rank recorded its own shards; the job's series show whole
     # parameters.
     shards = {name: n for run in runs for name, n in (run.meta.get("param_shards") or {}).items()}
@@ -363,6 +354,36 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
         probe_failures=failures,
         grad_steps=grad_steps,
     )
+
+
+def _job_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job's meta from its ranks' (in rank order): the first rank's, with the outcome of
+    the rank that failed first."""
+    failed = sorted(
+        (meta for meta in metas if run_status(meta) != OK),
+        key=lambda meta: (meta.get("ended_ns") is None, meta.get("ended_ns") or 0),
+    )
+    outcome = failed[0] if failed else metas[0]
+    return {
+        **metas[0],
+        **{key: outcome.get(key) for key in ("status", "exit_code", "exception", "ended_ns")},
+        "world_size": metas[0].get("world_size", len(metas)),
+        "first_failed_rank": failed[0].get("rank") if failed else None,
+    }
+
+
+def load_job_facts(path: str | Path) -> tuple[RunFacts, int | None]:
+    """A torchrun job's facts, as `merge_ranks` would give them, read from its ranks' facts
+    alone (no series), and its findings count when every rank stored one at close (the job's
+    findings are its ranks' together), else None."""
+    run_dir = _run_dir(path)
+    ranks = [_open(rank_dir, _read_facts) for _, rank_dir in rank_run_dirs(run_dir)]
+    if not ranks:
+        raise GradtraceError(f"No gradtrace run at '{run_dir}' (no rank-N runs).")
+    counts = [facts.meta.get(FINDINGS_AT_CLOSE) for facts in ranks]
+    closed = all(isinstance(count, int) for count in counts)
+    meta = _job_meta([facts.meta for facts in ranks])
+    return RunFacts(run_dir, meta, ranks[0].steps), sum(counts) if closed else None
 
 
 def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
