@@ -155,6 +155,8 @@ class Session:
         # TensorBoard: True writes into the run directory, a path into that logdir.
         self._tensorboard = tensorboard
         self._live: LiveTensorBoard | None = None
+        # Whether the gradient statistics saw sharded (DTensor) parameters.
+        self._sharded = False
         self._rank_check = (
             RankCheckProbe(self._deferred, self._store_rank_norms, guard=self._guard("rank check"))
             if check_ranks
@@ -430,6 +432,11 @@ class Session:
         check = self._rank_check
         if check is not None and check.disabled is not None:
             notices.append(f"--check-ranks stopped: the process group refused ({check.disabled}).")
+        elif check is not None and check.compared == 0 and self._sharded:
+            notices.append(
+                "--check-ranks compared nothing: every parameter is a shard (FSDP2, tensor "
+                "parallel), different on each rank; the report combines their norms instead."
+            )
         elif check is not None and check.compared == 0 and self.step > 0:
             notices.append(
                 "--check-ranks compared nothing: no torch.distributed process group was "
@@ -558,6 +565,7 @@ class Session:
 
     def _store_shards(self, shards: dict[str, int]) -> None:
         """Which parameters this rank records as shards, for the merged report to combine."""
+        self._sharded = True
         if self._writer is not None:
             self._writer.set_meta(param_shards=shards)
 
