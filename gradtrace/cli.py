@@ -29,7 +29,7 @@ from gradtrace.reporters.tensorboard import tensorboard_dir, write_tensorboard
 from gradtrace.reporters.terminal import TerminalReporter
 from gradtrace.runner import Target, run_target
 from gradtrace.session import DEFAULT_RUNS_DIR, Session, default_run_dir
-from gradtrace.store.reader import load_run
+from gradtrace.store.reader import load_job, load_run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +111,7 @@ def _print_summary(session: Session, report: Report) -> None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON document.")
 @click.option(
     "--html",
@@ -119,9 +119,12 @@ def _print_summary(session: Session, report: Report) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a self-contained HTML report (heat map, curves, findings) to this file.",
 )
-def report(run_dir: Path, as_json: bool, html_out: Path | None) -> int:
-    """Show the summary of a saved run (post-mortem, from the run directory alone)."""
-    report = build_report(load_run(run_dir))
+def report(run_dirs: tuple[Path, ...], as_json: bool, html_out: Path | None) -> int:
+    """Show the summary of a saved run (post-mortem, from the run directory alone).
+
+    Several directories: one torchrun job recorded per node (RUN_DIRS of its nodes).
+    """
+    report = build_report(load_job(run_dirs))
     if html_out is not None:
         written = write_html(report, html_out)
         click.echo(f"HTML report in {written}", err=as_json)

@@ -31,6 +31,8 @@ class Rank:
     rank: int
     world_size: int
     local_rank: int
+    # The node (torchrun's agent, GROUP_RANK) this rank runs on: 0 on a single node.
+    node_rank: int = 0
 
     def run_dir(self, job_dir: Path) -> Path:
         return rank_run_dir(job_dir, self.rank)
@@ -44,16 +46,18 @@ def current_rank(environ: Mapping[str, str] = os.environ) -> Rank | None:
         rank = int(environ["RANK"])
         world_size = int(environ["WORLD_SIZE"])
         local_rank = int(environ.get("LOCAL_RANK", rank))
+        node_rank = int(environ.get("GROUP_RANK", 0))
     except ValueError:
         raise GradtraceError(
-            f"RANK={environ['RANK']!r} and WORLD_SIZE={environ['WORLD_SIZE']!r} in the "
+            f"RANK={environ['RANK']!r}, WORLD_SIZE={environ['WORLD_SIZE']!r}, LOCAL_RANK="
+            f"{environ.get('LOCAL_RANK')!r} or GROUP_RANK={environ.get('GROUP_RANK')!r} in the "
             "environment are not integers; launch with torchrun or unset them."
         ) from None
     if not 0 <= rank < world_size:
         raise GradtraceError(
             f"RANK={rank} is outside WORLD_SIZE={world_size}; launch with torchrun or unset them."
         )
-    return Rank(rank, world_size, local_rank)
+    return Rank(rank, world_size, local_rank, node_rank)
 
 
 def agree_on_job_dir(proposed: Path, rank: Rank, environ: Mapping[str, str] = os.environ) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from gradtrace.probes.backward_steps import BackwardStepProbe
 from gradtrace.probes.clip import GradClipProbe
 from gradtrace.probes.deferred import DeferredQueue, Ready, deliver, stack_scalars
 from gradtrace.probes.frames import CallerFinder
+from gradtrace.probes.fsdp import FsdpWritesProbe
 from gradtrace.probes.grads import GradStatsProbe
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.histograms import GradHistogramProbe
@@ -157,6 +159,8 @@ class Session:
         self._modules = ModuleStackProbe(guard=self._guard("module stack"))
         self._forwards_at_step_end = 0
         self._checkpointed_stored = 0
+        # Whether the gradient statistics saw sharded (DTensor) parameters.
+        self._sharded = False
         self._rank_check = (
             RankCheckProbe(self._deferred, self._store_rank_norms, guard=self._guard("rank check"))
             if options.check_ranks
@@ -286,6 +290,8 @@ class Session:
                     live, modules, self._steps, callers, guard=self._guard("write log")
                 )
                 self._writes.install(stack)
+        if full:
+            FsdpWritesProbe(modules, guard=self._guard("FSDP2 writes")).install(stack)
         self._timeline = TimelineProbe(
             modules,
             self._trace_steps,
@@ -311,6 +317,7 @@ class Session:
             update_ratio=self._update_ratio,
             compare_ranks=None if self._rank_check is None else self._rank_check.compare,
             histograms=self._histograms,
+            on_shards=self._store_shards,
             guard=self._guard("gradient statistics"),
         )
         scaler = GradScalerProbe(
@@ -433,13 +440,15 @@ class Session:
         """
         self._after_close.append(callback)
 
-    def _rank_meta(self) -> dict[str, int]:
+    def _rank_meta(self) -> dict[str, int | str]:
         if self.rank is None:
             return {}
         return {
             "rank": self.rank.rank,
             "world_size": self.rank.world_size,
             "local_rank": self.rank.local_rank,
+            "node_rank": self.rank.node_rank,
+            "host": socket.gethostname(),
         }
 
     def _notices(self) -> list[str]:
@@ -456,6 +465,11 @@ class Session:
         check = self._rank_check
         if check is not None and check.disabled is not None:
             notices.append(f"--check-ranks stopped: the process group refused ({check.disabled}).")
+        elif check is not None and check.compared == 0 and self._sharded:
+            notices.append(
+                "--check-ranks compared nothing: every parameter is a shard (FSDP2, tensor "
+                "parallel), different on each rank; the report combines their norms instead."
+            )
         elif check is not None and check.compared == 0 and self.step > 0:
             notices.append(
                 "--check-ranks compared nothing: no torch.distributed process group was "
@@ -580,6 +594,12 @@ class Session:
     def _store_histograms(self, histograms: list[GradHistogram]) -> None:
         for sink in self._sinks:
             sink.write_histograms(histograms)
+
+    def _store_shards(self, shards: dict[str, int]) -> None:
+        """Which parameters this rank records as shards, for the merged report to combine."""
+        self._sharded = True
+        if self._writer is not None:
+            self._writer.set_meta(param_shards=shards)
 
     def _store_rank_norms(self, norms: RankNorms) -> None:
         for sink in self._sinks:

@@ -8,9 +8,11 @@ a timeout kills every process it started.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +22,18 @@ import torch
 
 import gradtrace
 from gradtrace.analysis.cross_rank import RANK_DIVERGENCE, diagnose_ranks
+from gradtrace.analysis.report import build_report
 from gradtrace.errors import GradtraceError
-from gradtrace.events import RankNorms
+from gradtrace.events import ParamStat, RankNorms, StepGradStats
 from gradtrace.probes._torch_compat import unwrapped_path
 from gradtrace.ranks import agree_on_job_dir, current_rank
-from gradtrace.store.reader import load_run
+from gradtrace.reporters.runs_table import find_runs
+from gradtrace.store.reader import load_job, load_run
+from gradtrace.store.shards import combine_shards
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed"
-TIMEOUT_S = 90
+# Generous: a job starts 2-4 processes on a box whose cores other work shares.
+TIMEOUT_S = 300
 PARAMS = {
     "encoder.0.weight",
     "encoder.0.bias",
@@ -87,12 +93,12 @@ def _torchrun_argv(*args: str) -> list[str]:
     return [*launcher, "--nproc-per-node", "2", *args]
 
 
-def _report(job_dir: Path) -> dict:
+def _report(*job_dirs: Path) -> dict:
     printed = subprocess.run(
-        [sys.executable, "-m", "gradtrace", "report", "--json", str(job_dir)],
+        [sys.executable, "-m", "gradtrace", "report", "--json", *map(str, job_dirs)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=True,
     )
     return json.loads(printed.stdout)
@@ -171,9 +177,14 @@ def test_inplace_bug_fails_as_without_gradtrace_and_names_line_module_ranks(
     subprocess.run(
         [sys.executable, "-m", "gradtrace", "report", str(job), "--html", str(html)],
         check=True,
-        timeout=60,
+        timeout=120,
     )
     assert "<h2>Ranks</h2>" in html.read_text() and "failed first" in html.read_text()
+    # `ls` counts a job's findings from its ranks' counts at close, without its series.
+    (entry,) = find_runs(tmp_path)
+    assert (entry.facts.status, entry.findings) == ("failed", len(report["findings"]))
+    (first,) = [r["rank"] for r in report["ranks"] if r["failed_first"]]
+    assert entry.facts.meta["first_failed_rank"] == first
 
 
 @needs_gloo
@@ -246,6 +257,9 @@ def test_a_missing_gradient_on_the_rank_not_blamed_is_still_the_cause() -> None:
 def test_rank_environment_is_read_and_bad_values_are_one_line_errors() -> None:
     assert current_rank({}) is None
     assert current_rank({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).world_size == 4
+    assert current_rank({"RANK": "5", "WORLD_SIZE": "8", "GROUP_RANK": "1"}).node_rank == 1
+    with pytest.raises(GradtraceError, match="GROUP_RANK='a' in the environment are not integers"):
+        current_rank({"RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "a"})
     with pytest.raises(GradtraceError, match="not integers"):
         current_rank({"RANK": "one", "WORLD_SIZE": "2"})
     with pytest.raises(GradtraceError, match="outside WORLD_SIZE"):
@@ -278,3 +292,254 @@ def test_check_ranks_without_a_process_group_says_it_compared_nothing(tmp_path: 
         optimizer.step()
     (notice,) = load_run(tmp_path / "run").meta["notices"]
     assert "compared nothing" in notice
+
+
+def _losses(printed: str) -> list[str]:
+    return re.findall(r"step \d loss [\d.]+", printed)
+
+
+SHARDED_PARAMS = {
+    f"{layer}.{kind}" for layer in ("up", "mid", "down") for kind in ("weight", "bias")
+}
+
+
+@needs_gloo
+@pytest.mark.parametrize(
+    "script", ["fsdp_clean.py", "tp_clean.py"], ids=["fsdp2", "tensor-parallel"]
+)
+def test_sharded_job_trains_as_under_torchrun_and_reports_whole_parameter_norms(
+    tmp_path: Path, script: str
+) -> None:
+    """FSDP2 (each Linear and the root fully_shard'ed) and tensor parallelism (column- and
+    row-wise, a replicated bias): each rank records its own shards, and the report's norms
+    are those of `full_tensor()`, which the script computes itself (gathering the shards)."""
+    job = tmp_path / "job"
+    plain = _start(_torchrun_argv(str(SCRIPTS / script)), SCRIPTS)
+    # --check-ranks too: sharded parameters differ across ranks by design, never a finding.
+    traced = _start(
+        _gradtrace_argv(script, job, "--check-ranks"),
+        SCRIPTS,
+        SHARDED_NORMS_OUT=str(tmp_path / "norms.json"),
+    )
+    plain, traced = _finish(plain), _finish(traced)
+    assert plain.returncode == 0, plain.stderr
+    assert traced.returncode == 0, traced.stderr
+    assert len(_losses(plain.stdout)) == 5
+    assert _losses(traced.stdout) == _losses(plain.stdout)
+
+    report = _report(job)
+    assert report["findings"] == []
+    assert report["probe_failures"] == []
+    assert [(r["rank"], r["status"], r["steps"]) for r in report["ranks"]] == [
+        (0, "ok", 5),
+        (1, "ok", 5),
+    ]
+    # FSDP2 shards every parameter: nothing to compare, and the notice says why; tensor
+    # parallel leaves `down` whole, which the ranks compare.
+    every_param_sharded = script == "fsdp_clean.py"
+    assert any("every parameter is a shard" in n for n in report["run"]["notices"]) == (
+        every_param_sharded
+    )
+    assert report["run"]["notices"] == [] or every_param_sharded
+    params = report["grad_stats"]["params"]
+    assert set(params) == SHARDED_PARAMS  # the user's names: no FSDP or DTensor wrapper
+    whole = json.loads((tmp_path / "norms.json").read_text())
+    for name, expected in whole.items():
+        got = [norm for _, norm in params[name]["grad_norm"]]
+        assert got == pytest.approx(expected, rel=1e-5), name
+    # Each rank's own series holds its shards: no rank alone has the whole norm.
+    ranks = [load_run(job / f"rank-{rank}") for rank in (0, 1)]
+    local = [{p.name: p.grad_norm for p in run.grad_steps[0].params}["up.weight"] for run in ranks]
+    assert all(norm < whole["up.weight"][0] for norm in local)
+
+
+@needs_gloo
+def test_inplace_bug_in_an_fsdp2_block_is_named_with_its_line_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """FSDP2 refills unsharded parameters skipping the version counter: never a finding;
+    the user's own in-place write inside the sharded block is."""
+    job = tmp_path / "job"
+    traced = _gradtrace_job("fsdp_inplace.py", job)
+    assert traced.returncode == 1
+    assert len(re.findall(r"^RuntimeError: one of the variables needed", traced.stderr, re.M)) == 2
+    report = _report(job)
+    source = (SCRIPTS / "fsdp_inplace.py").read_text().splitlines()
+    culprit = next(n for n, text in enumerate(source, 1) if "# expect:" in text)
+    assert sorted((f["kind"], f["rank"]) for f in report["findings"]) == [
+        ("inplace-write", 0),
+        ("inplace-write", 1),
+    ]
+    for finding in report["findings"]:
+        assert (finding["file"], finding["line"]) == (str(SCRIPTS / "fsdp_inplace.py"), culprit)
+        assert (finding["op"], finding["module"]) == ("mul_", "mid")
+
+
+@needs_gloo
+def test_ddp_around_a_compiled_model_trains_as_under_torchrun(tmp_path: Path) -> None:
+    # aot_eager: Dynamo, DDP's graph splitting and AOT autograd as with Inductor, without
+    # minutes of C++ code generation on a busy CPU.
+    env = {"DDP_COMPILE_BACKEND": "aot_eager"}
+    job = tmp_path / "job"
+    plain = _start(_torchrun_argv(str(SCRIPTS / "ddp_compile.py")), SCRIPTS, **env)
+    traced = _start(_gradtrace_argv("ddp_compile.py", job), SCRIPTS, **env)
+    plain, traced = _finish(plain), _finish(traced)
+    assert plain.returncode == 0, plain.stderr
+    assert traced.returncode == 0, traced.stderr
+    assert len(_losses(plain.stdout)) == 5
+    assert _losses(traced.stdout) == _losses(plain.stdout)
+    report = _report(job)
+    assert report["findings"] == []
+    assert report["probe_failures"] == []
+    assert set(report["grad_stats"]["params"]) == PARAMS  # no `module.` or `_orig_mod.`
+    assert all(len(stats["grad_norm"]) == 5 for stats in report["grad_stats"]["params"].values())
+
+
+def _shard_steps(**params: tuple[float, int]) -> list[StepGradStats]:
+    """One recorded step: each parameter's (gradient norm, numel) on this rank."""
+    stats = tuple(
+        ParamStat(name, "m", numel, grad, 1.0, 0.5, 0) for name, (grad, numel) in params.items()
+    )
+    return [StepGradStats(0, "SGD.step", stats, (), (), (), ())]
+
+
+def test_shards_combine_into_the_whole_parameter_by_sums_of_squares() -> None:
+    # FSDP2: ranks hold disjoint shards (3 and 4 -> 5); rank 0's plain parameter is kept.
+    (step,) = combine_shards(
+        [_shard_steps(w=(3.0, 6), plain=(7.0, 2)), _shard_steps(w=(4.0, 2), plain=(9.0, 2))],
+        {"w": 1},
+    )
+    whole, plain = step.params
+    assert (whole.grad_norm, whole.numel, whole.param_norm) == (5.0, 8, math.sqrt(2))
+    assert whole.zero_fraction == 0.5
+    assert (plain.grad_norm, plain.numel) == (7.0, 2)
+    # A replicated placement over 2 ranks: each holds the whole, counted once.
+    (step,) = combine_shards([_shard_steps(w=(3.0, 4)), _shard_steps(w=(3.0, 4))], {"w": 2})
+    assert (step.params[0].grad_norm, step.params[0].numel) == (pytest.approx(3.0), 4)
+
+
+def test_shards_that_cannot_combine_are_unknown_never_a_wrong_number() -> None:
+    partial = combine_shards([_shard_steps(w=(3.0, 4)), _shard_steps(w=(4.0, 4))], {"w": 0})
+    assert math.isnan(partial[0].params[0].grad_norm)
+    one_rank_short = combine_shards([_shard_steps(w=(3.0, 4)), []], {"w": 1})
+    assert math.isnan(one_rank_short[0].params[0].grad_norm)
+    nan_shard = combine_shards(
+        [_shard_steps(w=(math.inf, 4)), _shard_steps(w=(math.nan, 4))], {"w": 1}
+    )
+    assert math.isnan(nan_shard[0].params[0].grad_norm)  # as full_tensor().norm() would be
+
+
+def test_fsdp2_internals_are_wrapped_only_while_a_session_runs(tmp_path: Path) -> None:
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = vars(FSDPParamGroup)["unshard"]
+    model = torch.nn.Linear(2, 2)
+    with gradtrace.trace(model, out=tmp_path / "run"):
+        model(torch.ones(1, 2))
+        assert vars(FSDPParamGroup)["unshard"] is not original
+    assert vars(FSDPParamGroup)["unshard"] is original
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _agents(outs: list[Path], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """A two-node job on this machine: two torchrun agents (2 ranks each) meeting through
+    c10d rendezvous on 127.0.0.1, each starting `gradtrace run --out OUT` in its ranks."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [
+        _start(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=two-agents",
+                "-m",
+                "gradtrace",
+                "run",
+                "--out",
+                str(out),
+                str(SCRIPTS / "ddp_clean.py"),
+            ],
+            cwd,
+        )
+        for node, out in enumerate(outs)
+    ]
+    return [_finish(agent) for agent in agents]
+
+
+def _node_rows(report: dict) -> list[tuple[int, int, str, str]]:
+    return [(r["rank"], r["node"], r["host"], r["status"]) for r in report["ranks"]]
+
+
+@needs_gloo
+def test_two_agents_write_one_job_directory_read_as_one_run_with_nodes_and_hosts(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "shared" / "job"
+    for agent in _agents([job, job], tmp_path):
+        assert agent.returncode == 0, agent.stderr
+    assert sorted(p.name for p in job.iterdir()) == ["rank-0", "rank-1", "rank-2", "rank-3"]
+    report = _report(job)
+    host = socket.gethostname()
+    # torchrun numbers ranks node by node: GROUP_RANK * nproc-per-node + LOCAL_RANK.
+    assert _node_rows(report) == [(rank, rank // 2, host, "ok") for rank in range(4)]
+    assert report["run"]["world_size"] == 4
+    assert report["findings"] == []
+    assert set(report["grad_stats"]["params"]) == PARAMS
+
+
+@needs_gloo
+def test_per_node_directories_are_read_together_as_one_job(tmp_path: Path) -> None:
+    nodes = [tmp_path / "node-a" / "job", tmp_path / "node-b" / "job"]
+    for agent in _agents(nodes, tmp_path):
+        assert agent.returncode == 0, agent.stderr
+    held = [sorted(p.name for p in node.iterdir()) for node in nodes]
+    assert sorted(held) == [["rank-0", "rank-1"], ["rank-2", "rank-3"]]
+    report = _report(*nodes)
+    assert [(rank, node, status) for rank, node, _, status in _node_rows(report)] == [
+        (rank, rank // 2, "ok") for rank in range(4)
+    ]
+    assert report["run"]["status"] == "ok"
+    # The same node twice, or a directory that is no job's: one line, exit 2.
+    for wrong in ([nodes[0], nodes[0]], [nodes[0], nodes[0] / "rank-0"]):
+        refused = subprocess.run(
+            [sys.executable, "-m", "gradtrace", "report", *map(str, wrong)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2
+        assert "recorded twice" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_synthetic_job_of_the_rank_benchmark_reads_as_one_job_and_ls_counts_it(
+    tmp_path: Path,
+) -> None:
+    """scripts/bench_ranks.py's jobs are what it claims (ranks, nodes, hosts, a finding per
+    rank), and `ls` counts a closed job from its ranks' counts as `report` derives them."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ranks.py"
+    spec = importlib.util.spec_from_file_location("bench_ranks", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.build_rank(tmp_path / "template", steps=12, params=4)
+    job_dir = tmp_path / "runs" / "job"
+    bench.build_job(job_dir, 10, tmp_path / "template")
+    job = load_job([job_dir])
+    assert [(r.rank, r.meta["node_rank"], r.meta["host"]) for r in job.ranks] == [
+        (rank, rank // 8, f"node-{rank // 8}") for rank in range(10)
+    ]
+    (entry,) = find_runs(tmp_path / "runs")
+    assert entry.findings == len(build_report(job).findings) == 10
+    assert (entry.facts.status, entry.facts.steps) == ("ok", 12)

@@ -391,6 +391,8 @@ def _no_grad(
         for name, module in stats.missing:
             missing[name, module] = missing.get((name, module), 0) + 1
         for p in stats.params:
+            if p.numel == 0:  # an empty shard (FSDP2 on more ranks than rows): no evidence
+                continue
             if p.grad_norm == 0.0:
                 zero[p.name, p.module] = zero.get((p.name, p.module), 0) + 1
             else:

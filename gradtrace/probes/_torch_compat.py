@@ -6,9 +6,11 @@ If a future torch renames one, only this module changes.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -308,3 +310,96 @@ def at_backward_end(callback: Callable[[], None]) -> None:
     Checked on torch 2.11 and 2.13.
     """
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def dtensor_type() -> type | None:
+    """`torch.distributed.tensor.DTensor`, or None while the program has not imported it.
+
+    NOTE: FSDP2 (`fully_shard`) and tensor parallelism hold parameters and gradients as
+    DTensors. A program that uses them has imported the module, so nothing is imported here
+    (and plain programs pay one dictionary lookup per step).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's own part of a DTensor (`to_local()`: no communication), else the tensor.
+
+    Call with grad mode off: `to_local()` then returns the local tensor itself, no view.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
+def shard_replicas(tensor: torch.Tensor) -> int:
+    """How many ranks hold each element of a DTensor's local shards; 0 when the shards do
+    not combine into the whole by sums of squares (a `Partial` placement: pending sums).
+
+    A `Shard` placement splits a mesh dimension's ranks over the elements; a `Replicate`
+    placement gives every rank of that dimension a copy. So the full tensor's sum of squares
+    is the sum over all ranks of their shard's, divided by this.
+    NOTE: `placements` and `device_mesh.size(dim)` are DTensor's public API (torch >= 2.4).
+    """
+    replicas = 1
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_partial():
+            return 0
+        if placement.is_replicate():
+            replicas *= tensor.device_mesh.size(dim)
+    return replicas
+
+
+# FSDP2's parameter-group methods that move parameter and gradient memory: all-gather
+# (copy-in, copy-out into the unsharded parameters), resharding (storage resizes) and
+# gradient reduce-scatter, and the hooks that call them.
+_FSDP_GROUP_METHODS = (
+    "unshard",
+    "wait_for_unshard",
+    "reshard",
+    "pre_forward",
+    "post_forward",
+    "pre_backward",
+    "post_backward",
+    "finalize_backward",
+)
+
+
+def around_fsdp_internals(
+    around: Callable[[], AbstractContextManager[object]],
+) -> Callable[[], None] | None:
+    """Run FSDP2's memory moves inside `around()`; returns the undo, or None (no FSDP2 yet).
+
+    NOTE [FSDP2's own writes]: FSDP2 frees each unsharded parameter's storage after forward
+    (`resize_(0)`) and refills it before backward with `fsdp::split_with_sizes_copy` under
+    `_unsafe_preserve_version_counter`: to a write observer, a write that skips the version
+    counter into memory autograd saved (`weight.t()`), which is what a silent overwrite looks
+    like. Those writes are FSDP's, restore the values autograd saved, and are never the
+    user's, so they run hidden like gradtrace's own. FSDP2 offers no hook around them: the
+    methods of `FSDPParamGroup` that make them are wrapped (class attributes, restored by
+    the undo). Nothing is imported: a program using FSDP2 has imported it. Checked on torch
+    2.13 (`torch.distributed.fsdp._fully_shard._fsdp_param_group`).
+    """
+    module = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_param_group")
+    group = getattr(module, "FSDPParamGroup", None)
+    if group is None:
+        return None
+    methods = vars(group)
+    originals = {name: methods[name] for name in _FSDP_GROUP_METHODS if name in methods}
+
+    def wrapped(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with around():
+                return method(*args, **kwargs)
+
+        return run
+
+    for name, method in originals.items():
+        setattr(group, name, wrapped(method))
+
+    def undo() -> None:
+        for name, method in originals.items():
+            setattr(group, name, method)
+
+    return undo

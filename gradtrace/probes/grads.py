@@ -161,7 +161,7 @@ class OutputSums:
             slots.extend(chunk.unbind())
         slot = slots[used]
         self._used[device] = used + 1
-        self._reduce(tensor, slot)
+        self._reduce(_torch_compat.local_shard(tensor), slot)
         self._names.append(name)
         self._seen.add(name)
         self._views.append(slot)
@@ -384,6 +384,9 @@ class GradHistograms(Protocol):
 # (step, optimizer, parameter names, gradient norms, parameter norms): the rank check's
 # entry, with -1 for a parameter that has no gradient on this rank.
 CompareRanks = Callable[[int, str, list[str], list[torch.Tensor], list[torch.Tensor]], None]
+# Takes every sharded parameter seen so far (name -> ranks holding each element, see
+# `_torch_compat.shard_replicas`) whenever one is seen for the first time.
+NoteShards = Callable[[dict[str, int]], None]
 
 
 class GradStatsProbe:
@@ -399,10 +402,14 @@ class GradStatsProbe:
         compare_ranks: CompareRanks | None = None,
         histograms: GradHistograms | None = None,
         update_ratio: bool = False,
+        on_shards: NoteShards | None = None,
         guard: ProbeGuard | None = None,
     ) -> None:
         self._guard = guard or ProbeGuard("gradient statistics", step=lambda: steps.step)
         self._modules = modules
+        self._on_shards = on_shards
+        # Sharded (DTensor) parameters by name -> ranks holding each element.
+        self._shards: dict[str, int] = {}
         self._compare_ranks_to = compare_ranks
         self._histograms = histograms
         self._steps = steps
@@ -588,16 +595,44 @@ class GradStatsProbe:
             self._forget_step()
             return
         with_grad = [p for p in params if p.grad is not None and p.grad.layout is torch.strided]
+        local, grads = self._local_parts(with_grad)
         histograms = self._histograms
         if histograms is not None and histograms.due(self._steps.step):
             names = [self._param_name(p) for p in with_grad]
-            histograms.count(self._steps.step, names, [p.grad for p in with_grad])
+            histograms.count(self._steps.step, names, grads)
         values = StepValues()
-        record = self._gather(values, label, params, with_grad)
+        record = self._gather(values, label, params, with_grad, local, grads)
         if self._update_ratio and with_grad and waits is not None:
-            self._stepping[id(waits)] = (values, record, ParamsBefore(with_grad))
+            self._stepping[id(waits)] = (values, record, ParamsBefore(local))
         else:
             self._push(values, record)
+
+    def _local_parts(
+        self, with_grad: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(parameters, gradients) as this rank holds them: a DTensor's local shard.
+
+        NOTE [shards without communication]: a norm of a DTensor would all-reduce across
+        ranks (and `_foreach_norm` refuses DTensors). Each rank measures its own shards
+        instead; the merged report combines the ranks' sums of squares into the full
+        parameter's norm (`store/shards.py`), told which parameters are shards.
+        """
+        grads = [p.grad for p in with_grad]
+        dtensor = _torch_compat.dtensor_type()
+        if dtensor is None or not any(isinstance(p, dtensor) for p in with_grad):
+            return with_grad, grads  # type: ignore[return-value]
+        new = {
+            name: _torch_compat.shard_replicas(p.grad)
+            for p in with_grad
+            if isinstance(p.grad, dtensor) and (name := self._param_name(p)) not in self._shards
+        }
+        if new:
+            self._shards.update(new)
+            if self._on_shards is not None:
+                self._on_shards(dict(self._shards))
+        with own_ops():
+            local = [_torch_compat.local_shard(p) for p in with_grad]
+            return local, [_torch_compat.local_shard(g) for g in grads]  # type: ignore[arg-type]
 
     def _after_update(self, optimizer: Optimizer) -> None:
         """Update norms of a step that waits for them; the copies are freed when this returns."""
@@ -624,8 +659,14 @@ class GradStatsProbe:
         label: str,
         params: list[torch.Tensor],
         with_grad: list[torch.Tensor],
+        local: list[torch.Tensor],
+        grads: list[torch.Tensor],
     ) -> _StepRecord:
-        """The step's host facts, and its statistics, whose device values go into `values`."""
+        """The step's host facts, and its statistics, whose device values go into `values`.
+
+        `local` and `grads` are `with_grad` and their gradients as this rank holds them
+        (NOTE [shards without communication]); numbers are this rank's.
+        """
         step = self._steps.step
         # Usually every parameter has a gradient: no second pass over them to find none.
         missing = (
@@ -636,7 +677,8 @@ class GradStatsProbe:
         arrived = self._arrived
         entry = self._modules.parameter_entry  # what _describe does, one call less per parameter
         described = [
-            (*(entry(p) or _unnamed(p)), p.numel(), arrived.get(id(p), -1)) for p in with_grad
+            (*(entry(p) or _unnamed(p)), t.numel(), arrived.get(id(p), -1))
+            for p, t in zip(with_grad, local, strict=True)
         ]
         count_zeros = self._sampled()
         # Weights move slowly: their norms come with the sampled steps, unless the update
@@ -646,12 +688,11 @@ class GradStatsProbe:
         grad_l2: list[torch.Tensor] = []
         param_l2: list[torch.Tensor] = []
         if with_grad:
-            grads = [p.grad for p in with_grad]
-            with own_ops(*grads, *with_grad):
+            with own_ops(*grads, *local):
                 grad_l2 = _torch_compat.foreach_norm(grads, 2)
                 columns.append(ParamColumn("grad_norm", values, grad_l2))
                 if weigh:
-                    param_l2 = _torch_compat.foreach_norm(with_grad, 2)
+                    param_l2 = _torch_compat.foreach_norm(local, 2)
                     columns.append(ParamColumn("param_norm", values, param_l2))
                 if count_zeros:
                     nonzero = _torch_compat.foreach_norm(grads, 0)
@@ -693,8 +734,13 @@ class GradStatsProbe:
 
         Over all of the optimizer's parameters, not just those with a gradient this step, so
         every rank contributes a table of the same shape even when one rank lost a gradient.
+        Sharded parameters are left out: each rank holds different shards of them.
         """
         assert self._compare_ranks_to is not None
+        if self._shards:
+            params = [p for p in params if self._param_name(p) not in self._shards]
+            if not params:
+                return
         computed = {id(p): i for i, p in enumerate(with_grad)}
         with own_ops():
             absent = torch.full((), -1.0, device=params[0].device)

@@ -94,3 +94,27 @@ class own_ops:
         self._hidden.__exit__(exc_type, exc, tb)
         torch._C._set_grad_enabled(self._grad)
         _state.active = self._outer
+
+
+class library_writes:
+    """Context: a library's own writes to its own memory, hidden from the write observers
+    like gradtrace's own ops, with grad mode and dispatch left as they are (the library's
+    code must run exactly as without gradtrace). See NOTE [FSDP2's own writes] in
+    `_torch_compat`."""
+
+    __slots__ = ("_native", "_outer")
+
+    def __enter__(self) -> None:
+        self._outer = getattr(_state, "active", False)
+        _state.active = True
+        self._native = None if _hide is None else _hide(True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if _hide is not None and self._native is not None:
+            _hide(self._native)
+        _state.active = self._outer

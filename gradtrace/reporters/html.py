@@ -198,11 +198,13 @@ def _header(run: Run, findings: Sequence[StoredFinding], silenced: int) -> str:
 
 def _ranks_section(run: Run, findings: Sequence[StoredFinding]) -> str:
     rows = "".join(
-        f"<tr><td>{row.rank}</td><td class='{'ok' if row.ok else 'bad'}'>{escape(row.status)}"
+        f"<tr><td>{row.rank}</td><td>{'' if row.node is None else row.node}</td>"
+        f"<td>{escape(row.host)}</td><td class='{'ok' if row.ok else 'bad'}'>{escape(row.status)}"
         f"</td><td>{row.steps}</td><td>{row.findings}</td><td>{escape(row.error)}</td></tr>"
         for row in rank_rows(run, findings)
     )
-    head = "<tr><th>rank</th><th>status</th><th>steps</th><th>findings</th><th>error</th></tr>"
+    columns = ("rank", "node", "host", "status", "steps", "findings", "error")
+    head = "<tr>" + "".join(f"<th>{column}</th>" for column in columns) + "</tr>"
     return _section("Ranks", f"<table>{head}{rows}</table>")
 
 

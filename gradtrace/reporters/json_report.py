@@ -72,6 +72,8 @@ def _rank(run: Run, first_failed: int | None) -> dict[str, Any]:
     meta = run.meta
     return {
         "rank": run.rank,
+        "node": meta.get("node_rank"),
+        "host": meta.get("host"),
         "path": str(run.path.resolve()),
         "status": run.status,
         "exit_code": meta.get("exit_code"),

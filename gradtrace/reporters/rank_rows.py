@@ -13,6 +13,8 @@ from gradtrace.store.reader import Run, StoredFinding
 @dataclass(frozen=True)
 class RankRow:
     rank: int | None
+    node: int | None  # torchrun's node (agent) rank
+    host: str
     ok: bool
     status: str  # "failed (exit 1) · failed first"
     steps: int
@@ -35,6 +37,8 @@ def rank_rows(job: Run, findings: Sequence[StoredFinding]) -> list[RankRow]:
         rows.append(
             RankRow(
                 rank=run.rank,
+                node=run.meta.get("node_rank"),
+                host=run.meta.get("host") or "",
                 ok=run.status == OK,
                 status=status,
                 steps=run.steps,

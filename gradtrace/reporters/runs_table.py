@@ -21,7 +21,7 @@ from gradtrace.store.format import (
     OK,
     rank_run_dirs,
 )
-from gradtrace.store.reader import RunFacts, load_facts, load_run
+from gradtrace.store.reader import RunFacts, load_facts, load_job_facts, load_run
 
 STATUS_STYLES = {OK: "green", FAILED: "red", INTERRUPTED: "yellow", KILLED: "red"}
 
@@ -75,11 +75,15 @@ def find_runs(directory: Path) -> list[RunEntry]:
 
 
 def _entry(path: Path) -> RunEntry:
-    """A closed run's facts alone (its findings were counted at close); any other run, a
-    killed one or a torchrun job, is read whole to count what its series show."""
+    """A closed run's facts alone (its findings were counted at close), a torchrun job's
+    from its ranks' facts (each rank counted its own); any other run (killed, or a job with
+    a rank that did not close) is read whole to count what its series show."""
     facts = load_facts(path)
-    count = None if facts is None else facts.meta.get(FINDINGS_AT_CLOSE)
-    if facts is None or not isinstance(count, int):
+    if facts is None:
+        facts, count = load_job_facts(path)
+    else:
+        count = facts.meta.get(FINDINGS_AT_CLOSE)
+    if not isinstance(count, int):
         run = load_run(path)
         facts, count = RunFacts(path, run.meta, run.steps), len(build_report(run).findings)
     return RunEntry(path, facts, count)

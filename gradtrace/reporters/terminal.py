@@ -153,6 +153,8 @@ def _headline(run: Run, findings: int, silenced: int) -> Text:
 def _ranks_table(run: Run, findings: Sequence[StoredFinding]) -> Table:
     table = Table(title="ranks", title_justify="left")
     table.add_column("rank", justify="right")
+    table.add_column("node", justify="right")
+    table.add_column("host", overflow="ellipsis", no_wrap=True, max_width=24)
     table.add_column("status")
     table.add_column("steps", justify="right")
     table.add_column("findings", justify="right")
@@ -160,6 +162,8 @@ def _ranks_table(run: Run, findings: Sequence[StoredFinding]) -> Table:
     for row in rank_rows(run, findings):
         table.add_row(
             str(row.rank),
+            "" if row.node is None else str(row.node),
+            Text(row.host),
             Text(row.status, style="green" if row.ok else "red"),
             str(row.steps),
             str(row.findings),

@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from gradtrace.store.format import (
     DATABASE,
     DEAD_UNITS,
     FINDINGS,
+    FINDINGS_AT_CLOSE,
     FORMAT_VERSION,
     GRAD_CLIPS,
     GRAD_HISTOGRAMS,
@@ -62,6 +63,7 @@ from gradtrace.store.format import (
 )
 from gradtrace.store.format import META as META_TABLE
 from gradtrace.store.migrations import pending
+from gradtrace.store.shards import combine_shards
 
 T = TypeVar("T")
 
@@ -156,6 +158,47 @@ def load_run(path: str | Path) -> Run:
     if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
         return merge_ranks(run_dir, [load_run(rank_dir) for _, rank_dir in ranks])
     return _open(run_dir, _read, TABLES)
+
+
+def load_job(paths: Sequence[str | Path]) -> Run:
+    """One run from one directory, or one torchrun job from several: each node's own job
+    directory (or single rank runs) when the nodes share no filesystem.
+
+    Every directory must hold ranks of one job: a rank found twice, or ranks that disagree
+    on the job's size, is a one-line error.
+    """
+    if len(paths) == 1:
+        return load_run(paths[0])
+    by_rank: dict[int, Run] = {}
+    for path in paths:
+        for run in _rank_runs(_run_dir(path)):
+            assert run.rank is not None
+            if run.rank in by_rank:
+                raise GradtraceError(
+                    f"Rank {run.rank} is recorded twice ('{by_rank[run.rank].path}' and "
+                    f"'{run.path}'); give each node's directory once."
+                )
+            by_rank[run.rank] = run
+    sizes = {run.meta.get("world_size") for run in by_rank.values()}
+    if len(sizes) > 1:
+        raise GradtraceError(
+            f"The directories hold ranks of different jobs (world sizes "
+            f"{', '.join(sorted(map(str, sizes)))}); give the directories of one job."
+        )
+    return merge_ranks(Path(paths[0]), [by_rank[rank] for rank in sorted(by_rank)])
+
+
+def _rank_runs(run_dir: Path) -> list[Run]:
+    """The ranks a directory holds: a job directory's `rank-N` runs, or one rank's run."""
+    if not (run_dir / DATABASE).is_file() and (ranks := rank_run_dirs(run_dir)):
+        return [load_run(rank_dir) for _, rank_dir in ranks]
+    run = load_run(run_dir)
+    if run.rank is None:
+        raise GradtraceError(
+            f"'{run_dir}' is a run of one process, not part of a torchrun job; only a job's "
+            "directories (one per node) are read together."
+        )
+    return [run]
 
 
 def load_facts(path: str | Path) -> RunFacts | None:
@@ -321,17 +364,11 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
     failed first, since later failures are usually the others noticing it.
     """
     first = runs[0]
-    failed = sorted(
-        (run for run in runs if run.status != OK),
-        key=lambda run: (run.meta.get("ended_ns") is None, run.meta.get("ended_ns") or 0),
-    )
-    outcome = failed[0].meta if failed else first.meta
-    meta = {
-        **first.meta,
-        **{key: outcome.get(key) for key in ("status", "exit_code", "exception", "ended_ns")},
-        "world_size": first.meta.get("world_size", len(runs)),
-        "first_failed_rank": failed[0].rank if failed else None,
-    }
+    meta = _job_meta([run.meta for run in runs])
+    # FSDP2 / tensor parallel: each rank recorded its own shards; the job's series show whole
+    # parameters.
+    shards = {name: n for run in runs for name, n in (run.meta.get("param_shards") or {}).items()}
+    grad_steps = combine_shards([run.grad_steps for run in runs], shards)
     findings = [
         StoredFinding(dataclasses.replace(stored.finding, rank=run.rank), stored.count)
         for run in runs
@@ -350,7 +387,38 @@ def merge_ranks(job_dir: Path, runs: list[Run]) -> Run:
         rank=None,
         ranks=tuple(runs),
         probe_failures=failures,
+        grad_steps=grad_steps,
     )
+
+
+def _job_meta(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job's meta from its ranks' (in rank order): the first rank's, with the outcome of
+    the rank that failed first."""
+    failed = sorted(
+        (meta for meta in metas if run_status(meta) != OK),
+        key=lambda meta: (meta.get("ended_ns") is None, meta.get("ended_ns") or 0),
+    )
+    outcome = failed[0] if failed else metas[0]
+    return {
+        **metas[0],
+        **{key: outcome.get(key) for key in ("status", "exit_code", "exception", "ended_ns")},
+        "world_size": metas[0].get("world_size", len(metas)),
+        "first_failed_rank": failed[0].get("rank") if failed else None,
+    }
+
+
+def load_job_facts(path: str | Path) -> tuple[RunFacts, int | None]:
+    """A torchrun job's facts, as `merge_ranks` would give them, read from its ranks' facts
+    alone (no series), and its findings count when every rank stored one at close (the job's
+    findings are its ranks' together), else None."""
+    run_dir = _run_dir(path)
+    ranks = [_open(rank_dir, _read_facts) for _, rank_dir in rank_run_dirs(run_dir)]
+    if not ranks:
+        raise GradtraceError(f"No gradtrace run at '{run_dir}' (no rank-N runs).")
+    counts = [facts.meta.get(FINDINGS_AT_CLOSE) for facts in ranks]
+    closed = all(isinstance(count, int) for count in counts)
+    meta = _job_meta([facts.meta for facts in ranks])
+    return RunFacts(run_dir, meta, ranks[0].steps), sum(counts) if closed else None
 
 
 def _read_timeline(db: sqlite3.Connection) -> dict[str, Any]:
@@ -633,9 +701,18 @@ META: dict[str, Check] = {
     "status": _text,
     "exit_code": _INTEGER_OR_NULL,
     "argv": _optional(_list_of(_text)),
-    **dict.fromkeys(("level", "torch", "python", "platform", "cuda_device"), _TEXT_OR_NULL),
+    **dict.fromkeys(("level", "torch", "python", "platform", "cuda_device", "host"), _TEXT_OR_NULL),
     **dict.fromkeys(
-        ("started_ns", "ended_ns", "every", "rank", "world_size", "first_failed_rank"),
+        (
+            "started_ns",
+            "ended_ns",
+            "every",
+            "rank",
+            "world_size",
+            "first_failed_rank",
+            "local_rank",
+            "node_rank",
+        ),
         _INTEGER_OR_NULL,
     ),
     "findings_at_close": _INTEGER_OR_NULL,
@@ -646,6 +723,7 @@ META: dict[str, Check] = {
     "notices": _optional(_list_of(_text)),
     "checkpointed": _optional(_dict_of(_text)),
     "histogram_edges": _optional(_list_of(_number)),
+    "param_shards": _optional(lambda value, where: _shard_counts(value, where)),
 }
 """What each known meta key may hold; unknown keys (a newer gradtrace's) are plain JSON."""
 
@@ -700,6 +778,17 @@ _FINDING_DEFAULTS: dict[str, Any] = {
     **dict.fromkeys(("phase", "op", "module", "file", "line", "function", "code")),
     "saved_by": {},
 }
+
+
+def _shard_counts(value: Any, where: str) -> dict[str, int]:
+    """Sharded parameter -> ranks holding each element: every one, uncut (a parameter
+    cut from it would be reported as one rank's shard)."""
+    if not isinstance(value, dict):
+        raise BrokenRun(f"{where} is {_kind(value)}, expected an object")
+    counts = {_text(key, where): _integer(count, f"{where}.{key}") for key, count in value.items()}
+    if any(count < 0 for count in counts.values()):
+        raise BrokenRun(f"{where} holds a negative count")
+    return counts
 
 
 def _finding(data: Any, where: str) -> Finding:
