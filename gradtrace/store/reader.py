@@ -201,6 +201,10 @@ def _rank_runs(run_dir: Path) -> list[Run]:
     return [run]
 
 
+# What `load_facts` reads: a run's metadata and its step count, not its series.
+FACT_TABLES = (META_TABLE, STEPS)
+
+
 def load_facts(path: str | Path) -> RunFacts | None:
     """A run's metadata and step count, checked as `load_run` checks them, in one query of
     each: for listing runs whose series would take seconds to read. None for a torchrun
@@ -208,7 +212,7 @@ def load_facts(path: str | Path) -> RunFacts | None:
     run_dir = _run_dir(path)
     if not (run_dir / DATABASE).is_file() and rank_run_dirs(run_dir):
         return None
-    return _open(run_dir, _read_facts, (META_TABLE, STEPS))
+    return _open(run_dir, _read_facts, FACT_TABLES)
 
 
 def _run_dir(path: str | Path) -> Path:
@@ -412,7 +416,7 @@ def load_job_facts(path: str | Path) -> tuple[RunFacts, int | None]:
     alone (no series), and its findings count when every rank stored one at close (the job's
     findings are its ranks' together), else None."""
     run_dir = _run_dir(path)
-    ranks = [_open(rank_dir, _read_facts) for _, rank_dir in rank_run_dirs(run_dir)]
+    ranks = [_open(rank_dir, _read_facts, FACT_TABLES) for _, rank_dir in rank_run_dirs(run_dir)]
     if not ranks:
         raise GradtraceError(f"No gradtrace run at '{run_dir}' (no rank-N runs).")
     counts = [facts.meta.get(FINDINGS_AT_CLOSE) for facts in ranks]
