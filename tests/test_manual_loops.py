@@ -98,6 +98,9 @@ def test_gradient_accumulation_with_an_optimizer_stays_one_step_per_optimizer_st
 def test_the_grad_norms_of_a_backward_step_are_the_gradients_it_produced(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    # Another model's optimizer, alive in the process (a notebook's, an earlier test's):
+    # it steps none of these parameters, so backward passes still count the steps.
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     seen = []
     with Session(tmp_path / "run"):
         for _ in range(3):
@@ -108,7 +111,7 @@ def test_the_grad_norms_of_a_backward_step_are_the_gradients_it_produced(tmp_pat
                 for p in model.parameters():
                     p -= 0.1 * p.grad
     run = load_run(tmp_path / "run")
-    assert run.steps == 3
+    assert run.steps == 3 and other.param_groups
     for stats, expected in zip(run.grad_steps, seen, strict=True):
         assert stats.optimizer == "backward"
         assert {p.name: p.grad_norm for p in stats.params} == pytest.approx(expected, rel=1e-6)

@@ -8,8 +8,10 @@ asks autograd to call back once that pass has finished, and then, when no optimi
 sight, the pass ends a step: its gradients are recorded and the step counter moves on.
 
 NOTE [one rule per run]: whether an optimizer exists is decided once, at the end of the
-first backward pass, by looking for a live `torch.optim.Optimizer` among the objects the
-garbage collector tracks (one scan per run). With one, steps stay optimizer steps (several
+first backward pass, by looking for a live `torch.optim.Optimizer` that holds a parameter
+the pass reached, among the objects the garbage collector tracks (one scan per run; an
+optimizer of another model, left alive in a notebook or a test process, does not count).
+With one, steps stay optimizer steps (several
 backward passes per step under gradient accumulation stay one step); without one, backward
 passes count until an optimizer first steps, which switches this probe off for good.
 """
@@ -97,7 +99,7 @@ class BackwardStepProbe:
     def _backward_done(self) -> None:
         reached, self._reached, self._task = list(self._reached.values()), {}, -1
         if self._counting is None:
-            self._counting = not _an_optimizer_exists()
+            self._counting = not _an_optimizer_holds(reached)
         if self._off:
             self._stop_watching()
             return
@@ -116,6 +118,15 @@ class BackwardStepProbe:
             handle.remove()
 
 
-def _an_optimizer_exists() -> bool:
-    """A live torch.optim optimizer anywhere in the process (NOTE [one rule per run])."""
-    return any(issubclass(type(obj), Optimizer) for obj in gc.get_objects())
+def _an_optimizer_holds(params: list[torch.Tensor]) -> bool:
+    """Whether a live torch.optim optimizer holds one of `params` (NOTE [one rule per run])."""
+    wanted = {id(param) for param in params}
+    return any(
+        id(param) in wanted
+        for obj in gc.get_objects()
+        # type(), not isinstance: isinstance reads `__class__`, which some module proxies
+        # answer with a deprecation warning (torch.distributed.reduce_op).
+        if issubclass(type(obj), Optimizer)
+        for group in obj.param_groups
+        for param in group["params"]
+    )
