@@ -120,6 +120,9 @@ struct Record {
   int64_t step = 0;
   Caller caller;
   std::vector<std::shared_ptr<Hit>> hits;
+  // Writes to other bytes of its buffer that share its version counter (saved.py
+  // SavedRecord.shared; NOTE [shared version counter] in analysis/culprits.py).
+  std::vector<std::shared_ptr<Hit>> shared;
   bool reported = false;
   bool has_span = false;
   uintptr_t span_first = 0;
@@ -506,16 +509,25 @@ void attach_hits(
   GIL gil;
   std::shared_ptr<Hit> hit;
   for (auto& [index, records] : candidates) {
-    const Layout layout = layout_of(written[index]);
+    const at::Tensor& tensor = written[index];
+    const Layout layout = layout_of(tensor);
+    // After the op ran: a counter the written tensor shares with a saved one reads the same.
+    const int64_t version = tensor.is_inference() ? -1 : tensor._version();
     for (auto& record : records) {
-      if (record->hits.size() >= kMaxHits || !overlaps(*record, layout)) {
+      std::vector<std::shared_ptr<Hit>>* found = nullptr;
+      if (overlaps(*record, layout)) {
+        found = &record->hits;
+      } else if (version >= 0 && record->alias._version() == version) {
+        found = &record->shared;
+      }
+      if (found == nullptr || found->size() >= kMaxHits) {
         continue;
       }
       if (!hit) {
         hit = std::make_shared<Hit>(
             Hit{next_seq++, op, owner, phase, step_now.load(), find_caller()});
       }
-      record->hits.push_back(hit);
+      found->push_back(hit);
     }
   }
   // The copies of the records die here, under the GIL (a Record holds Python references).
@@ -750,7 +762,7 @@ PyObject* packed_mark_reported(PyObject* self, PyObject* /*unused*/);
 
 PyMethodDef packed_methods[] = {
     {"info", packed_info, METH_NOARGS,
-     "(tensor, grad_fn, output_nr, version, module, step, caller, hits, reported)"},
+     "(tensor, grad_fn, output_nr, version, module, step, caller, hits, reported, shared)"},
     {"mark_reported", packed_mark_reported, METH_NOARGS, "The finding was recorded."},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -775,13 +787,13 @@ std::string saved_by_name(Record& record) {
   return record.grad_fn;
 }
 
-PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
-  Record& record = **reinterpret_cast<Packed*>(self)->record;
+// A new reference: [(seq, op, owner, phase, step, caller)] of these writes.
+PyObject* hits_list(std::vector<std::shared_ptr<Hit>>& found) {
   PyObject* hits = PyList_New(0);
   if (hits == nullptr) {
     return nullptr;
   }
-  for (auto& hit : record.hits) {
+  for (auto& hit : found) {
     PyObject* where = caller_tuple(hit->caller);
     PyObject* item = Py_BuildValue(
         "(LsslLO)", static_cast<long long>(hit->seq), hit->op->c_str(),
@@ -794,6 +806,20 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
     }
     Py_DECREF(item);
   }
+  return hits;
+}
+
+PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
+  Record& record = **reinterpret_cast<Packed*>(self)->record;
+  PyObject* hits = hits_list(record.hits);
+  if (hits == nullptr) {
+    return nullptr;
+  }
+  PyObject* shared = hits_list(record.shared);
+  if (shared == nullptr) {
+    Py_DECREF(hits);
+    return nullptr;
+  }
   std::string grad_fn;
   try {
     grad_fn = saved_by_name(record);
@@ -805,10 +831,10 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
   PyObject* module = record.module.obj != nullptr ? record.module.obj : Py_None;
   PyObject* name = grad_fn.empty() ? Py_NewRef(Py_None) : PyUnicode_FromString(grad_fn.c_str());
   PyObject* result = Py_BuildValue(
-      "(NNLLOLNNO)", tensor, name,
+      "(NNLLOLNNON)", tensor, name,
       static_cast<long long>(record.output_nr), static_cast<long long>(record.version),
       module, static_cast<long long>(record.step), where, hits,
-      record.reported ? Py_True : Py_False);
+      record.reported ? Py_True : Py_False, shared);
   return result;
 }
 

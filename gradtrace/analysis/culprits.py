@@ -54,19 +54,32 @@ def diagnose(evidence: CorruptionEvidence) -> Finding | None:
     if not loud and not evidence.writes:
         return None
     kind = INPLACE_WRITE if loud else SILENT_OVERWRITE
-    culprit = evidence.writes[0] if evidence.writes else None
-    hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
+    writes = evidence.writes
+    # NOTE [shared version counter]: slices of one buffer share its version counter, so a
+    # write to `h[1]` moves the version of a saved `h[0]` without touching its bytes. Those
+    # writes are the culprits only when nothing wrote the saved bytes themselves.
+    shared = loud and not writes and bool(evidence.shared_writes)
+    if shared:
+        writes = evidence.shared_writes
+    culprit = writes[0] if writes else None
+    if shared:
+        message = _shared_message(saved, culprit, evidence)
+        hint = SHARED_BUFFER_HINT
+    else:
+        message = _message(kind, saved, culprit, evidence)
+        hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
     saved_by = _saved_by(evidence)
     return Finding(
         kind=kind,
-        message=_message(kind, saved, culprit, evidence),
+        message=message,
         hint=hint,
         step=saved.step if culprit is None else culprit.step,
         phase=None if culprit is None else culprit.phase,
         op=None if culprit is None else culprit.op,
         module=None if culprit is None else culprit.owner,
         saved_by=saved_by,
-        other_writes=tuple(_write_summary(w) for w in evidence.writes[1 : 1 + MAX_OTHER_WRITES]),
+        other_writes=tuple(_write_summary(w) for w in writes[1 : 1 + MAX_OTHER_WRITES]),
+        details={"shared_buffer": True} if shared else {},
         **located_at(None if culprit is None else culprit.source),
     )
 
@@ -188,6 +201,25 @@ def _message(
     at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
     verb = "overwrote" if kind == INPLACE_WRITE else "silently overwrote"
     return f"{at} in {culprit.owner} ({culprit.op}) {verb} {target}."
+
+
+SHARED_BUFFER_HINT = (
+    "Slices of one preallocated tensor share its version counter: keep each result in a list "
+    "and torch.stack (or torch.cat) them, or clone() the slice an op reads."
+)
+
+
+def _shared_message(saved: SavedTensor, culprit: WriteEvent, evidence: CorruptionEvidence) -> str:
+    where = culprit.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    more = len(evidence.shared_writes) - 1
+    also = f" (and {more} more write{'s' if more != 1 else ''} there)" if more else ""
+    return (
+        f"{at} in {culprit.owner} ({culprit.op}) wrote another slice of the same buffer as "
+        f"{_describe_saved(saved, evidence.node)}{also}: the slices share one version counter, "
+        f"so the saved slice moved from version {saved.version_saved} to "
+        f"{evidence.version_now} although its values did not change."
+    )
 
 
 def _describe_saved(saved: SavedTensor, node: str) -> str:

@@ -141,7 +141,9 @@ class NativeCoreProbe:
 
     def _on_check(self, packed: object, version_now: int) -> None:
         """Called by the core's unpack for a saved tensor written since it was packed."""
-        tensor, grad_fn, output_nr, version, module, step, caller, hits, reported = packed.info()
+        (tensor, grad_fn, output_nr, version, module, step, caller, hits, reported, shared) = (
+            packed.info()
+        )
         record = SavedRecord(
             tensor, grad_fn, output_nr, version, module or LOOP_OWNER, step, caller
         )
@@ -149,6 +151,10 @@ class NativeCoreProbe:
         record.hits = [
             RawWrite(seq, op, owner, phases[phase], step, where)
             for seq, op, owner, phase, step, where in hits
+        ]
+        record.shared = [
+            RawWrite(seq, op, owner, phases[phase], step, where)
+            for seq, op, owner, phase, step, where in shared
         ]
         record.reported = reported
         try:

@@ -93,6 +93,7 @@ class SavedRecord:
         "module",
         "output_nr",
         "reported",
+        "shared",
         "step",
         "tensor",
         "version",
@@ -119,6 +120,9 @@ class SavedRecord:
         self._last: int | None = None
         self._blocks: list[tuple[int, int]] | None = None
         self.hits: list[RawWrite] = []
+        # Writes to other bytes of its buffer that share its version counter (see NOTE
+        # [shared version counter] in analysis/culprits.py).
+        self.shared: list[RawWrite] = []
         self.reported = False
 
     def overlaps(self, write: Layout) -> bool:
@@ -239,6 +243,7 @@ class CorruptionCheck:
             version_now=version_now,
             writes=tuple(hit.resolve() for hit in record.hits),
             writes_logged=self._writes_logged,
+            shared_writes=tuple(hit.resolve() for hit in record.shared),
         )
         finding = diagnose(evidence)
         if finding is None:
@@ -393,15 +398,27 @@ def layout_of(tensor: torch.Tensor) -> Layout:
 
 
 def record_hits(
-    records: Iterable[SavedRecord], write: Layout, make_hit: Callable[[], RawWrite]
+    records: Iterable[SavedRecord],
+    write: Layout,
+    version: int | None,
+    make_hit: Callable[[], RawWrite],
 ) -> None:
-    """Attach one write to every live saved tensor whose bytes it overlaps."""
+    """Attach one write to every live saved tensor whose bytes it overlaps, and to those on
+    other bytes of its buffer whose version counter it shares (`version`: the written
+    tensor's version now; a counter the two share reads the same)."""
     hit = None
     for record in records:
-        if len(record.hits) < MAX_HITS_PER_SAVED and record.overlaps(write):
-            if hit is None:
-                hit = make_hit()
-            record.hits.append(hit)
+        if record.overlaps(write):
+            found = record.hits
+        elif version is not None and _torch_compat.version_of(record.tensor) == version:
+            found = record.shared
+        else:
+            continue
+        if len(found) >= MAX_HITS_PER_SAVED:
+            continue
+        if hit is None:
+            hit = make_hit()
+        found.append(hit)
 
 
 def _extent_bytes(layout: Layout) -> int:

@@ -163,6 +163,7 @@ class WriteLogProbe:
                     record_hits(
                         records,
                         layout_of(tensor),
+                        _torch_compat.version_of(tensor),
                         lambda: RawWrite(
                             next(self._seq),
                             op,
