@@ -136,6 +136,9 @@ struct Record {
 
 struct Config {
   PyRef is_user_code;  // code -> bool, asked once per code object
+  // self -> module path or None: a module whose code ran outside the module hooks
+  // (NOTE [modules that override __call__] in gradtrace/probes/modules.py).
+  PyRef owner_of;
   PyRef on_check;      // (packed, version_now) -> None; raises for a loud corruption
   PyRef on_traced_write;  // (op, owner, phase, caller) on steps chosen for the timeline
   bool registry = false;  // level "full": live saved tensors are registered by storage
@@ -384,7 +387,44 @@ bool is_user(PyObject* code) {
   return verdict;
 }
 
-Caller find_caller() {
+// The frame's first argument when it is called `self` (a new reference), else null.
+PyObject* frame_self(PyFrameObject* frame, PyCodeObject* code) {
+#if PY_VERSION_HEX >= 0x030B0000
+  if (code->co_argcount == 0) {
+    return nullptr;
+  }
+  PyObject* names = PyCode_GetVarnames(code);
+  if (names == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  const bool named_self = PyTuple_Check(names) && PyTuple_GET_SIZE(names) > 0 &&
+      PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, 0), "self") == 0;
+  Py_DECREF(names);
+  if (!named_self) {
+    return nullptr;
+  }
+  PyObject* locals = PyFrame_GetLocals(frame);
+  if (locals == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* self = PyMapping_GetItemString(locals, "self");
+  Py_DECREF(locals);
+  if (self == nullptr) {
+    PyErr_Clear();
+  }
+  return self;
+#else
+  (void)frame;
+  (void)code;
+  return nullptr;
+#endif
+}
+
+// `self_out`: where to put the user frame's `self` (a new reference or null), for a write
+// that hit saved memory; reading a frame's locals is too slow for every saved tensor.
+Caller find_caller(PyObject** self_out = nullptr) {
   Caller caller;
   PyThreadState* state = PyThreadState_Get();
   PyFrameObject* frame = PyThreadState_GetFrame(state);
@@ -392,6 +432,9 @@ Caller find_caller() {
     PyCodeObject* code = PyFrame_GetCode(frame);
     if (is_user(reinterpret_cast<PyObject*>(code))) {
       caller.code = PyRef(reinterpret_cast<PyObject*>(code));
+      if (self_out != nullptr) {
+        *self_out = frame_self(frame, code);
+      }
 #if PY_VERSION_HEX >= 0x030B0000
       caller.lasti = PyFrame_GetLasti(frame);
 #else
@@ -500,6 +543,32 @@ Candidates find_candidates(const std::vector<at::Tensor>& written) {
   return candidates;
 }
 
+// A write that hit saved memory, with the module whose code issued it (NOTE [modules that
+// override __call__] in gradtrace/probes/modules.py). GIL held.
+std::shared_ptr<Hit> make_hit(const std::string* op, const std::string& owner, int phase) {
+  PyObject* self = nullptr;
+  const bool ask = (phase == kForward || phase == kLoop) && config.owner_of.obj != nullptr;
+  Caller caller = find_caller(ask ? &self : nullptr);
+  auto hit = std::make_shared<Hit>(Hit{next_seq++, op, owner, phase, step_now.load(), caller});
+  if (self != nullptr) {
+    PyObject* inner = PyObject_CallOneArg(config.owner_of.obj, self);
+    Py_DECREF(self);
+    if (inner == nullptr) {
+      PyErr_Clear();
+    } else {
+      const char* text = PyUnicode_Check(inner) ? PyUnicode_AsUTF8(inner) : nullptr;
+      if (text != nullptr) {
+        hit->owner = text;
+        hit->phase = kForward;
+      } else {
+        PyErr_Clear();
+      }
+      Py_DECREF(inner);
+    }
+  }
+  return hit;
+}
+
 void attach_hits(
     Candidates& candidates,
     const std::vector<at::Tensor>& written,
@@ -524,8 +593,7 @@ void attach_hits(
         continue;
       }
       if (!hit) {
-        hit = std::make_shared<Hit>(
-            Hit{next_seq++, op, owner, phase, step_now.load(), find_caller()});
+        hit = make_hit(op, owner, phase);
       }
       found->push_back(hit);
     }
@@ -942,11 +1010,13 @@ PyObject* configure(PyObject* /*module*/, PyObject* args) {
   PyObject* is_user_code;
   PyObject* on_check;
   int registry_on;
-  if (!PyArg_ParseTuple(args, "OOp", &is_user_code, &on_check, &registry_on)) {
+  PyObject* owner_of;
+  if (!PyArg_ParseTuple(args, "OOpO", &is_user_code, &on_check, &registry_on, &owner_of)) {
     return nullptr;
   }
   config.is_user_code = PyRef(is_user_code);
   config.on_check = PyRef(on_check);
+  config.owner_of = owner_of == Py_None ? PyRef() : PyRef(owner_of);
   config.on_traced_write = PyRef();
   config.registry = registry_on != 0;
   step_now = 0;
@@ -1105,7 +1175,7 @@ PyObject* observe_ops(PyObject* /*module*/, PyObject* /*unused*/) {
 PyMethodDef functions[] = {
     {"pack", pack, METH_O, "Saved-tensor pack hook."},
     {"unpack", unpack, METH_O, "Saved-tensor unpack hook."},
-    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry)"},
+    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of)"},
     {"reset", reset, METH_NOARGS, "Forget the session's callbacks, verdicts and counts."},
     {"observe_ops", observe_ops, METH_NOARGS, "Register the write observer (once)."},
     {"set_observing", set_observing, METH_O, "Observe writes on this thread; -> before."},

@@ -172,6 +172,20 @@ class ModuleStackProbe:
             self.saw_compiled = True
         return _unwrap(module)
 
+    def owner_of(self, obj: object) -> str | None:
+        """The path of `obj` if it is a module whose code runs where the hooks cannot see it.
+
+        NOTE [modules that override __call__]: some research code wraps `forward` in its own
+        `__call__`, so the global forward hooks never fire for that module and a write inside
+        it would be blamed on its parent. `obj` is the `self` of the user frame behind such a
+        write; a module the hooks did see (it is on the stack) keeps the stack's answer.
+        """
+        if not isinstance(obj, nn.Module) or type(obj).__call__ is nn.Module.__call__:
+            return None
+        if any(module is obj for module, _ in self._stack()):
+            return None
+        return self.name_of(obj)
+
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""
         stack = self._stack()

@@ -65,7 +65,12 @@ class NativeCoreProbe:
         self._check.learn_wording()
         guard = self._guard
         # NOTE [probe boundary] in guard.py: once off, unpack keeps PyTorch's own check only.
-        core.configure(is_user_code, guard(self._on_check, fallback=self._unwatched), self._observe)
+        core.configure(
+            is_user_code,
+            guard(self._on_check, fallback=self._unwatched),
+            self._observe,
+            guard(self._modules.owner_of, fallback=lambda obj: None),
+        )
         stack.callback(core.reset)
         # The core stops its own work when it fails (NOTE [a core that fails] in core.cpp);
         # the failure is reported at the next step's end, or as the session closes.

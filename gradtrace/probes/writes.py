@@ -164,15 +164,18 @@ class WriteLogProbe:
                         records,
                         layout_of(tensor),
                         _torch_compat.version_of(tensor),
-                        lambda: RawWrite(
-                            next(self._seq),
-                            op,
-                            owner,
-                            phase,
-                            self._steps.step,
-                            self._callers.caller(),
-                        ),
+                        lambda: self._hit(op, owner, phase),
                     )
+
+    def _hit(self, op: str, owner: str, phase: str) -> RawWrite:
+        """A write that hit saved memory, with the module whose code issued it (NOTE
+        [modules that override __call__] in modules.py)."""
+        caller, this = self._callers.caller_and_self()
+        if phase in (FORWARD, LOOP) and this is not None:
+            inner = self._modules.owner_of(this)
+            if inner is not None:
+                owner, phase = inner, FORWARD
+        return RawWrite(next(self._seq), op, owner, phase, self._steps.step, caller)
 
     def _record_traced(
         self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any
