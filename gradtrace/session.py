@@ -258,7 +258,12 @@ class Session:
             saved.install(stack)
             if live is not None:
                 self._writes = WriteLogProbe(
-                    live, modules, self._steps, callers, guard=self._guard("write log")
+                    live,
+                    modules,
+                    self._steps,
+                    callers,
+                    guard=self._guard("write log"),
+                    on_finding=self._add_finding,
                 )
                 self._writes.install(stack)
         self._timeline = TimelineProbe(

@@ -26,6 +26,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/intrusive_ptr.h>
@@ -139,6 +140,9 @@ struct Config {
   // self -> module path or None: a module whose code ran outside the module hooks
   // (NOTE [modules that override __call__] in gradtrace/probes/modules.py).
   PyRef owner_of;
+  // (seq, op, owner, phase, step, caller, output_of, tensor): a write autograd did not
+  // record inside a forward (NOTE [untracked writes] in gradtrace/probes/writes.py).
+  PyRef on_untracked;
   PyRef on_check;      // (packed, version_now) -> None; raises for a loud corruption
   PyRef on_traced_write;  // (op, owner, phase, caller) on steps chosen for the timeline
   bool registry = false;  // level "full": live saved tensors are registered by storage
@@ -172,6 +176,19 @@ std::mutex registry_mutex;
 auto& registry =
     *new std::unordered_map<StorageKey, std::vector<std::shared_ptr<Record>>, StorageKeyHash>();
 std::atomic<int64_t> live_records{0};
+
+// Outputs of the modules run inside the current forward, by storage: what an untracked
+// write must not change (NOTE [untracked writes] in gradtrace/probes/writes.py). No Python
+// objects: read without the GIL.
+struct Activation {
+  c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
+  std::string path;
+  std::vector<std::pair<uintptr_t, uintptr_t>> blocks;
+};
+std::mutex activations_mutex;
+auto& activations =
+    *new std::unordered_map<StorageKey, std::vector<Activation>, StorageKeyHash>();
+std::atomic<int64_t> activation_count{0};
 
 struct CountKey {
   std::string owner;
@@ -632,6 +649,63 @@ void hand_to_timeline(const std::string* op, const std::string& owner, int phase
   Py_XDECREF(result);
 }
 
+// The module whose output `tensor` writes into, if any (empty: none).
+std::string output_written(const at::Tensor& tensor) {
+  StorageKey key;
+  if (activation_count.load(std::memory_order_relaxed) == 0 || !storage_key(tensor, &key)) {
+    return {};
+  }
+  const Blocks blocks = byte_blocks(layout_of(tensor));
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  auto found = activations.find(key);
+  if (found == activations.end()) {
+    return {};
+  }
+  for (const Activation& output : found->second) {
+    if (!output.tensor.expired() && blocks_overlap(output.blocks, blocks)) {
+      return output.path;
+    }
+  }
+  return {};
+}
+
+// Hands Python each write inside a forward that autograd did not record, into a module's
+// output or a tensor that requires grad (a parameter under no_grad); Python decides.
+void check_untracked(
+    const OpInfo& info, const std::vector<at::Tensor>& written, const std::string& owner) {
+  const bool grad_on = c10::GradMode::is_enabled();
+  for (const at::Tensor& tensor : written) {
+    if (!tensor.defined() || (grad_on && tensor.requires_grad())) {
+      continue;
+    }
+    const std::string output_of = output_written(tensor);
+    if (output_of.empty() && !tensor.requires_grad()) {
+      continue;
+    }
+    GIL gil;
+    if (config.on_untracked.obj == nullptr) {
+      return;
+    }
+    auto hit = make_hit(info.name, owner, kForward);
+    PyObject* where = caller_tuple(hit->caller);
+    PyObject* wrapped = THPVariable_Wrap(tensor);
+    PyObject* result = nullptr;
+    if (where != nullptr && wrapped != nullptr) {
+      result = PyObject_CallFunction(
+          config.on_untracked.obj, "LsslLOzO", static_cast<long long>(hit->seq),
+          hit->op->c_str(), hit->owner.c_str(), hit->phase,
+          static_cast<long long>(hit->step), where,
+          output_of.empty() ? nullptr : output_of.c_str(), wrapped);
+    }
+    Py_XDECREF(where);
+    Py_XDECREF(wrapped);
+    if (result == nullptr) {
+      PyErr_Clear();
+    }
+    Py_XDECREF(result);
+  }
+}
+
 void note_write(
     const OpInfo& info, const std::vector<at::Tensor>& written, Candidates& candidates) {
   std::string owner;
@@ -643,6 +717,10 @@ void note_write(
   }
   if (!python_alive()) {
     return;
+  }
+  if (phase == kForward &&
+      (activation_count.load(std::memory_order_relaxed) > 0 || !c10::GradMode::is_enabled())) {
+    check_untracked(info, written, owner);
   }
   if (!candidates.empty()) {
     attach_hits(candidates, written, info.name, owner, phase);
@@ -1011,9 +1089,12 @@ PyObject* configure(PyObject* /*module*/, PyObject* args) {
   PyObject* on_check;
   int registry_on;
   PyObject* owner_of;
-  if (!PyArg_ParseTuple(args, "OOpO", &is_user_code, &on_check, &registry_on, &owner_of)) {
+  PyObject* on_untracked;
+  if (!PyArg_ParseTuple(
+          args, "OOpOO", &is_user_code, &on_check, &registry_on, &owner_of, &on_untracked)) {
     return nullptr;
   }
+  config.on_untracked = on_untracked == Py_None ? PyRef() : PyRef(on_untracked);
   config.is_user_code = PyRef(is_user_code);
   config.on_check = PyRef(on_check);
   config.owner_of = owner_of == Py_None ? PyRef() : PyRef(owner_of);
@@ -1039,6 +1120,11 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
     registry.clear();
     live_records = 0;
   }
+  {
+    std::lock_guard<std::mutex> guard(activations_mutex);
+    activations.clear();
+    activation_count = 0;
+  }
   for (auto& [code, verdict] : user_code) {
     Py_DECREF(code);
   }
@@ -1047,6 +1133,40 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
     std::lock_guard<std::mutex> guard(counts_mutex);
     counts.clear();
   }
+  Py_RETURN_NONE;
+}
+
+PyObject* add_activation(PyObject* /*module*/, PyObject* args) {
+  PyObject* tensor_obj;
+  const char* path;
+  if (!PyArg_ParseTuple(args, "Os", &tensor_obj, &path)) {
+    return nullptr;
+  }
+  if (!THPVariable_Check(tensor_obj)) {
+    Py_RETURN_NONE;
+  }
+  try {
+    const at::Tensor& tensor = THPVariable_Unpack(tensor_obj);
+    StorageKey key;
+    if (!storage_key(tensor, &key)) {
+      Py_RETURN_NONE;
+    }
+    Activation output{
+        c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()), path,
+        byte_blocks(layout_of(tensor))};
+    std::lock_guard<std::mutex> guard(activations_mutex);
+    activations[key].push_back(std::move(output));
+    ++activation_count;
+  } catch (const std::exception& error) {
+    fail(error.what());
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* clear_activations(PyObject* /*module*/, PyObject* /*unused*/) {
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  activations.clear();
+  activation_count = 0;
   Py_RETURN_NONE;
 }
 
@@ -1175,9 +1295,12 @@ PyObject* observe_ops(PyObject* /*module*/, PyObject* /*unused*/) {
 PyMethodDef functions[] = {
     {"pack", pack, METH_O, "Saved-tensor pack hook."},
     {"unpack", unpack, METH_O, "Saved-tensor unpack hook."},
-    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of)"},
+    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of, on_untracked)"},
     {"reset", reset, METH_NOARGS, "Forget the session's callbacks, verdicts and counts."},
     {"observe_ops", observe_ops, METH_NOARGS, "Register the write observer (once)."},
+    {"add_activation", add_activation, METH_VARARGS,
+     "(tensor, module path): an output an untracked write must not change."},
+    {"clear_activations", clear_activations, METH_NOARGS, "Forget the outputs (new forward)."},
     {"set_observing", set_observing, METH_O, "Observe writes on this thread; -> before."},
     {"observing", observing, METH_NOARGS, "Whether this thread's writes are observed."},
     {"set_hidden", set_hidden, METH_O, "Hide this thread's ops from the observer; -> before."},

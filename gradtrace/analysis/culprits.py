@@ -22,6 +22,7 @@ from gradtrace.events import (
 
 INPLACE_WRITE = "inplace-write"
 SILENT_OVERWRITE = "silent-overwrite"
+NO_GRAD_PARAMETER_WRITE = "no-grad-parameter-write"
 
 # How many writes besides the culprit a finding lists.
 MAX_OTHER_WRITES = 5
@@ -301,3 +302,59 @@ def _write_summary(write: WriteEvent) -> dict[str, object]:
         "line": source.line if source else None,
         "code": source.code if source else None,
     }
+
+
+def untracked_activation_write(write: WriteEvent, activation_module: str) -> Finding:
+    """A write autograd did not record (through `.detach()`, `.data` or under no_grad) into a
+    module's output that is part of the graph: backward treats it as if nothing happened, so
+    the gradients through that output are silently wrong (nothing saved it, so no check
+    fails)."""
+    where = write.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    return Finding(
+        kind=SILENT_OVERWRITE,
+        message=(
+            f"{at} in {write.owner} ({write.op}) silently overwrote the output of "
+            f"{activation_module} through an alias autograd does not track (.detach(), .data) "
+            "or under no_grad: autograd did not record the write, so "
+            "gradients flow as if the values were unchanged."
+        ),
+        hint=(
+            f"Write out of place so autograd sees it (e.g. h = h.masked_fill(mask, 0) or "
+            f"h = h * scale instead of {write.op} through .detach()/.data)."
+        ),
+        step=write.step,
+        phase=write.phase,
+        op=write.op,
+        module=write.owner,
+        saved_by={},
+        details={"untracked": True, "output_of": activation_module},
+        **located_at(where),
+    )
+
+
+def no_grad_parameter_write(write: WriteEvent, parameter: str) -> Finding:
+    """A parameter that requires grad written in place under no_grad inside a forward, before
+    it is used: its gradient misses that op. A warning: weight re-normalisation done this way
+    on purpose exists, but is usually meant to be differentiated."""
+    where = write.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    return Finding(
+        kind=NO_GRAD_PARAMETER_WRITE,
+        message=(
+            f"{at} in {write.owner} ({write.op}) wrote parameter {parameter} in place under "
+            "torch.no_grad() inside a forward: its gradient will not account for that op."
+        ),
+        hint=(
+            "Compute the transformed weight out of place with grad enabled (w = f(self.weight)) "
+            "and use it, or move the update out of the forward (between steps)."
+        ),
+        step=write.step,
+        phase=write.phase,
+        op=write.op,
+        module=write.owner,
+        saved_by={},
+        parameter=parameter,
+        details={"level": "warning"},
+        **located_at(where),
+    )

@@ -87,6 +87,8 @@ class ModuleStackProbe:
         self.saw_compiled = False
         # Called as a root module's forward starts (stack empty), on its thread.
         self._root_starts: list[Callable[[], None]] = []
+        # Called with (module path, output) as a module's forward returns, on its thread.
+        self._outputs: list[Callable[[str, object], None]] = []
         # Module path -> how activation checkpointing ran it (its saved tensors are
         # checkpoint's to keep, not gradtrace's to watch).
         self.checkpointed: dict[str, str] = {}
@@ -136,12 +138,22 @@ class ModuleStackProbe:
         if _torch_compat.compiling():
             return
         stack = self._stack()
+        name = None
         # Pop down to this module: a forward that raised may have left inner ones behind.
         while stack:
-            if stack.pop()[0] is module:
+            popped, path = stack.pop()
+            if popped is module:
+                name = path
                 break
+        if name is not None and stack:
+            for callback in self._outputs:
+                callback(name, output)
         if self._publish is not None:
             self._publish(stack[-1][1] if stack else None)
+
+    def on_output(self, callback: Callable[[str, object], None]) -> None:
+        """Call `callback(path, output)` whenever a module called inside another returns."""
+        self._outputs.append(callback)
 
     def on_root_start(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a forward starts with no module around it."""

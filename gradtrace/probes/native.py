@@ -29,6 +29,7 @@ from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
 from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.writes import graph_outputs, untracked_finding
 
 # Takes each write of a traced step: (op, owner, phase, the user's frame).
 _AddWrite = Callable[[str, str, str, Caller | None], None]
@@ -56,6 +57,7 @@ class NativeCoreProbe:
         self._modules = modules
         self._steps = steps
         self._observe = observe_writes
+        self._on_finding = on_finding
         self._check = CorruptionCheck(modules, on_finding, writes_logged=observe_writes)
         self._aside = False
         self._add_write: _AddWrite | None = None
@@ -70,6 +72,7 @@ class NativeCoreProbe:
             guard(self._on_check, fallback=self._unwatched),
             self._observe,
             guard(self._modules.owner_of, fallback=lambda obj: None),
+            guard(self._on_untracked) if self._observe else None,
         )
         stack.callback(core.reset)
         # The core stops its own work when it fails (NOTE [a core that fails] in core.cpp);
@@ -91,6 +94,8 @@ class NativeCoreProbe:
         stack.callback(hide_from, None)
         core.set_observing(True)
         stack.callback(core.set_observing, False)
+        self._modules.on_output(guard(self._note_output))
+        self._modules.on_root_start(core.clear_activations)
         # Unwound before the observer goes off: a step that raised may have left it aside.
         stack.callback(self._step_back)
         self._steps.around_plain_update(guard(self._step_aside), guard(self._step_back))
@@ -143,6 +148,28 @@ class NativeCoreProbe:
         """PyTorch's own check only, for a probe that is off."""
         tensor, grad_fn, output_nr, version, *_ = packed.info()
         self._check.unwatched(tensor, version, grad_fn, output_nr)
+
+    def _note_output(self, path: str, output: object) -> None:
+        for tensor in graph_outputs(output):
+            self._core.add_activation(tensor, path)
+
+    def _on_untracked(
+        self,
+        seq: int,
+        op: str,
+        owner: str,
+        phase: int,
+        step: int,
+        caller: Caller | None,
+        output_of: str | None,
+        tensor: torch.Tensor,
+    ) -> None:
+        """Called by the core for a write inside a forward that autograd did not record
+        (NOTE [untracked writes] in writes.py)."""
+        write = RawWrite(seq, op, owner, self._core.PHASES[phase], step, caller).resolve()
+        finding = untracked_finding(self._modules, write, tensor, output_of)
+        if finding is not None:
+            self._on_finding(finding)
 
     def _on_check(self, packed: object, version_now: int) -> None:
         """Called by the core's unpack for a saved tensor written since it was packed."""
