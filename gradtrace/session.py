@@ -44,6 +44,7 @@ from gradtrace.probes.histograms import GradHistogramProbe
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.native import NativeCoreProbe
 from gradtrace.probes.rank_check import RankCheckProbe
+from gradtrace.probes.readouts import ReadoutProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.timeline import DEFAULT_TRACE_STEPS, TimelineProbe, TraceSteps
@@ -233,6 +234,19 @@ class Session:
         if self._grad_stats:
             self._install_grad_stats(stack, callers)
         full = self.level == "full"
+        readouts = (
+            ReadoutProbe(
+                modules,
+                self._steps,
+                callers,
+                self._add_finding,
+                guard=self._guard("read-out check"),
+            )
+            if full
+            else None
+        )
+        if readouts is not None:
+            readouts.install(stack)
         if core is not None:
             native = NativeCoreProbe(
                 core,
@@ -241,6 +255,7 @@ class Session:
                 self._add_finding,
                 observe_writes=full,
                 guard=self._guard("native core"),
+                readout_seen=None if readouts is None else readouts.seen,
             )
             native.install(stack)
             self._writes = native if full else None
@@ -265,6 +280,8 @@ class Session:
                     guard=self._guard("write log"),
                     on_finding=self._add_finding,
                 )
+                if readouts is not None:
+                    self._writes.readout_seen = readouts.seen
                 self._writes.install(stack)
         self._timeline = TimelineProbe(
             modules,

@@ -143,6 +143,9 @@ struct Config {
   // (seq, op, owner, phase, step, caller, output_of, tensor): a write autograd did not
   // record inside a forward (NOTE [untracked writes] in gradtrace/probes/writes.py).
   PyRef on_untracked;
+  // tensor -> None: a tensor that requires grad read out as a Python number
+  // (NOTE [graph cuts by read-out] in gradtrace/probes/readouts.py).
+  PyRef on_readout;
   PyRef on_check;      // (packed, version_now) -> None; raises for a loud corruption
   PyRef on_traced_write;  // (op, owner, phase, caller) on steps chosen for the timeline
   bool registry = false;  // level "full": live saved tensors are registered by storage
@@ -798,6 +801,40 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
   release(candidates);
 }
 
+// `aten::_local_scalar_dense` (`.item()`, `float()`): a tensor that requires grad read out as
+// a Python number is handed to Python, which watches whether backward reaches it.
+void observe_readout(
+    const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
+  if (!failed.load(std::memory_order_relaxed) && !inside_a_kernel() && !stack->empty() &&
+      config.on_readout.obj != nullptr && python_alive()) {
+    try {
+      const c10::IValue& value = stack->back();
+      if (value.isTensor() && value.toTensor().requires_grad()) {
+        GIL gil;
+        PyObject* wrapped = THPVariable_Wrap(value.toTensor());
+        PyObject* result =
+            wrapped == nullptr ? nullptr : PyObject_CallOneArg(config.on_readout.obj, wrapped);
+        Py_XDECREF(wrapped);
+        if (result == nullptr) {
+          PyErr_Clear();
+        }
+        Py_XDECREF(result);
+      }
+    } catch (const std::exception& error) {
+      fail(error.what());
+    }
+  }
+  ++tl_depth;
+  try {
+    op.redispatchBoxed(below, stack);
+  } catch (...) {
+    --tl_depth;
+    throw;
+  }
+  --tl_depth;
+}
+
 // An op that makes tensors from nothing: no tensor among its arguments, one among its results.
 bool is_factory(const c10::FunctionSchema& schema) {
   for (const c10::Argument& argument : schema.arguments()) {
@@ -834,7 +871,8 @@ int64_t register_observer() {
     // detach_ writes autograd's metadata, not memory (no kernel below autograd has it).
     const bool writes_any =
         !written_arguments(handle->schema()).empty() && name.name != "aten::detach_";
-    if (!writes_any && !is_factory(handle->schema())) {
+    const bool readout = name.name == "aten::_local_scalar_dense";
+    if (!writes_any && !readout && !is_factory(handle->schema())) {
       continue;
     }
     const std::string& full = name.name;
@@ -856,6 +894,9 @@ int64_t register_observer() {
       found->second->impl(
           qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe>());
       ++observed;
+    } else if (readout) {
+      found->second->impl(
+          qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe_readout>());
     } else {
       found->second->impl(
           qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&enclose>());
@@ -1090,10 +1131,13 @@ PyObject* configure(PyObject* /*module*/, PyObject* args) {
   int registry_on;
   PyObject* owner_of;
   PyObject* on_untracked;
+  PyObject* on_readout;
   if (!PyArg_ParseTuple(
-          args, "OOpOO", &is_user_code, &on_check, &registry_on, &owner_of, &on_untracked)) {
+          args, "OOpOOO", &is_user_code, &on_check, &registry_on, &owner_of, &on_untracked,
+          &on_readout)) {
     return nullptr;
   }
+  config.on_readout = on_readout == Py_None ? PyRef() : PyRef(on_readout);
   config.on_untracked = on_untracked == Py_None ? PyRef() : PyRef(on_untracked);
   config.is_user_code = PyRef(is_user_code);
   config.on_check = PyRef(on_check);
@@ -1295,7 +1339,7 @@ PyObject* observe_ops(PyObject* /*module*/, PyObject* /*unused*/) {
 PyMethodDef functions[] = {
     {"pack", pack, METH_O, "Saved-tensor pack hook."},
     {"unpack", unpack, METH_O, "Saved-tensor unpack hook."},
-    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of, on_untracked)"},
+    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of, on_untracked, on_readout)"},
     {"reset", reset, METH_NOARGS, "Forget the session's callbacks, verdicts and counts."},
     {"observe_ops", observe_ops, METH_NOARGS, "Register the write observer (once)."},
     {"add_activation", add_activation, METH_VARARGS,

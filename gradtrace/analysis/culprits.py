@@ -16,6 +16,7 @@ from gradtrace.events import (
     CorruptionEvidence,
     Finding,
     SavedTensor,
+    SourceLine,
     WriteEvent,
     located_at,
 )
@@ -23,6 +24,7 @@ from gradtrace.events import (
 INPLACE_WRITE = "inplace-write"
 SILENT_OVERWRITE = "silent-overwrite"
 NO_GRAD_PARAMETER_WRITE = "no-grad-parameter-write"
+GRAPH_CUT = "graph-cut"
 
 # How many writes besides the culprit a finding lists.
 MAX_OTHER_WRITES = 5
@@ -356,5 +358,32 @@ def no_grad_parameter_write(write: WriteEvent, parameter: str) -> Finding:
         saved_by={},
         parameter=parameter,
         details={"level": "warning"},
+        **located_at(where),
+    )
+
+
+def graph_cut(where: SourceLine | None, *, owner: str, step: int, parameters: list[str]) -> Finding:
+    """A value read out of the graph as a Python number (`.item()`, `float()`) whose
+    parameters then got no gradient: the loss was built from the number, not the tensor."""
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    count = len(parameters)
+    return Finding(
+        kind=GRAPH_CUT,
+        message=(
+            f"{at} in {owner} read a value out of the graph as a Python number "
+            f"(_local_scalar_dense) and backward never reached it: the {count} "
+            f"parameter{'s' if count != 1 else ''} behind it got no gradient."
+        ),
+        hint=(
+            "Build the loss from the tensor itself (e.g. log_prob * ret, not "
+            "log_prob.item() * ret); keep .item() for logging, and never rebuild a loss with "
+            "torch.tensor(..., requires_grad=True)."
+        ),
+        step=step,
+        phase=None,
+        op="_local_scalar_dense",
+        module=owner,
+        saved_by={},
+        details={"parameters": parameters},
         **located_at(where),
     )

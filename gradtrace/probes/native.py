@@ -51,6 +51,7 @@ class NativeCoreProbe:
         *,
         observe_writes: bool,
         guard: ProbeGuard | None = None,
+        readout_seen: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self._guard = guard or ProbeGuard("native core", step=lambda: steps.step)
         self._core = core
@@ -58,6 +59,7 @@ class NativeCoreProbe:
         self._steps = steps
         self._observe = observe_writes
         self._on_finding = on_finding
+        self._readout_seen = readout_seen
         self._check = CorruptionCheck(modules, on_finding, writes_logged=observe_writes)
         self._aside = False
         self._add_write: _AddWrite | None = None
@@ -73,6 +75,7 @@ class NativeCoreProbe:
             self._observe,
             guard(self._modules.owner_of, fallback=lambda obj: None),
             guard(self._on_untracked) if self._observe else None,
+            self._readout_seen if self._observe else None,
         )
         stack.callback(core.reset)
         # The core stops its own work when it fails (NOTE [a core that fails] in core.cpp);

@@ -64,7 +64,13 @@ _NO_WRITES: _OpInfo = ("", ())
 _AddWrite = Callable[[str, str, str, Caller | None], None]
 
 
+# What `_op_info` answers for a read-out (NOTE [graph cuts by read-out] in readouts.py).
+_READOUT: _OpInfo = ("_local_scalar_dense", ())
+
+
 def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
+    if func is torch.ops.aten._local_scalar_dense.default:
+        return _READOUT
     written = tuple(
         (position, argument.name)
         for position, argument in enumerate(func._schema.arguments)
@@ -101,6 +107,8 @@ class WriteLogProbe:
         self._seq = itertools.count()
         self._mode = _WriteLogMode(self)
         self._on_finding = on_finding
+        # Called with each tensor read out as a Python number (see readouts.py).
+        self.readout_seen: Callable[[torch.Tensor], None] | None = None
         # Outputs of the modules run inside the current forward, by storage (see NOTE
         # [untracked writes]): (the output, weakly; its module's path; its byte blocks).
         self._outputs: dict[tuple[int, int], list[tuple[weakref.ref, str, list]]] = {}
@@ -271,6 +279,8 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
             info = self._ops[id(func)] = self._probe.op_info(func)
         if info[1]:
             self._probe.write_seen(info[0], info[1], args, kwargs or {})
+        elif info is _READOUT and self._probe.readout_seen is not None:
+            self._probe.readout_seen(args[0])
         return result
 
 

@@ -21,6 +21,7 @@ TITLES = {
     "rank-divergence": "ranks disagree",
     "dead-units": "dead ReLU units",
     "no-grad-parameter-write": "warning: parameter written under no_grad inside a forward",
+    "graph-cut": "graph cut: a value left the graph as a Python number",
 }
 
 
