@@ -23,6 +23,7 @@
 #include <Python.h>
 #include <frameobject.h>
 
+#include <ATen/SequenceNumber.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -110,9 +111,10 @@ struct StorageKeyHash {
 
 struct Record {
   at::Tensor alias;  // shares storage and version counter with the saved tensor
-  // The saved tensor itself, weakly: PyTorch names the node of an input's current
-  // grad_fn in its error, which only the tensor knows (see saved_by_name).
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> original;
+  // An input the node saved, kept as PyTorch keeps it: PyTorch names the node of an
+  // input's current grad_fn in its error, which only the tensor knows (see saved_by_name).
+  // Undefined for the node's own output (keeping it would make a reference cycle).
+  at::Tensor original;
   const torch::autograd::Node* node_at_pack = nullptr;  // identity only, never dereferenced
   std::string grad_fn;
   int64_t output_nr = 0;
@@ -958,20 +960,17 @@ PyTypeObject PackedType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 // The node PyTorch's own check would name (torch/csrc/autograd/saved_variable.cpp): for a
 // tensor the node saved as its own output, that node; for an input, the tensor's grad_fn
 // as it is now (after an in-place write, the writing op's node).
-std::string saved_by_name(Record& record) {
+// PyTorch says "output 0" for an input, whatever its output_nr: SavedVariable keeps no
+// output number for what it saved as the original.
+std::string saved_by_name(Record& record, int64_t* output_nr) {
+  *output_nr = record.output_nr;
   auto current = torch::autograd::get_current_node();
-  if (current && current.get() == record.node_at_pack) {
+  if ((current && current.get() == record.node_at_pack) || !record.original.defined()) {
     return record.grad_fn;
   }
-  auto original = record.original ? record.original->lock() : c10::intrusive_ptr<c10::TensorImpl>();
-  if (original) {
-    at::Tensor tensor(std::move(original));
-    const auto& grad_fn = tensor.grad_fn();
-    if (grad_fn) {
-      return grad_fn->name();
-    }
-  }
-  return record.grad_fn;
+  *output_nr = 0;
+  const auto& grad_fn = record.original.grad_fn();
+  return grad_fn ? grad_fn->name() : std::string();
 }
 
 // A new reference: [(seq, op, owner, phase, step, caller)] of these writes.
@@ -1008,10 +1007,12 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
     return nullptr;
   }
   std::string grad_fn;
+  int64_t output_nr = record.output_nr;
   try {
-    grad_fn = saved_by_name(record);
+    grad_fn = saved_by_name(record, &output_nr);
   } catch (const std::exception&) {
     grad_fn = record.grad_fn;
+    output_nr = record.output_nr;
   }
   PyObject* where = caller_tuple(record.caller);
   PyObject* tensor = THPVariable_Wrap(record.alias);
@@ -1019,7 +1020,7 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
   PyObject* name = grad_fn.empty() ? Py_NewRef(Py_None) : PyUnicode_FromString(grad_fn.c_str());
   PyObject* result = Py_BuildValue(
       "(NNLLOLNNON)", tensor, name,
-      static_cast<long long>(record.output_nr), static_cast<long long>(record.version),
+      static_cast<long long>(output_nr), static_cast<long long>(record.version),
       module, static_cast<long long>(record.step), where, hits,
       record.reported ? Py_True : Py_False, shared);
   return result;
@@ -1066,11 +1067,15 @@ PyObject* pack(PyObject* /*module*/, PyObject* arg) {
     Py_XDECREF(detached);
     auto record = std::make_shared<Record>();
     record->alias = alias;
-    record->original.emplace(tensor.getIntrusivePtr());
     const auto& grad_fn = tensor.grad_fn();
     if (grad_fn) {
       record->grad_fn = grad_fn->name();
       record->node_at_pack = grad_fn.get();
+    }
+    // NOTE [outputs and inputs at pack] in gradtrace/probes/_torch_compat.py: the saving
+    // node is the newest on this thread, so a tensor whose grad_fn it is is its output.
+    if (!grad_fn || grad_fn->sequence_nr() != at::sequence_number::peek() - 1) {
+      record->original = tensor;
     }
     record->output_nr = tensor.output_nr();
     record->version = tensor._version();
