@@ -1185,27 +1185,49 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
   Py_RETURN_NONE;
 }
 
-PyObject* add_activation(PyObject* /*module*/, PyObject* args) {
-  PyObject* tensor_obj;
-  const char* path;
-  if (!PyArg_ParseTuple(args, "Os", &tensor_obj, &path)) {
-    return nullptr;
+// One output tensor of a module, if it is part of a graph (requires grad, not a leaf).
+void add_activation(PyObject* item, const char* path) {
+  if (!THPVariable_Check(item)) {
+    return;
   }
-  if (!THPVariable_Check(tensor_obj)) {
+  const at::Tensor& tensor = THPVariable_Unpack(item);
+  StorageKey key;
+  if (!tensor.requires_grad() || tensor.is_leaf() || !storage_key(tensor, &key)) {
+    return;
+  }
+  Activation output{
+      c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()), path,
+      byte_blocks(layout_of(tensor))};
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  activations[key].push_back(std::move(output));
+  ++activation_count;
+}
+
+// (module path, output): a module's output (a tensor, or a tuple or list of them) that an
+// untracked write must not change. Called for every module call: no Python work.
+PyObject* add_activations(PyObject* /*module*/, PyObject* args) {
+  const char* path;
+  PyObject* output;
+  if (failed.load(std::memory_order_relaxed) ||
+      !PyArg_ParseTuple(args, "sO", &path, &output)) {
+    PyErr_Clear();
     Py_RETURN_NONE;
   }
   try {
-    const at::Tensor& tensor = THPVariable_Unpack(tensor_obj);
-    StorageKey key;
-    if (!storage_key(tensor, &key)) {
-      Py_RETURN_NONE;
+    if (PyTuple_Check(output) || PyList_Check(output)) {
+      PyObject* items = PySequence_Fast(output, "module output");
+      if (items == nullptr) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+      }
+      const Py_ssize_t size = PySequence_Fast_GET_SIZE(items);
+      for (Py_ssize_t i = 0; i < size; ++i) {
+        add_activation(PySequence_Fast_GET_ITEM(items, i), path);
+      }
+      Py_DECREF(items);
+    } else {
+      add_activation(output, path);
     }
-    Activation output{
-        c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()), path,
-        byte_blocks(layout_of(tensor))};
-    std::lock_guard<std::mutex> guard(activations_mutex);
-    activations[key].push_back(std::move(output));
-    ++activation_count;
   } catch (const std::exception& error) {
     fail(error.what());
   }
@@ -1347,8 +1369,8 @@ PyMethodDef functions[] = {
     {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of, on_untracked, on_readout)"},
     {"reset", reset, METH_NOARGS, "Forget the session's callbacks, verdicts and counts."},
     {"observe_ops", observe_ops, METH_NOARGS, "Register the write observer (once)."},
-    {"add_activation", add_activation, METH_VARARGS,
-     "(tensor, module path): an output an untracked write must not change."},
+    {"add_activations", add_activations, METH_VARARGS,
+     "(module path, output): outputs an untracked write must not change."},
     {"clear_activations", clear_activations, METH_NOARGS, "Forget the outputs (new forward)."},
     {"set_observing", set_observing, METH_O, "Observe writes on this thread; -> before."},
     {"observing", observing, METH_NOARGS, "Whether this thread's writes are observed."},

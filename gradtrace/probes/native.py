@@ -29,7 +29,7 @@ from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
 from gradtrace.probes.steps import StepProbe
-from gradtrace.probes.writes import graph_outputs, untracked_finding
+from gradtrace.probes.writes import untracked_finding
 
 # Takes each write of a traced step: (op, owner, phase, the user's frame).
 _AddWrite = Callable[[str, str, str, Caller | None], None]
@@ -97,7 +97,8 @@ class NativeCoreProbe:
         stack.callback(hide_from, None)
         core.set_observing(True)
         stack.callback(core.set_observing, False)
-        self._modules.on_output(guard(self._note_output))
+        # The core takes each module's output itself (no Python work per module call).
+        self._modules.on_output(core.add_activations)
         self._modules.on_root_start(core.clear_activations)
         # Unwound before the observer goes off: a step that raised may have left it aside.
         stack.callback(self._step_back)
@@ -151,10 +152,6 @@ class NativeCoreProbe:
         """PyTorch's own check only, for a probe that is off."""
         tensor, grad_fn, output_nr, version, *_ = packed.info()
         self._check.unwatched(tensor, version, grad_fn, output_nr)
-
-    def _note_output(self, path: str, output: object) -> None:
-        for tensor in graph_outputs(output):
-            self._core.add_activation(tensor, path)
 
     def _on_untracked(
         self,

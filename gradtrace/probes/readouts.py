@@ -28,7 +28,7 @@ from gradtrace.events import Finding
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
-from gradtrace.probes.own_ops import in_own_ops, unobserved
+from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.steps import StepProbe
 
 # Read-outs kept per step until an optimizer judges them: a rollout reads out every step.
@@ -90,6 +90,8 @@ class ReadoutProbe:
         self._pending.append(_Readout(node, self._callers.caller(), owner, self._steps.step))
 
     def _judge(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._pending:
+            return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         keep: list[_Readout] = []
         reported: set[tuple[object, int]] = set()
@@ -127,7 +129,12 @@ class ReadoutProbe:
 
 def _cut_parameters(node: Any, held: set[int]) -> list[torch.Tensor] | None:
     """None while no parameter behind `node` is `held` by the stepping optimizer; else those
-    parameters if none of them has a gradient, or [] if some do."""
+    parameters if none of them has a gradient, or [] as soon as one has.
+
+    Depth first, so a graph that reaches trained parameters (a logged loss) answers after a
+    few nodes. A gradient left as zeros (`zero_grad(set_to_none=False)`) counts as one: a
+    cut may then go unreported, never a false one reported.
+    """
     seen: set[int] = set()
     todo = [node]
     behind: list[torch.Tensor] = []
@@ -138,15 +145,8 @@ def _cut_parameters(node: Any, held: set[int]) -> list[torch.Tensor] | None:
         seen.add(id(current))
         variable = getattr(current, "variable", None)
         if isinstance(variable, torch.Tensor) and id(variable) in held:
+            if variable.grad is not None:
+                return []
             behind.append(variable)
         todo.extend(next_node for next_node, _ in current.next_functions)
-    if not behind:
-        return None
-    for parameter in behind:
-        grad = parameter.grad
-        if grad is None:
-            continue
-        with unobserved(grad):
-            if bool(grad.any()):
-                return []
-    return behind
+    return behind or None

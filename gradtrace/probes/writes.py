@@ -44,6 +44,7 @@ from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import (
+    Layout,
     LiveSaved,
     RawWrite,
     blocks_overlap,
@@ -110,8 +111,8 @@ class WriteLogProbe:
         # Called with each tensor read out as a Python number (see readouts.py).
         self.readout_seen: Callable[[torch.Tensor], None] | None = None
         # Outputs of the modules run inside the current forward, by storage (see NOTE
-        # [untracked writes]): (the output, weakly; its module's path; its byte blocks).
-        self._outputs: dict[tuple[int, int], list[tuple[weakref.ref, str, list]]] = {}
+        # [untracked writes]): (the output, weakly; its module's path; its layout).
+        self._outputs: dict[tuple[int, int], list[tuple[weakref.ref, str, Layout]]] = {}
         self._aside = False
         self._add_write: _AddWrite | None = None
         # What the dispatch mode calls for a mutating op: `record`, or on traced steps
@@ -150,7 +151,7 @@ class WriteLogProbe:
         for tensor in graph_outputs(output):
             key = _torch_compat.storage_key(tensor)
             if key is not None:
-                entry = (weakref.ref(tensor), path, byte_blocks(layout_of(tensor)))
+                entry = (weakref.ref(tensor), path, layout_of(tensor))
                 self._outputs.setdefault(key, []).append(entry)
 
     def _step_aside(self) -> None:
@@ -226,7 +227,7 @@ class WriteLogProbe:
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 if not isinstance(tensor, torch.Tensor) or (grad_on and tensor.requires_grad):
                     continue
-                output_of = self._output_written(tensor)
+                output_of = self._output_written(tensor) if self._outputs else None
                 if output_of is None and not tensor.requires_grad:
                     continue
                 write = self._hit(op, owner, FORWARD).resolve()
@@ -240,8 +241,8 @@ class WriteLogProbe:
         if not entries:
             return None
         blocks = byte_blocks(layout_of(tensor))
-        for ref, path, output_blocks in entries:
-            if ref() is not None and blocks_overlap(output_blocks, blocks):
+        for ref, path, layout in entries:
+            if ref() is not None and blocks_overlap(byte_blocks(layout), blocks):
                 return path
         return None
 
@@ -285,15 +286,13 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
 
 
 def graph_outputs(output: object) -> list[torch.Tensor]:
-    """The tensors of a module's output (a tensor, or a tuple/list/dict of them) that are
-    part of an autograd graph."""
-    if isinstance(output, dict):
-        output = list(output.values())
+    """The tensors of a module's output (a tensor, or a tuple or list of them) that are
+    part of an autograd graph (the native core's add_activations does the same)."""
     items = output if isinstance(output, (list, tuple)) else (output,)
     return [
         item
         for item in items
-        if isinstance(item, torch.Tensor) and item.requires_grad and item.grad_fn is not None
+        if isinstance(item, torch.Tensor) and item.requires_grad and not item.is_leaf
     ]
 
 
