@@ -107,6 +107,9 @@ class CorruptionEvidence:
     writes: tuple[WriteEvent, ...]
     # False when no write log ran (the light level): an empty `writes` then says nothing.
     writes_logged: bool
+    # Writes after the save to other bytes of the same buffer that share its version counter
+    # (another slice of one preallocated tensor), oldest first: they moved the version too.
+    shared_writes: tuple[WriteEvent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)  # slots: reading a long run back makes millions

@@ -50,6 +50,7 @@ from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.native import NativeCoreProbe
 from gradtrace.probes.raised import refused_write
 from gradtrace.probes.rank_check import RankCheckProbe
+from gradtrace.probes.readouts import ReadoutProbe
 from gradtrace.probes.saved import LiveSaved, SavedTensorProbe
 from gradtrace.probes.steps import StepProbe
 from gradtrace.probes.timeline import TimelineProbe, TraceSteps
@@ -262,6 +263,19 @@ class Session:
             guard=self._guard("backward steps"),
         ).install(stack)
         full = self.level == "full"
+        readouts = (
+            ReadoutProbe(
+                modules,
+                self._steps,
+                callers,
+                self._add_finding,
+                guard=self._guard("read-out check"),
+            )
+            if full
+            else None
+        )
+        if readouts is not None:
+            readouts.install(stack)
         if core is not None:
             native = NativeCoreProbe(
                 core,
@@ -270,6 +284,7 @@ class Session:
                 self._add_finding,
                 observe_writes=full,
                 guard=self._guard("native core"),
+                readout_seen=None if readouts is None else readouts.seen,
             )
             native.install(stack)
             self._writes = native if full else None
@@ -287,8 +302,15 @@ class Session:
             saved.install(stack)
             if live is not None:
                 self._writes = WriteLogProbe(
-                    live, modules, self._steps, callers, guard=self._guard("write log")
+                    live,
+                    modules,
+                    self._steps,
+                    callers,
+                    guard=self._guard("write log"),
+                    on_finding=self._add_finding,
                 )
+                if readouts is not None:
+                    self._writes.readout_seen = readouts.seen
                 self._writes.install(stack)
         if full:
             FsdpWritesProbe(modules, guard=self._guard("FSDP2 writes")).install(stack)

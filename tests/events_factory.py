@@ -52,6 +52,7 @@ def evidence(
     version_now: int = 1,
     logged: bool = True,
     saved_tensor: SavedTensor | None = None,
+    shared: tuple[WriteEvent, ...] = (),
 ) -> CorruptionEvidence:
     return CorruptionEvidence(
         saved=saved_tensor or saved(),
@@ -59,4 +60,5 @@ def evidence(
         version_now=version_now,
         writes=writes,
         writes_logged=logged,
+        shared_writes=shared,
     )

@@ -52,6 +52,26 @@ def test_unchanged_version_with_a_write_is_silent() -> None:
     assert ".data" in finding.hint
 
 
+def test_write_to_another_slice_of_the_buffer_is_named() -> None:
+    """A loud check with no write on the saved bytes: the slice writes that moved the shared
+    version counter are the culprits, and the finding says they hit another slice."""
+    finding = diagnose(
+        evidence((), version_now=2, shared=(write("copy_", seq=1), write("copy_", seq=2)))
+    )
+    assert finding is not None
+    assert finding.kind == INPLACE_WRITE
+    assert (finding.line, finding.op, finding.module) == (42, "copy_", "encoder.act")
+    assert "another slice of the same buffer" in finding.message
+    assert "and 1 more write there" in finding.message
+    assert len(finding.other_writes) == 1
+    assert "torch.stack" in finding.hint
+    assert finding.details == {"shared_buffer": True}
+    # A write on the saved bytes themselves wins; slice writes never make a silent finding.
+    direct = diagnose(evidence((write("relu_"),), shared=(write("copy_"),)))
+    assert direct is not None and direct.op == "relu_" and not direct.details
+    assert diagnose(evidence((), version_now=0, shared=(write("copy_"),))) is None
+
+
 def test_light_level_points_at_the_saver_and_full_level() -> None:
     finding = diagnose(evidence((), logged=False))
     assert finding is not None

@@ -73,10 +73,10 @@ def test_a_core_that_cannot_be_built_falls_back_in_one_line(tmp_path: Path) -> N
     assert json.loads(report.stdout)["run"]["core"] == "python"
 
 
-def _plain_and_traced_error(program, tmp_path: Path) -> tuple[str, str]:
+def _plain_and_traced_error(program, tmp_path: Path, core: str) -> tuple[str, str]:
     with pytest.raises(RuntimeError) as plain:
         program()
-    with pytest.raises(RuntimeError) as traced, Session(tmp_path / "run", core="native"):
+    with pytest.raises(RuntimeError) as traced, Session(tmp_path / "run", core=core):
         program()
     return str(plain.value), str(traced.value)
 
@@ -97,10 +97,47 @@ def _relu_on_a_saved_output() -> None:
     y.sum().backward()
 
 
-@needs_native
-@pytest.mark.parametrize("program", [_index_put_on_a_saved_input, _relu_on_a_saved_output])
-def test_the_error_is_pytorchs_own_text_then_the_attribution(program, tmp_path: Path) -> None:
-    plain, traced = _plain_and_traced_error(program, tmp_path)
+def _second_output_written_through_detach() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(4, requires_grad=True)
+    _, mean = torch.std_mean(x * 1, dim=1)  # mean is output 1 of StdMeanBackward0
+    y = mean * w  # saves mean as an input: PyTorch says "output 0" for it
+    mean.detach().add_(1)  # shares the version counter, keeps the grad_fn
+    y.sum().backward()
+
+
+def _slice_of_a_buffer_that_dies() -> None:
+    layer = nn.Linear(5, 5)
+    h = torch.zeros(3, 2, 5)
+    h[0] = torch.randn(2, 5)
+    for i in range(2):
+        h[i + 1] = layer(h[i])  # the slice h[i] dies here; PyTorch names AsStrided
+    h.sum().backward()
+
+
+def _input_written_through_a_view() -> None:
+    w = torch.randn(4, requires_grad=True)
+    x = w * 2
+    y = x * w
+    x.view(2, 2)[0].zero_()  # x's grad_fn becomes CopySlices
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize(
+    "program",
+    [
+        _index_put_on_a_saved_input,
+        _relu_on_a_saved_output,
+        _second_output_written_through_detach,
+        _slice_of_a_buffer_that_dies,
+        _input_written_through_a_view,
+    ],
+)
+def test_the_error_is_pytorchs_own_text_then_the_attribution(
+    program, tmp_path: Path, core: str
+) -> None:
+    plain, traced = _plain_and_traced_error(program, tmp_path, core)
     pytorch_part, _, attribution = traced.partition("\n\ngradtrace: ")
     assert pytorch_part == plain
     assert attribution

@@ -23,9 +23,11 @@
 #include <Python.h>
 #include <frameobject.h>
 
+#include <ATen/SequenceNumber.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/intrusive_ptr.h>
@@ -109,9 +111,10 @@ struct StorageKeyHash {
 
 struct Record {
   at::Tensor alias;  // shares storage and version counter with the saved tensor
-  // The saved tensor itself, weakly: PyTorch names the node of an input's current
-  // grad_fn in its error, which only the tensor knows (see saved_by_name).
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> original;
+  // An input the node saved, kept as PyTorch keeps it: PyTorch names the node of an
+  // input's current grad_fn in its error, which only the tensor knows (see saved_by_name).
+  // Undefined for the node's own output (keeping it would make a reference cycle).
+  at::Tensor original;
   const torch::autograd::Node* node_at_pack = nullptr;  // identity only, never dereferenced
   std::string grad_fn;
   int64_t output_nr = 0;
@@ -120,6 +123,9 @@ struct Record {
   int64_t step = 0;
   Caller caller;
   std::vector<std::shared_ptr<Hit>> hits;
+  // Writes to other bytes of its buffer that share its version counter (saved.py
+  // SavedRecord.shared; NOTE [shared version counter] in analysis/culprits.py).
+  std::vector<std::shared_ptr<Hit>> shared;
   bool reported = false;
   bool has_span = false;
   uintptr_t span_first = 0;
@@ -133,6 +139,15 @@ struct Record {
 
 struct Config {
   PyRef is_user_code;  // code -> bool, asked once per code object
+  // self -> module path or None: a module whose code ran outside the module hooks
+  // (NOTE [modules that override __call__] in gradtrace/probes/modules.py).
+  PyRef owner_of;
+  // (seq, op, owner, phase, step, caller, output_of, tensor): a write autograd did not
+  // record inside a forward (NOTE [untracked writes] in gradtrace/probes/writes.py).
+  PyRef on_untracked;
+  // tensor -> None: a tensor that requires grad read out as a Python number
+  // (NOTE [graph cuts by read-out] in gradtrace/probes/readouts.py).
+  PyRef on_readout;
   PyRef on_check;      // (packed, version_now) -> None; raises for a loud corruption
   PyRef on_traced_write;  // (op, owner, phase, caller) on steps chosen for the timeline
   bool registry = false;  // level "full": live saved tensors are registered by storage
@@ -166,6 +181,19 @@ std::mutex registry_mutex;
 auto& registry =
     *new std::unordered_map<StorageKey, std::vector<std::shared_ptr<Record>>, StorageKeyHash>();
 std::atomic<int64_t> live_records{0};
+
+// Outputs of the modules run inside the current forward, by storage: what an untracked
+// write must not change (NOTE [untracked writes] in gradtrace/probes/writes.py). No Python
+// objects: read without the GIL.
+struct Activation {
+  c10::weak_intrusive_ptr<c10::TensorImpl> tensor;
+  std::string path;
+  std::vector<std::pair<uintptr_t, uintptr_t>> blocks;
+};
+std::mutex activations_mutex;
+auto& activations =
+    *new std::unordered_map<StorageKey, std::vector<Activation>, StorageKeyHash>();
+std::atomic<int64_t> activation_count{0};
 
 struct CountKey {
   std::string owner;
@@ -381,7 +409,44 @@ bool is_user(PyObject* code) {
   return verdict;
 }
 
-Caller find_caller() {
+// The frame's first argument when it is called `self` (a new reference), else null.
+PyObject* frame_self(PyFrameObject* frame, PyCodeObject* code) {
+#if PY_VERSION_HEX >= 0x030B0000
+  if (code->co_argcount == 0) {
+    return nullptr;
+  }
+  PyObject* names = PyCode_GetVarnames(code);
+  if (names == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  const bool named_self = PyTuple_Check(names) && PyTuple_GET_SIZE(names) > 0 &&
+      PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, 0), "self") == 0;
+  Py_DECREF(names);
+  if (!named_self) {
+    return nullptr;
+  }
+  PyObject* locals = PyFrame_GetLocals(frame);
+  if (locals == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* self = PyMapping_GetItemString(locals, "self");
+  Py_DECREF(locals);
+  if (self == nullptr) {
+    PyErr_Clear();
+  }
+  return self;
+#else
+  (void)frame;
+  (void)code;
+  return nullptr;
+#endif
+}
+
+// `self_out`: where to put the user frame's `self` (a new reference or null), for a write
+// that hit saved memory; reading a frame's locals is too slow for every saved tensor.
+Caller find_caller(PyObject** self_out = nullptr) {
   Caller caller;
   PyThreadState* state = PyThreadState_Get();
   PyFrameObject* frame = PyThreadState_GetFrame(state);
@@ -389,6 +454,9 @@ Caller find_caller() {
     PyCodeObject* code = PyFrame_GetCode(frame);
     if (is_user(reinterpret_cast<PyObject*>(code))) {
       caller.code = PyRef(reinterpret_cast<PyObject*>(code));
+      if (self_out != nullptr) {
+        *self_out = frame_self(frame, code);
+      }
 #if PY_VERSION_HEX >= 0x030B0000
       caller.lasti = PyFrame_GetLasti(frame);
 #else
@@ -497,6 +565,32 @@ Candidates find_candidates(const std::vector<at::Tensor>& written) {
   return candidates;
 }
 
+// A write that hit saved memory, with the module whose code issued it (NOTE [modules that
+// override __call__] in gradtrace/probes/modules.py). GIL held.
+std::shared_ptr<Hit> make_hit(const std::string* op, const std::string& owner, int phase) {
+  PyObject* self = nullptr;
+  const bool ask = (phase == kForward || phase == kLoop) && config.owner_of.obj != nullptr;
+  Caller caller = find_caller(ask ? &self : nullptr);
+  auto hit = std::make_shared<Hit>(Hit{next_seq++, op, owner, phase, step_now.load(), caller});
+  if (self != nullptr) {
+    PyObject* inner = PyObject_CallOneArg(config.owner_of.obj, self);
+    Py_DECREF(self);
+    if (inner == nullptr) {
+      PyErr_Clear();
+    } else {
+      const char* text = PyUnicode_Check(inner) ? PyUnicode_AsUTF8(inner) : nullptr;
+      if (text != nullptr) {
+        hit->owner = text;
+        hit->phase = kForward;
+      } else {
+        PyErr_Clear();
+      }
+      Py_DECREF(inner);
+    }
+  }
+  return hit;
+}
+
 void attach_hits(
     Candidates& candidates,
     const std::vector<at::Tensor>& written,
@@ -506,16 +600,24 @@ void attach_hits(
   GIL gil;
   std::shared_ptr<Hit> hit;
   for (auto& [index, records] : candidates) {
-    const Layout layout = layout_of(written[index]);
+    const at::Tensor& tensor = written[index];
+    const Layout layout = layout_of(tensor);
+    // After the op ran: a counter the written tensor shares with a saved one reads the same.
+    const int64_t version = tensor.is_inference() ? -1 : tensor._version();
     for (auto& record : records) {
-      if (record->hits.size() >= kMaxHits || !overlaps(*record, layout)) {
+      std::vector<std::shared_ptr<Hit>>* found = nullptr;
+      if (overlaps(*record, layout)) {
+        found = &record->hits;
+      } else if (version >= 0 && record->alias._version() == version) {
+        found = &record->shared;
+      }
+      if (found == nullptr || found->size() >= kMaxHits) {
         continue;
       }
       if (!hit) {
-        hit = std::make_shared<Hit>(
-            Hit{next_seq++, op, owner, phase, step_now.load(), find_caller()});
+        hit = make_hit(op, owner, phase);
       }
-      record->hits.push_back(hit);
+      found->push_back(hit);
     }
   }
   // The copies of the records die here, under the GIL (a Record holds Python references).
@@ -552,6 +654,63 @@ void hand_to_timeline(const std::string* op, const std::string& owner, int phase
   Py_XDECREF(result);
 }
 
+// The module whose output `tensor` writes into, if any (empty: none).
+std::string output_written(const at::Tensor& tensor) {
+  StorageKey key;
+  if (activation_count.load(std::memory_order_relaxed) == 0 || !storage_key(tensor, &key)) {
+    return {};
+  }
+  const Blocks blocks = byte_blocks(layout_of(tensor));
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  auto found = activations.find(key);
+  if (found == activations.end()) {
+    return {};
+  }
+  for (const Activation& output : found->second) {
+    if (!output.tensor.expired() && blocks_overlap(output.blocks, blocks)) {
+      return output.path;
+    }
+  }
+  return {};
+}
+
+// Hands Python each write inside a forward that autograd did not record, into a module's
+// output or a tensor that requires grad (a parameter under no_grad); Python decides.
+void check_untracked(
+    const OpInfo& info, const std::vector<at::Tensor>& written, const std::string& owner) {
+  const bool grad_on = c10::GradMode::is_enabled();
+  for (const at::Tensor& tensor : written) {
+    if (!tensor.defined() || (grad_on && tensor.requires_grad())) {
+      continue;
+    }
+    const std::string output_of = output_written(tensor);
+    if (output_of.empty() && !tensor.requires_grad()) {
+      continue;
+    }
+    GIL gil;
+    if (config.on_untracked.obj == nullptr) {
+      return;
+    }
+    auto hit = make_hit(info.name, owner, kForward);
+    PyObject* where = caller_tuple(hit->caller);
+    PyObject* wrapped = THPVariable_Wrap(tensor);
+    PyObject* result = nullptr;
+    if (where != nullptr && wrapped != nullptr) {
+      result = PyObject_CallFunction(
+          config.on_untracked.obj, "LsslLOzO", static_cast<long long>(hit->seq),
+          hit->op->c_str(), hit->owner.c_str(), hit->phase,
+          static_cast<long long>(hit->step), where,
+          output_of.empty() ? nullptr : output_of.c_str(), wrapped);
+    }
+    Py_XDECREF(where);
+    Py_XDECREF(wrapped);
+    if (result == nullptr) {
+      PyErr_Clear();
+    }
+    Py_XDECREF(result);
+  }
+}
+
 void note_write(
     const OpInfo& info, const std::vector<at::Tensor>& written, Candidates& candidates) {
   std::string owner;
@@ -563,6 +722,10 @@ void note_write(
   }
   if (!python_alive()) {
     return;
+  }
+  if (phase == kForward &&
+      (activation_count.load(std::memory_order_relaxed) > 0 || !c10::GradMode::is_enabled())) {
+    check_untracked(info, written, owner);
   }
   if (!candidates.empty()) {
     attach_hits(candidates, written, info.name, owner, phase);
@@ -640,6 +803,40 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
   release(candidates);
 }
 
+// `aten::_local_scalar_dense` (`.item()`, `float()`): a tensor that requires grad read out as
+// a Python number is handed to Python, which watches whether backward reaches it.
+void observe_readout(
+    const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
+  if (!failed.load(std::memory_order_relaxed) && !inside_a_kernel() && !stack->empty() &&
+      config.on_readout.obj != nullptr && python_alive()) {
+    try {
+      const c10::IValue& value = stack->back();
+      if (value.isTensor() && value.toTensor().requires_grad()) {
+        GIL gil;
+        PyObject* wrapped = THPVariable_Wrap(value.toTensor());
+        PyObject* result =
+            wrapped == nullptr ? nullptr : PyObject_CallOneArg(config.on_readout.obj, wrapped);
+        Py_XDECREF(wrapped);
+        if (result == nullptr) {
+          PyErr_Clear();
+        }
+        Py_XDECREF(result);
+      }
+    } catch (const std::exception& error) {
+      fail(error.what());
+    }
+  }
+  ++tl_depth;
+  try {
+    op.redispatchBoxed(below, stack);
+  } catch (...) {
+    --tl_depth;
+    throw;
+  }
+  --tl_depth;
+}
+
 // An op that makes tensors from nothing: no tensor among its arguments, one among its results.
 bool is_factory(const c10::FunctionSchema& schema) {
   for (const c10::Argument& argument : schema.arguments()) {
@@ -676,7 +873,8 @@ int64_t register_observer() {
     // detach_ writes autograd's metadata, not memory (no kernel below autograd has it).
     const bool writes_any =
         !written_arguments(handle->schema()).empty() && name.name != "aten::detach_";
-    if (!writes_any && !is_factory(handle->schema())) {
+    const bool readout = name.name == "aten::_local_scalar_dense";
+    if (!writes_any && !readout && !is_factory(handle->schema())) {
       continue;
     }
     const std::string& full = name.name;
@@ -698,6 +896,9 @@ int64_t register_observer() {
       found->second->impl(
           qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe>());
       ++observed;
+    } else if (readout) {
+      found->second->impl(
+          qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&observe_readout>());
     } else {
       found->second->impl(
           qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&enclose>());
@@ -750,7 +951,7 @@ PyObject* packed_mark_reported(PyObject* self, PyObject* /*unused*/);
 
 PyMethodDef packed_methods[] = {
     {"info", packed_info, METH_NOARGS,
-     "(tensor, grad_fn, output_nr, version, module, step, caller, hits, reported)"},
+     "(tensor, grad_fn, output_nr, version, module, step, caller, hits, reported, shared)"},
     {"mark_reported", packed_mark_reported, METH_NOARGS, "The finding was recorded."},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -759,29 +960,26 @@ PyTypeObject PackedType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 // The node PyTorch's own check would name (torch/csrc/autograd/saved_variable.cpp): for a
 // tensor the node saved as its own output, that node; for an input, the tensor's grad_fn
 // as it is now (after an in-place write, the writing op's node).
-std::string saved_by_name(Record& record) {
+// PyTorch says "output 0" for an input, whatever its output_nr: SavedVariable keeps no
+// output number for what it saved as the original.
+std::string saved_by_name(Record& record, int64_t* output_nr) {
+  *output_nr = record.output_nr;
   auto current = torch::autograd::get_current_node();
-  if (current && current.get() == record.node_at_pack) {
+  if ((current && current.get() == record.node_at_pack) || !record.original.defined()) {
     return record.grad_fn;
   }
-  auto original = record.original ? record.original->lock() : c10::intrusive_ptr<c10::TensorImpl>();
-  if (original) {
-    at::Tensor tensor(std::move(original));
-    const auto& grad_fn = tensor.grad_fn();
-    if (grad_fn) {
-      return grad_fn->name();
-    }
-  }
-  return record.grad_fn;
+  *output_nr = 0;
+  const auto& grad_fn = record.original.grad_fn();
+  return grad_fn ? grad_fn->name() : std::string();
 }
 
-PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
-  Record& record = **reinterpret_cast<Packed*>(self)->record;
+// A new reference: [(seq, op, owner, phase, step, caller)] of these writes.
+PyObject* hits_list(std::vector<std::shared_ptr<Hit>>& found) {
   PyObject* hits = PyList_New(0);
   if (hits == nullptr) {
     return nullptr;
   }
-  for (auto& hit : record.hits) {
+  for (auto& hit : found) {
     PyObject* where = caller_tuple(hit->caller);
     PyObject* item = Py_BuildValue(
         "(LsslLO)", static_cast<long long>(hit->seq), hit->op->c_str(),
@@ -794,21 +992,37 @@ PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
     }
     Py_DECREF(item);
   }
+  return hits;
+}
+
+PyObject* packed_info(PyObject* self, PyObject* /*unused*/) {
+  Record& record = **reinterpret_cast<Packed*>(self)->record;
+  PyObject* hits = hits_list(record.hits);
+  if (hits == nullptr) {
+    return nullptr;
+  }
+  PyObject* shared = hits_list(record.shared);
+  if (shared == nullptr) {
+    Py_DECREF(hits);
+    return nullptr;
+  }
   std::string grad_fn;
+  int64_t output_nr = record.output_nr;
   try {
-    grad_fn = saved_by_name(record);
+    grad_fn = saved_by_name(record, &output_nr);
   } catch (const std::exception&) {
     grad_fn = record.grad_fn;
+    output_nr = record.output_nr;
   }
   PyObject* where = caller_tuple(record.caller);
   PyObject* tensor = THPVariable_Wrap(record.alias);
   PyObject* module = record.module.obj != nullptr ? record.module.obj : Py_None;
   PyObject* name = grad_fn.empty() ? Py_NewRef(Py_None) : PyUnicode_FromString(grad_fn.c_str());
   PyObject* result = Py_BuildValue(
-      "(NNLLOLNNO)", tensor, name,
-      static_cast<long long>(record.output_nr), static_cast<long long>(record.version),
+      "(NNLLOLNNON)", tensor, name,
+      static_cast<long long>(output_nr), static_cast<long long>(record.version),
       module, static_cast<long long>(record.step), where, hits,
-      record.reported ? Py_True : Py_False);
+      record.reported ? Py_True : Py_False, shared);
   return result;
 }
 
@@ -853,11 +1067,15 @@ PyObject* pack(PyObject* /*module*/, PyObject* arg) {
     Py_XDECREF(detached);
     auto record = std::make_shared<Record>();
     record->alias = alias;
-    record->original.emplace(tensor.getIntrusivePtr());
     const auto& grad_fn = tensor.grad_fn();
     if (grad_fn) {
       record->grad_fn = grad_fn->name();
       record->node_at_pack = grad_fn.get();
+    }
+    // NOTE [outputs and inputs at pack] in gradtrace/probes/_torch_compat.py: the saving
+    // node is the newest on this thread, so a tensor whose grad_fn it is is its output.
+    if (!grad_fn || grad_fn->sequence_nr() != at::sequence_number::peek() - 1) {
+      record->original = tensor;
     }
     record->output_nr = tensor.output_nr();
     record->version = tensor._version();
@@ -916,11 +1134,19 @@ PyObject* configure(PyObject* /*module*/, PyObject* args) {
   PyObject* is_user_code;
   PyObject* on_check;
   int registry_on;
-  if (!PyArg_ParseTuple(args, "OOp", &is_user_code, &on_check, &registry_on)) {
+  PyObject* owner_of;
+  PyObject* on_untracked;
+  PyObject* on_readout;
+  if (!PyArg_ParseTuple(
+          args, "OOpOOO", &is_user_code, &on_check, &registry_on, &owner_of, &on_untracked,
+          &on_readout)) {
     return nullptr;
   }
+  config.on_readout = on_readout == Py_None ? PyRef() : PyRef(on_readout);
+  config.on_untracked = on_untracked == Py_None ? PyRef() : PyRef(on_untracked);
   config.is_user_code = PyRef(is_user_code);
   config.on_check = PyRef(on_check);
+  config.owner_of = owner_of == Py_None ? PyRef() : PyRef(owner_of);
   config.on_traced_write = PyRef();
   config.registry = registry_on != 0;
   step_now = 0;
@@ -943,6 +1169,11 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
     registry.clear();
     live_records = 0;
   }
+  {
+    std::lock_guard<std::mutex> guard(activations_mutex);
+    activations.clear();
+    activation_count = 0;
+  }
   for (auto& [code, verdict] : user_code) {
     Py_DECREF(code);
   }
@@ -951,6 +1182,62 @@ PyObject* reset(PyObject* /*module*/, PyObject* /*unused*/) {
     std::lock_guard<std::mutex> guard(counts_mutex);
     counts.clear();
   }
+  Py_RETURN_NONE;
+}
+
+// One output tensor of a module, if it is part of a graph (requires grad, not a leaf).
+void add_activation(PyObject* item, const char* path) {
+  if (!THPVariable_Check(item)) {
+    return;
+  }
+  const at::Tensor& tensor = THPVariable_Unpack(item);
+  StorageKey key;
+  if (!tensor.requires_grad() || tensor.is_leaf() || !storage_key(tensor, &key)) {
+    return;
+  }
+  Activation output{
+      c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()), path,
+      byte_blocks(layout_of(tensor))};
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  activations[key].push_back(std::move(output));
+  ++activation_count;
+}
+
+// (module path, output): a module's output (a tensor, or a tuple or list of them) that an
+// untracked write must not change. Called for every module call: no Python work.
+PyObject* add_activations(PyObject* /*module*/, PyObject* args) {
+  const char* path;
+  PyObject* output;
+  if (failed.load(std::memory_order_relaxed) ||
+      !PyArg_ParseTuple(args, "sO", &path, &output)) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  try {
+    if (PyTuple_Check(output) || PyList_Check(output)) {
+      PyObject* items = PySequence_Fast(output, "module output");
+      if (items == nullptr) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+      }
+      const Py_ssize_t size = PySequence_Fast_GET_SIZE(items);
+      for (Py_ssize_t i = 0; i < size; ++i) {
+        add_activation(PySequence_Fast_GET_ITEM(items, i), path);
+      }
+      Py_DECREF(items);
+    } else {
+      add_activation(output, path);
+    }
+  } catch (const std::exception& error) {
+    fail(error.what());
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* clear_activations(PyObject* /*module*/, PyObject* /*unused*/) {
+  std::lock_guard<std::mutex> guard(activations_mutex);
+  activations.clear();
+  activation_count = 0;
   Py_RETURN_NONE;
 }
 
@@ -1079,9 +1366,12 @@ PyObject* observe_ops(PyObject* /*module*/, PyObject* /*unused*/) {
 PyMethodDef functions[] = {
     {"pack", pack, METH_O, "Saved-tensor pack hook."},
     {"unpack", unpack, METH_O, "Saved-tensor unpack hook."},
-    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry)"},
+    {"configure", configure, METH_VARARGS, "(is_user_code, on_check, registry, owner_of, on_untracked, on_readout)"},
     {"reset", reset, METH_NOARGS, "Forget the session's callbacks, verdicts and counts."},
     {"observe_ops", observe_ops, METH_NOARGS, "Register the write observer (once)."},
+    {"add_activations", add_activations, METH_VARARGS,
+     "(module path, output): outputs an untracked write must not change."},
+    {"clear_activations", clear_activations, METH_NOARGS, "Forget the outputs (new forward)."},
     {"set_observing", set_observing, METH_O, "Observe writes on this thread; -> before."},
     {"observing", observing, METH_NOARGS, "Whether this thread's writes are observed."},
     {"set_hidden", set_hidden, METH_O, "Hide this thread's ops from the observer; -> before."},

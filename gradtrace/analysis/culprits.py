@@ -16,12 +16,15 @@ from gradtrace.events import (
     CorruptionEvidence,
     Finding,
     SavedTensor,
+    SourceLine,
     WriteEvent,
     located_at,
 )
 
 INPLACE_WRITE = "inplace-write"
 SILENT_OVERWRITE = "silent-overwrite"
+NO_GRAD_PARAMETER_WRITE = "no-grad-parameter-write"
+GRAPH_CUT = "graph-cut"
 
 # How many writes besides the culprit a finding lists.
 MAX_OTHER_WRITES = 5
@@ -54,19 +57,32 @@ def diagnose(evidence: CorruptionEvidence) -> Finding | None:
     if not loud and not evidence.writes:
         return None
     kind = INPLACE_WRITE if loud else SILENT_OVERWRITE
-    culprit = evidence.writes[0] if evidence.writes else None
-    hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
+    writes = evidence.writes
+    # NOTE [shared version counter]: slices of one buffer share its version counter, so a
+    # write to `h[1]` moves the version of a saved `h[0]` without touching its bytes. Those
+    # writes are the culprits only when nothing wrote the saved bytes themselves.
+    shared = loud and not writes and bool(evidence.shared_writes)
+    if shared:
+        writes = evidence.shared_writes
+    culprit = writes[0] if writes else None
+    if shared:
+        message = _shared_message(saved, culprit, evidence)
+        hint = SHARED_BUFFER_HINT
+    else:
+        message = _message(kind, saved, culprit, evidence)
+        hint = _hint(kind, saved, culprit, writes_logged=evidence.writes_logged)
     saved_by = _saved_by(evidence)
     return Finding(
         kind=kind,
-        message=_message(kind, saved, culprit, evidence),
+        message=message,
         hint=hint,
         step=saved.step if culprit is None else culprit.step,
         phase=None if culprit is None else culprit.phase,
         op=None if culprit is None else culprit.op,
         module=None if culprit is None else culprit.owner,
         saved_by=saved_by,
-        other_writes=tuple(_write_summary(w) for w in evidence.writes[1 : 1 + MAX_OTHER_WRITES]),
+        other_writes=tuple(_write_summary(w) for w in writes[1 : 1 + MAX_OTHER_WRITES]),
+        details={"shared_buffer": True} if shared else {},
         **located_at(None if culprit is None else culprit.source),
     )
 
@@ -190,6 +206,25 @@ def _message(
     return f"{at} in {culprit.owner} ({culprit.op}) {verb} {target}."
 
 
+SHARED_BUFFER_HINT = (
+    "Slices of one preallocated tensor share its version counter: keep each result in a list "
+    "and torch.stack (or torch.cat) them, or clone() the slice an op reads."
+)
+
+
+def _shared_message(saved: SavedTensor, culprit: WriteEvent, evidence: CorruptionEvidence) -> str:
+    where = culprit.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    more = len(evidence.shared_writes) - 1
+    also = f" (and {more} more write{'s' if more != 1 else ''} there)" if more else ""
+    return (
+        f"{at} in {culprit.owner} ({culprit.op}) wrote another slice of the same buffer as "
+        f"{_describe_saved(saved, evidence.node)}{also}: the slices share one version counter, "
+        f"so the saved slice moved from version {saved.version_saved} to "
+        f"{evidence.version_now} although its values did not change."
+    )
+
+
 def _describe_saved(saved: SavedTensor, node: str) -> str:
     what = f"parameter {saved.parameter}" if saved.parameter else "the tensor"
     return f"{what} that {saved.module} ({forward_op(node)}) saved for backward"
@@ -269,3 +304,86 @@ def _write_summary(write: WriteEvent) -> dict[str, object]:
         "line": source.line if source else None,
         "code": source.code if source else None,
     }
+
+
+def untracked_activation_write(write: WriteEvent, activation_module: str) -> Finding:
+    """A write autograd did not record (through `.detach()`, `.data` or under no_grad) into a
+    module's output that is part of the graph: backward treats it as if nothing happened, so
+    the gradients through that output are silently wrong (nothing saved it, so no check
+    fails)."""
+    where = write.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    return Finding(
+        kind=SILENT_OVERWRITE,
+        message=(
+            f"{at} in {write.owner} ({write.op}) silently overwrote the output of "
+            f"{activation_module} through an alias autograd does not track (.detach(), .data) "
+            "or under no_grad: autograd did not record the write, so "
+            "gradients flow as if the values were unchanged."
+        ),
+        hint=(
+            f"Write out of place so autograd sees it (e.g. h = h.masked_fill(mask, 0) or "
+            f"h = h * scale instead of {write.op} through .detach()/.data)."
+        ),
+        step=write.step,
+        phase=write.phase,
+        op=write.op,
+        module=write.owner,
+        saved_by={},
+        details={"untracked": True, "output_of": activation_module},
+        **located_at(where),
+    )
+
+
+def no_grad_parameter_write(write: WriteEvent, parameter: str) -> Finding:
+    """A parameter that requires grad written in place under no_grad inside a forward, before
+    it is used: its gradient misses that op. A warning: weight re-normalisation done this way
+    on purpose exists, but is usually meant to be differentiated."""
+    where = write.source
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    return Finding(
+        kind=NO_GRAD_PARAMETER_WRITE,
+        message=(
+            f"{at} in {write.owner} ({write.op}) wrote parameter {parameter} in place under "
+            "torch.no_grad() inside a forward: its gradient will not account for that op."
+        ),
+        hint=(
+            "Compute the transformed weight out of place with grad enabled (w = f(self.weight)) "
+            "and use it, or move the update out of the forward (between steps)."
+        ),
+        step=write.step,
+        phase=write.phase,
+        op=write.op,
+        module=write.owner,
+        saved_by={},
+        parameter=parameter,
+        details={"level": "warning"},
+        **located_at(where),
+    )
+
+
+def graph_cut(where: SourceLine | None, *, owner: str, step: int, parameters: list[str]) -> Finding:
+    """A value read out of the graph as a Python number (`.item()`, `float()`) whose
+    parameters then got no gradient: the loss was built from the number, not the tensor."""
+    at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
+    count = len(parameters)
+    return Finding(
+        kind=GRAPH_CUT,
+        message=(
+            f"{at} in {owner} read a value out of the graph as a Python number "
+            f"(_local_scalar_dense) and backward never reached it: the {count} "
+            f"parameter{'s' if count != 1 else ''} behind it got no gradient."
+        ),
+        hint=(
+            "Build the loss from the tensor itself (e.g. log_prob * ret, not "
+            "log_prob.item() * ret); keep .item() for logging, and never rebuild a loss with "
+            "torch.tensor(..., requires_grad=True)."
+        ),
+        step=step,
+        phase=None,
+        op="_local_scalar_dense",
+        module=owner,
+        saved_by={},
+        details={"parameters": parameters},
+        **located_at(where),
+    )

@@ -70,6 +70,22 @@ def current_node_name() -> str | None:
     return None if node is None else node.name()
 
 
+def is_own_output(tensor: torch.Tensor) -> bool:
+    """Whether a tensor being packed is an output of the node saving it (else an input).
+
+    NOTE [outputs and inputs at pack]: autograd creates the node of an op before it saves
+    the op's inputs and sets it as the outputs' grad_fn before it saves those, and each new
+    node takes the next number of this thread's sequence counter. A saved tensor whose
+    grad_fn is the newest node is therefore the saving node's own output. PyTorch's own
+    version error words the two cases differently (`SavedVariable::unpack`). Checked on
+    torch 2.13 (`torch._C._autograd._get_sequence_nr` peeks the counter).
+    """
+    grad_fn = tensor.grad_fn
+    if grad_fn is None:
+        return False
+    return grad_fn._sequence_nr() == torch._C._autograd._get_sequence_nr() - 1
+
+
 def version_of(tensor: torch.Tensor) -> int | None:
     """The tensor's version counter, or None for tensors without one.
 

@@ -6,7 +6,7 @@ import linecache
 import os
 import sys
 import sysconfig
-from types import CodeType
+from types import CodeType, FrameType
 
 import torch
 
@@ -71,6 +71,30 @@ class CallerFinder:
                 return code, frame.f_lineno
             frame = frame.f_back
         return None
+
+    def caller_and_self(self) -> tuple[Caller | None, object]:
+        """The first user frame, as `caller()`, and the `self` it runs with (None for a plain
+        function): which object's code issued the op. Reading a frame's locals costs a dict,
+        so this is for rare events only (a write that hit saved memory)."""
+        frame = sys._getframe(1)
+        is_user = self._is_user
+        while frame is not None:
+            code = frame.f_code
+            entry = is_user.get(id(code))
+            if entry is None:
+                entry = is_user[id(code)] = (code, is_user_code(code))
+            if entry[1]:
+                return (code, frame.f_lineno), frame_self(frame)
+            frame = frame.f_back
+        return None, None
+
+
+def frame_self(frame: FrameType) -> object:
+    """The frame's first argument when it is called `self`, else None."""
+    code = frame.f_code
+    if code.co_argcount == 0 or code.co_varnames[0] != "self":
+        return None
+    return frame.f_locals.get("self")
 
 
 def source_line(caller: Caller | None, *, context: int = CONTEXT_LINES) -> SourceLine | None:

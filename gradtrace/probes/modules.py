@@ -87,6 +87,8 @@ class ModuleStackProbe:
         self.saw_compiled = False
         # Called as a root module's forward starts (stack empty), on its thread.
         self._root_starts: list[Callable[[], None]] = []
+        # Called with (module path, output) as a module's forward returns, on its thread.
+        self._outputs: list[Callable[[str, object], None]] = []
         # Module path -> how activation checkpointing ran it (its saved tensors are
         # checkpoint's to keep, not gradtrace's to watch).
         self.checkpointed: dict[str, str] = {}
@@ -136,12 +138,22 @@ class ModuleStackProbe:
         if _torch_compat.compiling():
             return
         stack = self._stack()
+        name = None
         # Pop down to this module: a forward that raised may have left inner ones behind.
         while stack:
-            if stack.pop()[0] is module:
+            popped, path = stack.pop()
+            if popped is module:
+                name = path
                 break
+        if name is not None and stack:
+            for callback in self._outputs:
+                callback(name, output)
         if self._publish is not None:
             self._publish(stack[-1][1] if stack else None)
+
+    def on_output(self, callback: Callable[[str, object], None]) -> None:
+        """Call `callback(path, output)` whenever a module called inside another returns."""
+        self._outputs.append(callback)
 
     def on_root_start(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a forward starts with no module around it."""
@@ -171,6 +183,20 @@ class ModuleStackProbe:
         if _torch_compat.compiled_original(module) is not None:
             self.saw_compiled = True
         return _unwrap(module)
+
+    def owner_of(self, obj: object) -> str | None:
+        """The path of `obj` if it is a module whose code runs where the hooks cannot see it.
+
+        NOTE [modules that override __call__]: some research code wraps `forward` in its own
+        `__call__`, so the global forward hooks never fire for that module and a write inside
+        it would be blamed on its parent. `obj` is the `self` of the user frame behind such a
+        write; a module the hooks did see (it is on the stack) keeps the stack's answer.
+        """
+        if not isinstance(obj, nn.Module) or type(obj).__call__ is nn.Module.__call__:
+            return None
+        if any(module is obj for module, _ in self._stack()):
+            return None
+        return self.name_of(obj)
 
     def current(self) -> str | None:
         """Path of the innermost running module, or None outside every forward."""

@@ -29,6 +29,7 @@ from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
 from gradtrace.probes.steps import StepProbe
+from gradtrace.probes.writes import untracked_finding
 
 # Takes each write of a traced step: (op, owner, phase, the user's frame).
 _AddWrite = Callable[[str, str, str, Caller | None], None]
@@ -50,12 +51,15 @@ class NativeCoreProbe:
         *,
         observe_writes: bool,
         guard: ProbeGuard | None = None,
+        readout_seen: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self._guard = guard or ProbeGuard("native core", step=lambda: steps.step)
         self._core = core
         self._modules = modules
         self._steps = steps
         self._observe = observe_writes
+        self._on_finding = on_finding
+        self._readout_seen = readout_seen
         self._check = CorruptionCheck(modules, on_finding, writes_logged=observe_writes)
         self._aside = False
         self._add_write: _AddWrite | None = None
@@ -65,7 +69,14 @@ class NativeCoreProbe:
         self._check.learn_wording()
         guard = self._guard
         # NOTE [probe boundary] in guard.py: once off, unpack keeps PyTorch's own check only.
-        core.configure(is_user_code, guard(self._on_check, fallback=self._unwatched), self._observe)
+        core.configure(
+            is_user_code,
+            guard(self._on_check, fallback=self._unwatched),
+            self._observe,
+            guard(self._modules.owner_of, fallback=lambda obj: None),
+            guard(self._on_untracked) if self._observe else None,
+            self._readout_seen if self._observe else None,
+        )
         stack.callback(core.reset)
         # The core stops its own work when it fails (NOTE [a core that fails] in core.cpp);
         # the failure is reported at the next step's end, or as the session closes.
@@ -86,6 +97,9 @@ class NativeCoreProbe:
         stack.callback(hide_from, None)
         core.set_observing(True)
         stack.callback(core.set_observing, False)
+        # The core takes each module's output itself (no Python work per module call).
+        self._modules.on_output(core.add_activations)
+        self._modules.on_root_start(core.clear_activations)
         # Unwound before the observer goes off: a step that raised may have left it aside.
         stack.callback(self._step_back)
         self._steps.around_plain_update(guard(self._step_aside), guard(self._step_back))
@@ -139,9 +153,29 @@ class NativeCoreProbe:
         tensor, grad_fn, output_nr, version, *_ = packed.info()
         self._check.unwatched(tensor, version, grad_fn, output_nr)
 
+    def _on_untracked(
+        self,
+        seq: int,
+        op: str,
+        owner: str,
+        phase: int,
+        step: int,
+        caller: Caller | None,
+        output_of: str | None,
+        tensor: torch.Tensor,
+    ) -> None:
+        """Called by the core for a write inside a forward that autograd did not record
+        (NOTE [untracked writes] in writes.py)."""
+        write = RawWrite(seq, op, owner, self._core.PHASES[phase], step, caller).resolve()
+        finding = untracked_finding(self._modules, write, tensor, output_of)
+        if finding is not None:
+            self._on_finding(finding)
+
     def _on_check(self, packed: object, version_now: int) -> None:
         """Called by the core's unpack for a saved tensor written since it was packed."""
-        tensor, grad_fn, output_nr, version, module, step, caller, hits, reported = packed.info()
+        (tensor, grad_fn, output_nr, version, module, step, caller, hits, reported, shared) = (
+            packed.info()
+        )
         record = SavedRecord(
             tensor, grad_fn, output_nr, version, module or LOOP_OWNER, step, caller
         )
@@ -149,6 +183,10 @@ class NativeCoreProbe:
         record.hits = [
             RawWrite(seq, op, owner, phases[phase], step, where)
             for seq, op, owner, phase, step, where in hits
+        ]
+        record.shared = [
+            RawWrite(seq, op, owner, phases[phase], step, where)
+            for seq, op, owner, phase, step, where in shared
         ]
         record.reported = reported
         try:

@@ -6,10 +6,11 @@ a saved tensor would silently give wrong gradients. `unpack` therefore repeats t
 raises PyTorch's own error (same type, same wording) followed by gradtrace's attribution. It
 runs exactly when the backward node needs the tensor, where PyTorch's check would have fired.
 
-NOTE [no reference cycles]: `pack` keeps `tensor.detach()`, never the tensor: a saved output
-refers to its own grad_fn, and holding it would keep a graph alive that backward never frees.
-The detached tensor shares storage and version counter, so memory use is what autograd's own
-saving costs.
+NOTE [no reference cycles]: `pack` keeps `tensor.detach()`, never an output itself: a saved
+output refers to its own grad_fn, and holding it would keep a graph alive that backward never
+frees. The detached tensor shares storage and version counter, so memory use is what
+autograd's own saving costs. An input is also kept itself, as PyTorch keeps it without hooks
+(no cycle: its grad_fn is an earlier node), because the error names its grad_fn at unpack.
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ class SavedRecord:
         "grad_fn",
         "hits",
         "module",
+        "original",
         "output_nr",
         "reported",
+        "shared",
         "step",
         "tensor",
         "version",
@@ -118,7 +121,14 @@ class SavedRecord:
         self._first: int | None = None
         self._last: int | None = None
         self._blocks: list[tuple[int, int]] | None = None
+        # An input the node saved, kept as PyTorch keeps it: its grad_fn at unpack is the
+        # node PyTorch's error names (NOTE [outputs and inputs at pack] in _torch_compat).
+        # None for the node's own output (keeping it would make a reference cycle).
+        self.original: torch.Tensor | None = None
         self.hits: list[RawWrite] = []
+        # Writes to other bytes of its buffer that share its version counter (see NOTE
+        # [shared version counter] in analysis/culprits.py).
+        self.shared: list[RawWrite] = []
         self.reported = False
 
     def overlaps(self, write: Layout) -> bool:
@@ -239,6 +249,7 @@ class CorruptionCheck:
             version_now=version_now,
             writes=tuple(hit.resolve() for hit in record.hits),
             writes_logged=self._writes_logged,
+            shared_writes=tuple(hit.resolve() for hit in record.shared),
         )
         finding = diagnose(evidence)
         if finding is None:
@@ -284,8 +295,8 @@ class CorruptionCheck:
             step=record.step,
             module=record.module,
             source=source_line(record.caller),
-            grad_fn=record.grad_fn,
-            output_nr=record.output_nr,
+            grad_fn=_named_node(record),
+            output_nr=0 if record.original is not None else record.output_nr,
             parameter=self._parameter_name(tensor),
         )
 
@@ -357,6 +368,8 @@ class SavedTensorProbe:
             self._steps.step,
             self._callers.caller(),
         )
+        if not _torch_compat.is_own_output(tensor):
+            record.original = tensor
         if self._live is None:
             return record
         key = _torch_compat.storage_key(tensor)
@@ -373,6 +386,17 @@ class SavedTensorProbe:
         if version_now != record.version or (record.hits and not record.reported):
             self._check(record, version_now)
         return record.tensor
+
+
+def _named_node(record: SavedRecord) -> str | None:
+    """The node PyTorch's own error would name (`SavedVariable::unpack`): for the saving
+    node's output, that node; for an input, the tensor's grad_fn as it is now (after an
+    in-place write, the writing op's node; for a view of a written base, AsStrided), with
+    output 0."""
+    if record.original is None:
+        return record.grad_fn
+    grad_fn = record.original.grad_fn
+    return None if grad_fn is None else grad_fn.name()
 
 
 @functools.cache
@@ -393,15 +417,27 @@ def layout_of(tensor: torch.Tensor) -> Layout:
 
 
 def record_hits(
-    records: Iterable[SavedRecord], write: Layout, make_hit: Callable[[], RawWrite]
+    records: Iterable[SavedRecord],
+    write: Layout,
+    version: int | None,
+    make_hit: Callable[[], RawWrite],
 ) -> None:
-    """Attach one write to every live saved tensor whose bytes it overlaps."""
+    """Attach one write to every live saved tensor whose bytes it overlaps, and to those on
+    other bytes of its buffer whose version counter it shares (`version`: the written
+    tensor's version now; a counter the two share reads the same)."""
     hit = None
     for record in records:
-        if len(record.hits) < MAX_HITS_PER_SAVED and record.overlaps(write):
-            if hit is None:
-                hit = make_hit()
-            record.hits.append(hit)
+        if record.overlaps(write):
+            found = record.hits
+        elif version is not None and _torch_compat.version_of(record.tensor) == version:
+            found = record.shared
+        else:
+            continue
+        if len(found) >= MAX_HITS_PER_SAVED:
+            continue
+        if hit is None:
+            hit = make_hit()
+        found.append(hit)
 
 
 def _extent_bytes(layout: Layout) -> int:

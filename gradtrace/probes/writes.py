@@ -28,6 +28,7 @@ at unpack time instead, where both are final.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -35,14 +36,27 @@ from typing import Any
 
 import torch
 
-from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER
+from gradtrace.analysis.culprits import no_grad_parameter_write, untracked_activation_write
+from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER, Finding, WriteEvent
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
-from gradtrace.probes.saved import LiveSaved, RawWrite, layout_of, record_hits
+from gradtrace.probes.saved import (
+    Layout,
+    LiveSaved,
+    RawWrite,
+    blocks_overlap,
+    byte_blocks,
+    layout_of,
+    record_hits,
+)
 from gradtrace.probes.steps import StepProbe
+
+# Ops that write a parameter under no_grad inside torch's own forward, as documented:
+# nn.Embedding(max_norm=...) renormalises the rows it looks up.
+_LEGAL_NO_GRAD_PARAMETER_OPS = frozenset({"embedding_renorm_"})
 
 # (op name, positions of written arguments); op name is empty for ops that write nothing.
 _OpInfo = tuple[str, tuple[tuple[int, str], ...]]
@@ -51,7 +65,13 @@ _NO_WRITES: _OpInfo = ("", ())
 _AddWrite = Callable[[str, str, str, Caller | None], None]
 
 
+# What `_op_info` answers for a read-out (NOTE [graph cuts by read-out] in readouts.py).
+_READOUT: _OpInfo = ("_local_scalar_dense", ())
+
+
 def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
+    if func is torch.ops.aten._local_scalar_dense.default:
+        return _READOUT
     written = tuple(
         (position, argument.name)
         for position, argument in enumerate(func._schema.arguments)
@@ -73,6 +93,7 @@ class WriteLogProbe:
         callers: CallerFinder,
         *,
         guard: ProbeGuard | None = None,
+        on_finding: Callable[[Finding], None] | None = None,
     ) -> None:
         guard = guard or ProbeGuard("write log", step=lambda: steps.step)
         self._guard = guard
@@ -86,6 +107,12 @@ class WriteLogProbe:
         self._callers = callers
         self._seq = itertools.count()
         self._mode = _WriteLogMode(self)
+        self._on_finding = on_finding
+        # Called with each tensor read out as a Python number (see readouts.py).
+        self.readout_seen: Callable[[torch.Tensor], None] | None = None
+        # Outputs of the modules run inside the current forward, by storage (see NOTE
+        # [untracked writes]): (the output, weakly; its module's path; its layout).
+        self._outputs: dict[tuple[int, int], list[tuple[weakref.ref, str, Layout]]] = {}
         self._aside = False
         self._add_write: _AddWrite | None = None
         # What the dispatch mode calls for a mutating op: `record`, or on traced steps
@@ -116,6 +143,16 @@ class WriteLogProbe:
         self._steps.around_plain_update(guard(self._step_aside), guard(self._step_back))
         # ...and the next forward must be logged even so.
         self._modules.on_root_start(guard(self._step_back))
+        if self._on_finding is not None:
+            self._modules.on_output(guard(self._note_output))
+            self._modules.on_root_start(self._outputs.clear)
+
+    def _note_output(self, path: str, output: object) -> None:
+        for tensor in graph_outputs(output):
+            key = _torch_compat.storage_key(tensor)
+            if key is not None:
+                entry = (weakref.ref(tensor), path, layout_of(tensor))
+                self._outputs.setdefault(key, []).append(entry)
 
     def _step_aside(self) -> None:
         if not self._live and not self._aside and self._add_write is None:
@@ -148,6 +185,8 @@ class WriteLogProbe:
             return
         owner, phase = self.owner_and_phase()
         self.counts[owner, op, phase] += 1
+        if phase == FORWARD and (self._outputs or not torch.is_grad_enabled()):
+            self._check_untracked(op, owner, written, args, kwargs)
         live = self._live
         if not live:
             return
@@ -163,15 +202,59 @@ class WriteLogProbe:
                     record_hits(
                         records,
                         layout_of(tensor),
-                        lambda: RawWrite(
-                            next(self._seq),
-                            op,
-                            owner,
-                            phase,
-                            self._steps.step,
-                            self._callers.caller(),
-                        ),
+                        _torch_compat.version_of(tensor),
+                        lambda: self._hit(op, owner, phase),
                     )
+
+    def _check_untracked(
+        self,
+        op: str,
+        owner: str,
+        written: tuple[tuple[int, str], ...],
+        args: Any,
+        kwargs: Any,
+    ) -> None:
+        """NOTE [untracked writes]: a write autograd does not record (through `.detach()`,
+        `.data`, or under no_grad) inside a forward, into the output of a module that ran
+        inside it or into a parameter, changes values backward depends on without a trace.
+        Nothing saved those values yet, so no version check will ever fail."""
+        on_finding = self._on_finding
+        if on_finding is None:
+            return
+        grad_on = torch.is_grad_enabled()
+        for position, name in written:
+            value = args[position] if position < len(args) else kwargs.get(name)
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if not isinstance(tensor, torch.Tensor) or (grad_on and tensor.requires_grad):
+                    continue
+                output_of = self._output_written(tensor) if self._outputs else None
+                if output_of is None and not tensor.requires_grad:
+                    continue
+                write = self._hit(op, owner, FORWARD).resolve()
+                finding = untracked_finding(self._modules, write, tensor, output_of)
+                if finding is not None:
+                    on_finding(finding)
+
+    def _output_written(self, tensor: torch.Tensor) -> str | None:
+        key = _torch_compat.storage_key(tensor)
+        entries = None if key is None else self._outputs.get(key)
+        if not entries:
+            return None
+        blocks = byte_blocks(layout_of(tensor))
+        for ref, path, layout in entries:
+            if ref() is not None and blocks_overlap(byte_blocks(layout), blocks):
+                return path
+        return None
+
+    def _hit(self, op: str, owner: str, phase: str) -> RawWrite:
+        """A write that hit saved memory, with the module whose code issued it (NOTE
+        [modules that override __call__] in modules.py)."""
+        caller, this = self._callers.caller_and_self()
+        if phase in (FORWARD, LOOP) and this is not None:
+            inner = self._modules.owner_of(this)
+            if inner is not None:
+                owner, phase = inner, FORWARD
+        return RawWrite(next(self._seq), op, owner, phase, self._steps.step, caller)
 
     def _record_traced(
         self, op: str, written: tuple[tuple[int, str], ...], args: Any, kwargs: Any
@@ -197,4 +280,33 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
             info = self._ops[id(func)] = self._probe.op_info(func)
         if info[1]:
             self._probe.write_seen(info[0], info[1], args, kwargs or {})
+        elif info is _READOUT and self._probe.readout_seen is not None:
+            self._probe.readout_seen(args[0])
         return result
+
+
+def graph_outputs(output: object) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or a tuple or list of them) that are
+    part of an autograd graph (the native core's add_activations does the same)."""
+    items = output if isinstance(output, (list, tuple)) else (output,)
+    return [
+        item
+        for item in items
+        if isinstance(item, torch.Tensor) and item.requires_grad and not item.is_leaf
+    ]
+
+
+def untracked_finding(
+    modules: ModuleStackProbe, write: WriteEvent, tensor: torch.Tensor, output_of: str | None
+) -> Finding | None:
+    """The finding for an untracked write inside a forward (NOTE [untracked writes]): into
+    the output of module `output_of`, or into a parameter (under no_grad). Both cores."""
+    if output_of is not None:
+        return untracked_activation_write(write, output_of)
+    if not tensor.requires_grad or write.op in _LEGAL_NO_GRAD_PARAMETER_OPS:
+        return None
+    key = _torch_compat.storage_key(tensor)
+    parameter = None if key is None else modules.parameter_name(key)
+    if parameter is None:
+        return None
+    return no_grad_parameter_write(write, parameter)

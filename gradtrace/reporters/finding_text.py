@@ -22,6 +22,8 @@ TITLES = {
     "rank-divergence": "ranks disagree",
     "dead-units": "dead ReLU units",
     "all-gradients-zero": "every gradient is zero: nothing learns",
+    "no-grad-parameter-write": "warning: parameter written under no_grad inside a forward",
+    "graph-cut": "graph cut: a value left the graph as a Python number",
 }
 
 
@@ -46,6 +48,9 @@ def finding_facts(
         facts.append(f"{where} · {phase}step {finding.step}{on_rank}")
     if finding.file is not None:
         facts.append(f"at {code(f'{finding.file}:{finding.line}')} in {code(finding.function)}")
+    output_of = finding.details.get("output_of")
+    if output_of:
+        facts.append(f"corrupted: the output of module {code(output_of)} (untracked write)")
     saved = finding.saved_by
     if saved:
         at = f" at {code(_place(saved))}" if saved.get("file") else ""
