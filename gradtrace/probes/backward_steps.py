@@ -9,11 +9,11 @@ sight, the pass ends a step: its gradients are recorded and the step counter mov
 
 NOTE [one rule per run]: whether an optimizer exists is decided once, at the end of the
 first backward pass, by looking for a live `torch.optim.Optimizer` that holds a parameter
-the pass reached, among the objects the garbage collector tracks (one scan per run; an
-optimizer of another model, left alive in a notebook or a test process, does not count).
-With one, steps stay optimizer steps (several
-backward passes per step under gradient accumulation stay one step); without one, backward
-passes count until an optimizer first steps, which switches this probe off for good.
+the pass reached or one of the modules that ran, among the objects the garbage collector
+tracks (one scan per run; an optimizer of another model, left alive in a notebook or a test
+process, does not count). With one, steps stay optimizer steps (several backward passes per
+step under gradient accumulation stay one step); without one, backward passes count until an
+optimizer first steps, which switches this probe off for good.
 """
 
 from __future__ import annotations
@@ -99,13 +99,19 @@ class BackwardStepProbe:
     def _backward_done(self) -> None:
         reached, self._reached, self._task = list(self._reached.values()), {}, -1
         if self._counting is None:
-            self._counting = not _an_optimizer_holds(reached)
+            self._counting = not _an_optimizer_holds([*reached, *self._module_parameters()])
         if self._off:
             self._stop_watching()
             return
         if self._record is not None:
             self._record(reached)
         self._steps.end_backward_step()
+
+    def _module_parameters(self) -> list[torch.Tensor]:
+        """The parameters the modules that ran hold now: FSDP2 accumulates into unsharded
+        parameters while its optimizer holds the sharded ones, which the modules hold again
+        once the pass has resharded them."""
+        return [p for module, _ in self._seen.items() for p in module.parameters(recurse=False)]
 
     def _stop_watching(self) -> None:
         """An optimizer counts the steps: drop every hook now (removing one twice, as the
