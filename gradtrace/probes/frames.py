@@ -60,23 +60,19 @@ class CallerFinder:
         self._is_user: dict[int, tuple[CodeType, bool]] = {}
 
     def caller(self) -> Caller | None:
-        frame = sys._getframe(1)
-        is_user = self._is_user
-        while frame is not None:
-            code = frame.f_code
-            entry = is_user.get(id(code))
-            if entry is None:
-                entry = is_user[id(code)] = (code, is_user_code(code))
-            if entry[1]:
-                return code, frame.f_lineno
-            frame = frame.f_back
-        return None
+        frame = self._user_frame(sys._getframe(1))
+        return None if frame is None else (frame.f_code, frame.f_lineno)
 
     def caller_and_self(self) -> tuple[Caller | None, object]:
         """The first user frame, as `caller()`, and the `self` it runs with (None for a plain
         function): which object's code issued the op. Reading a frame's locals costs a dict,
         so this is for rare events only (a write that hit saved memory)."""
-        frame = sys._getframe(1)
+        frame = self._user_frame(sys._getframe(1))
+        if frame is None:
+            return None, None
+        return (frame.f_code, frame.f_lineno), frame_self(frame)
+
+    def _user_frame(self, frame: FrameType | None) -> FrameType | None:
         is_user = self._is_user
         while frame is not None:
             code = frame.f_code
@@ -84,9 +80,9 @@ class CallerFinder:
             if entry is None:
                 entry = is_user[id(code)] = (code, is_user_code(code))
             if entry[1]:
-                return (code, frame.f_lineno), frame_self(frame)
+                return frame
             frame = frame.f_back
-        return None, None
+        return None
 
 
 def frame_self(frame: FrameType) -> object:
