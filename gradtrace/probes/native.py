@@ -27,9 +27,8 @@ from gradtrace.probes.frames import Caller, is_user_code
 from gradtrace.probes.guard import ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
-from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord
+from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord, untracked_finding
 from gradtrace.probes.steps import StepProbe
-from gradtrace.probes.writes import untracked_finding
 
 # Takes each write of a traced step: (op, owner, phase, the user's frame).
 _AddWrite = Callable[[str, str, str, Caller | None], None]

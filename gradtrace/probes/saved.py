@@ -27,7 +27,9 @@ from gradtrace.analysis.culprits import (
     diagnose,
     explain,
     learn_wording,
+    no_grad_parameter_write,
     pytorch_message,
+    untracked_activation_write,
     version_message,
 )
 from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEvent
@@ -485,3 +487,25 @@ def blocks_overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
         else:
             j += 1
     return False
+
+
+# Ops that write a parameter under no_grad inside torch's own forward, as documented:
+# nn.Embedding(max_norm=...) renormalises the rows it looks up.
+_LEGAL_NO_GRAD_PARAMETER_OPS = frozenset({"embedding_renorm_"})
+
+
+def untracked_finding(
+    modules: ModuleStackProbe, write: WriteEvent, tensor: torch.Tensor, output_of: str | None
+) -> Finding | None:
+    """The finding for an untracked write inside a forward (NOTE [untracked writes] in
+    writes.py): into the output of module `output_of`, or into a parameter (under no_grad).
+    Both cores: here, next to the corruption check they share."""
+    if output_of is not None:
+        return untracked_activation_write(write, output_of)
+    if not tensor.requires_grad or write.op in _LEGAL_NO_GRAD_PARAMETER_OPS:
+        return None
+    key = _torch_compat.storage_key(tensor)
+    parameter = None if key is None else modules.parameter_name(key)
+    if parameter is None:
+        return None
+    return no_grad_parameter_write(write, parameter)

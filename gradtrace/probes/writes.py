@@ -36,8 +36,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.analysis.culprits import no_grad_parameter_write, untracked_activation_write
-from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER, Finding, WriteEvent
+from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER, Finding
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder
 from gradtrace.probes.guard import ProbeGuard
@@ -51,12 +50,9 @@ from gradtrace.probes.saved import (
     byte_blocks,
     layout_of,
     record_hits,
+    untracked_finding,
 )
 from gradtrace.probes.steps import StepProbe
-
-# Ops that write a parameter under no_grad inside torch's own forward, as documented:
-# nn.Embedding(max_norm=...) renormalises the rows it looks up.
-_LEGAL_NO_GRAD_PARAMETER_OPS = frozenset({"embedding_renorm_"})
 
 # (op name, positions of written arguments); op name is empty for ops that write nothing.
 _OpInfo = tuple[str, tuple[tuple[int, str], ...]]
@@ -294,19 +290,3 @@ def graph_outputs(output: object) -> list[torch.Tensor]:
         for item in items
         if isinstance(item, torch.Tensor) and item.requires_grad and not item.is_leaf
     ]
-
-
-def untracked_finding(
-    modules: ModuleStackProbe, write: WriteEvent, tensor: torch.Tensor, output_of: str | None
-) -> Finding | None:
-    """The finding for an untracked write inside a forward (NOTE [untracked writes]): into
-    the output of module `output_of`, or into a parameter (under no_grad). Both cores."""
-    if output_of is not None:
-        return untracked_activation_write(write, output_of)
-    if not tensor.requires_grad or write.op in _LEGAL_NO_GRAD_PARAMETER_OPS:
-        return None
-    key = _torch_compat.storage_key(tensor)
-    parameter = None if key is None else modules.parameter_name(key)
-    if parameter is None:
-        return None
-    return no_grad_parameter_write(write, parameter)

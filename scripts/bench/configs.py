@@ -177,7 +177,7 @@ def native_floor() -> Iterator[None]:
     core = _native.load()
     if core is None:
         raise SystemExit(f"--floors needs the native core: {_native.status().reason}")
-    core.configure(lambda code: True, lambda packed, version: None, True)
+    core.configure(lambda code: True, lambda packed, version: None, True, None, None, None)
     with contextlib.ExitStack() as stack:
         stack.callback(core.reset)
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(core.pack, core.unpack))
