@@ -63,13 +63,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("gradtrace"):
         return
-    from gradtrace.options import LEVELS
+    from gradtrace.errors import GradtraceError
+    from gradtrace.options import RunOptions
 
-    level = config.getoption("gradtrace_level")
-    if level not in LEVELS:
-        raise pytest.UsageError(
-            f"--gradtrace-level: unknown level '{level}'; choose one of {', '.join(LEVELS)}."
-        )
+    try:  # checked where every option is: RunOptions
+        RunOptions(level=config.getoption("gradtrace_level"))
+    except GradtraceError as error:
+        raise pytest.UsageError(f"--gradtrace-level: {error}") from None
 
 
 @pytest.fixture

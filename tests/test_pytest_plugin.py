@@ -229,7 +229,7 @@ def test_bad_level_is_a_usage_error(inner: pytest.Pytester) -> None:
     result = run(inner, "--gradtrace", "--gradtrace-level=heavy")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["ERROR: --gradtrace-level: unknown level 'heavy'; choose one of light, full."]
+        ["ERROR: --gradtrace-level: Unknown level 'heavy'; choose one of light, full."]
     )
 
 
