@@ -7,10 +7,12 @@ subprocess: a run someone recorded long ago and sends you. Reading never writes 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from cli_process import gradtrace
 
 import gradtrace as gt
+from gradtrace.errors import GradtraceError
 from gradtrace.events import ClipCall, ParamStat, StepGradStats
 from gradtrace.store import RunWriter
 from gradtrace.store.format import DATABASE, FORMAT_VERSION
@@ -153,6 +156,20 @@ def test_a_run_of_the_first_format_1_opens(tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     assert "first" in listed.stdout and "unreadable" not in listed.stdout
     assert files(run) == before
+
+
+def test_no_room_for_the_private_copy_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = old_run(tmp_path / "first", FIRST_FORMAT_1, {"steps": [(0, 1_700_000_001_000_000_000)]})
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/gradtrace-x")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full_disk)
+    with pytest.raises(GradtraceError, match=r"No space left on device.*TMPDIR") as raised:
+        gt.load_run(run)
+    assert "\n" not in str(raised.value)
 
 
 def test_a_format_1_run_from_before_update_norms_opens(tmp_path: Path) -> None:

@@ -242,6 +242,14 @@ def _open(run_dir: Path, read: Read[T], tables: tuple[Table, ...]) -> T:
             f"'{database}' is not a readable gradtrace run ({why}). "
             "It may be corrupt or written by another program."
         ) from None
+    except OSError as error:
+        # The run itself, or the private copy an older or killed run is read from (in
+        # TMPDIR): unreadable, a full disk, a temporary directory that does not exist.
+        where = f" ({error.filename})" if error.filename else ""
+        raise GradtraceError(
+            f"Could not read '{database}': {_one_line(error.strerror or str(error))}{where}. "
+            "An older or killed run is read from a copy in TMPDIR, which must be writable."
+        ) from None
 
 
 def _read_without_writing(database: Path, read: Callable[[sqlite3.Connection], T]) -> T:
