@@ -326,6 +326,8 @@ def test_sharded_job_trains_as_under_torchrun_and_reports_whole_parameter_norms(
     assert traced.returncode == 0, traced.stderr
     assert len(_losses(plain.stdout)) == 5
     assert _losses(traced.stdout) == _losses(plain.stdout)
+    summary = " ".join(traced.stderr.split())
+    assert "gradient health (rank 0; sharded parameters: all ranks combined)" in summary
 
     report = _report(job)
     assert report["findings"] == []

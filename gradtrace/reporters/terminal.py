@@ -117,9 +117,12 @@ class TerminalReporter:
         for stored, ranks in across_ranks(findings):
             self._print(_finding_panel(stored, ranks))
         # A job's series are rank 0's: after the all-reduce every rank holds the same gradients.
+        # Sharded parameters (FSDP2, tensor parallel) are every rank's shards combined.
         of_rank = " (rank 0)" if run.ranks else ""
         if any(stats.params for stats in run.grad_steps):
-            self._print(_health_table(report, of_rank))
+            combined = "; sharded parameters: all ranks combined"
+            shards = combined if run.meta.get("param_shards") else ""
+            self._print(_health_table(report, f" (rank 0{shards})" if of_rank else ""))
         if run.write_counts:
             self._print(_write_table(run, of_rank))
         self._print(Text.assemble(("run directory: ", "dim"), str(run.path)))
