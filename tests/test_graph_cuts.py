@@ -1,12 +1,16 @@
 """Graph cuts by read-out (issue 15, item 7): the line where a value left the graph.
 
-REINFORCE written with `log_prob.item()` builds its loss from Python numbers: the policy
-never gets a gradient and nothing is raised. Logging with `.item()` must stay silent.
+REINFORCE written with `log_prob.item()`, `.detach().numpy()` or `torch.tensor(log_prob)`
+builds its loss from copies: the policy never gets a gradient and nothing is raised.
+Logging with `.item()` and detaching a target must stay silent, and a detached graph is
+freed when the program drops it, as without gradtrace.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
+import weakref
 from pathlib import Path
 
 import pytest
@@ -44,6 +48,35 @@ def _reinforce_with_item() -> None:
             log_probs.append(dist.log_prob(action).item())
         ret = 1.0
         loss = torch.tensor(-sum(lp * ret for lp in log_probs), requires_grad=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _reinforce_with_numpy() -> None:
+    policy = Policy()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(2):
+        log_probs = []
+        for _ in range(4):
+            dist = policy(torch.randn(1, 4))
+            log_probs.append(float(dist.log_prob(dist.sample()).detach().numpy()[0]))
+        loss = torch.tensor(-sum(log_probs), requires_grad=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _reinforce_rewrapped() -> None:
+    policy = Policy()
+    baseline = nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.Adam([*policy.parameters(), baseline], lr=1e-2)
+    for _ in range(2):
+        log_probs = []
+        for _ in range(4):
+            dist = policy(torch.randn(1, 4))
+            log_probs.append(torch.tensor(dist.log_prob(dist.sample())))
+        loss = -(torch.cat(log_probs).sum() * (1.0 - baseline))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -105,3 +138,76 @@ def test_item_that_builds_the_loss_is_a_graph_cut(tmp_path: Path, core: str) -> 
 @pytest.mark.parametrize("core", CORES)
 def test_logging_terms_of_the_loss_stays_silent(tmp_path: Path, core: str) -> None:
     assert _findings(tmp_path, core, _reinforce_with_logging) == []
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize(
+    ("run", "text"),
+    [
+        (_reinforce_with_numpy, ".detach().numpy()"),
+        (_reinforce_rewrapped, "torch.tensor(dist.log_prob"),
+    ],
+    ids=["detach-numpy", "torch-tensor"],
+)
+def test_detached_copy_that_builds_the_loss_is_a_graph_cut(
+    tmp_path: Path, core: str, run, text: str
+) -> None:
+    findings = [f for f in _findings(tmp_path, core, run) if f.kind == "graph-cut"]
+    assert len(findings) == 1, [f.message for f in findings]
+    [finding] = findings
+    assert (finding.file, finding.line) == (__file__, _line_of(run, text))
+    assert finding.op == "detach"
+    assert sorted(finding.details["parameters"]) == [
+        "body.bias",
+        "body.weight",
+        "logits.bias",
+        "logits.weight",
+    ]
+    assert "as a detached copy" in finding.message
+
+
+class _Marked(torch.autograd.Function):
+    """Identity whose autograd node holds `marker`: the marker lives as long as the node."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, marker: object) -> torch.Tensor:
+        ctx.marker = marker
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _Marker:
+    pass
+
+
+# The line of the test below where the teacher's output is detached.
+_TEACHER_CUT = "target = _Marked.apply"
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_detached_graph_is_freed_when_the_program_drops_it(tmp_path: Path, core: str) -> None:
+    """Distillation with a teacher called without no_grad: its graph dies at `.detach()`."""
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    optimizer = torch.optim.SGD([*teacher.parameters(), *student.parameters()], lr=0.1)
+    with Session(tmp_path / "run", core=core, trace_steps="none") as session:
+        for _ in range(2):
+            x = torch.randn(8, 4)
+            marker = _Marker()
+            alive = weakref.ref(marker)
+            target = _Marked.apply(teacher(x), marker).detach()
+            del marker
+            gc.collect()
+            assert alive() is None, "gradtrace kept the teacher's graph alive"
+            loss = (student(x) - target).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    # The optimizer holds the teacher, which never trains: the cut is named, not hidden.
+    [cut] = [f for f in session.findings if f.kind == "graph-cut"]
+    test = test_a_detached_graph_is_freed_when_the_program_drops_it
+    assert cut.line == _line_of(test, _TEACHER_CUT)

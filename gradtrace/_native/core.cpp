@@ -803,8 +803,9 @@ void observe(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit
   release(candidates);
 }
 
-// `aten::_local_scalar_dense` (`.item()`, `float()`): a tensor that requires grad read out as
-// a Python number is handed to Python, which watches whether backward reaches it.
+// `aten::_local_scalar_dense` (`.item()`, `float()`) and `aten::detach` (`.detach()`,
+// `torch.tensor(t)`): a tensor with a grad_fn taken out of the graph is handed to Python with
+// the op's name, and Python watches whether backward reaches it (readouts.py).
 void observe_readout(
     const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kKey);
@@ -812,11 +813,16 @@ void observe_readout(
       config.on_readout.obj != nullptr && python_alive()) {
     try {
       const c10::IValue& value = stack->back();
-      if (value.isTensor() && value.toTensor().requires_grad()) {
+      if (value.isTensor() && value.toTensor().requires_grad() &&
+          value.toTensor().grad_fn() != nullptr) {
+        const std::string& full = op.schema().name();
         GIL gil;
         PyObject* wrapped = THPVariable_Wrap(value.toTensor());
-        PyObject* result =
-            wrapped == nullptr ? nullptr : PyObject_CallOneArg(config.on_readout.obj, wrapped);
+        PyObject* name = PyUnicode_FromString(full.c_str() + full.find("::") + 2);
+        PyObject* result = wrapped == nullptr || name == nullptr
+            ? nullptr
+            : PyObject_CallFunctionObjArgs(config.on_readout.obj, wrapped, name, nullptr);
+        Py_XDECREF(name);
         Py_XDECREF(wrapped);
         if (result == nullptr) {
           PyErr_Clear();
@@ -873,7 +879,8 @@ int64_t register_observer() {
     // detach_ writes autograd's metadata, not memory (no kernel below autograd has it).
     const bool writes_any =
         !written_arguments(handle->schema()).empty() && name.name != "aten::detach_";
-    const bool readout = name.name == "aten::_local_scalar_dense";
+    const bool readout = name.overload_name.empty() &&
+        (name.name == "aten::_local_scalar_dense" || name.name == "aten::detach");
     if (!writes_any && !readout && !is_factory(handle->schema())) {
       continue;
     }

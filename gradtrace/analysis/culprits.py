@@ -362,26 +362,50 @@ def no_grad_parameter_write(write: WriteEvent, parameter: str) -> Finding:
     )
 
 
-def graph_cut(where: SourceLine | None, *, owner: str, step: int, parameters: list[str]) -> Finding:
-    """A value read out of the graph as a Python number (`.item()`, `float()`) whose
-    parameters then got no gradient: the loss was built from the number, not the tensor."""
+def graph_cut(
+    where: SourceLine | None,
+    *,
+    op: str,
+    owner: str,
+    step: int,
+    parameters: list[str],
+    complete: bool,
+) -> Finding:
+    """A value taken out of the graph (`op` is `_local_scalar_dense` for `.item()` and
+    `float()`, `detach` for `.detach()`, `.numpy()` and `torch.tensor(t)`) whose parameters
+    then got no gradient: the loss was built from the copy, not the tensor.
+
+    `complete` is False when the parameters were sampled (the graph behind the value was
+    larger than the probe walks), so the count is a lower bound.
+    """
     at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
-    count = len(parameters)
-    return Finding(
-        kind=GRAPH_CUT,
-        message=(
-            f"{at} in {owner} read a value out of the graph as a Python number "
-            f"(_local_scalar_dense) and backward never reached it: the {count} "
-            f"parameter{'s' if count != 1 else ''} behind it got no gradient."
-        ),
-        hint=(
+    count = f"{len(parameters)}{'' if complete else '+'}"
+    plural = "s" if count != "1" else ""
+    if op == "detach":
+        how = "took a value out of the graph as a detached copy (detach)"
+        hint = (
+            "Build the loss from the tensor itself, not from a copy made by .detach(), "
+            ".numpy() or torch.tensor(t); detach only what must not train (targets, "
+            "logging). A deliberate freeze: take those parameters out of the optimizer, or "
+            "mark the line '# gradtrace: ignore[graph-cut]'."
+        )
+    else:
+        how = f"read a value out of the graph as a Python number ({op})"
+        hint = (
             "Build the loss from the tensor itself (e.g. log_prob * ret, not "
             "log_prob.item() * ret); keep .item() for logging, and never rebuild a loss with "
             "torch.tensor(..., requires_grad=True)."
+        )
+    return Finding(
+        kind=GRAPH_CUT,
+        message=(
+            f"{at} in {owner} {how} and backward never reached it: the {count} "
+            f"parameter{plural} behind it got no gradient."
         ),
+        hint=hint,
         step=step,
         phase=None,
-        op="_local_scalar_dense",
+        op=op,
         module=owner,
         saved_by={},
         details={"parameters": parameters},

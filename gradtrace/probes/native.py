@@ -50,7 +50,7 @@ class NativeCoreProbe:
         *,
         observe_writes: bool,
         guard: ProbeGuard | None = None,
-        readout_seen: Callable[[torch.Tensor], None] | None = None,
+        readout_seen: Callable[[torch.Tensor, str], None] | None = None,
     ) -> None:
         self._guard = guard or ProbeGuard("native core", step=lambda: steps.step)
         self._core = core

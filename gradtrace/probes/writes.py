@@ -62,12 +62,16 @@ _AddWrite = Callable[[str, str, str, Caller | None], None]
 
 
 # What `_op_info` answers for a read-out (NOTE [graph cuts by read-out] in readouts.py).
-_READOUT: _OpInfo = ("_local_scalar_dense", ())
+_READOUTS: dict[torch._ops.OpOverload, _OpInfo] = {
+    torch.ops.aten._local_scalar_dense.default: ("_local_scalar_dense", ()),
+    torch.ops.aten.detach.default: ("detach", ()),
+}
 
 
 def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
-    if func is torch.ops.aten._local_scalar_dense.default:
-        return _READOUT
+    readout = _READOUTS.get(func)
+    if readout is not None:
+        return readout
     written = tuple(
         (position, argument.name)
         for position, argument in enumerate(func._schema.arguments)
@@ -104,8 +108,8 @@ class WriteLogProbe:
         self._seq = itertools.count()
         self._mode = _WriteLogMode(self)
         self._on_finding = on_finding
-        # Called with each tensor read out as a Python number (see readouts.py).
-        self.readout_seen: Callable[[torch.Tensor], None] | None = None
+        # Called with each tensor taken out of the graph and the op (see readouts.py).
+        self.readout_seen: Callable[[torch.Tensor, str], None] | None = None
         # Outputs of the modules run inside the current forward, by storage (see NOTE
         # [untracked writes]): (the output, weakly; its module's path; its layout).
         self._outputs: dict[tuple[int, int], list[tuple[weakref.ref, str, Layout]]] = {}
@@ -276,8 +280,9 @@ class _WriteLogMode(_torch_compat.UntracedDynamoMode):
             info = self._ops[id(func)] = self._probe.op_info(func)
         if info[1]:
             self._probe.write_seen(info[0], info[1], args, kwargs or {})
-        elif info is _READOUT and self._probe.readout_seen is not None:
-            self._probe.readout_seen(args[0])
+        elif info[0] and args[0].grad_fn is not None and self._probe.readout_seen is not None:
+            # Autograd's own detaches (of outputs it saves) see no grad_fn: no call for them.
+            self._probe.readout_seen(args[0], info[0])
         return result
 
 

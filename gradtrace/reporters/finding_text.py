@@ -23,7 +23,7 @@ TITLES = {
     "dead-units": "dead ReLU units",
     "all-gradients-zero": "every gradient is zero: nothing learns",
     "no-grad-parameter-write": "warning: parameter written under no_grad inside a forward",
-    "graph-cut": "graph cut: a value left the graph as a Python number",
+    "graph-cut": "graph cut: a value left the graph before the loss",
 }
 
 
