@@ -127,7 +127,7 @@ def test_cell_magic_in_a_real_kernel(tmp_path: Path) -> None:
             MODEL_CELL,
             HEALTHY_CELL.format(out=healthy_dir),
             BUGGY_CELL.format(out=buggy_dir),
-            "print(_gradtrace.findings[0].code)",
+            "finding = _gradtrace.findings[0]\nprint(finding.code, finding.file, finding.line)",
             f"import gradtrace\ngradtrace.load_run({str(buggy_dir)!r})",
             "print(healthy(torch.ones(1, 8)).shape)",
         ],
@@ -162,7 +162,9 @@ def test_cell_magic_in_a_real_kernel(tmp_path: Path) -> None:
     assert "gradtrace/notebook.py" not in traceback  # the magic's own frames are hidden
 
     # The cell's trace and the loaded run: the same finding, the run shown as its report.
-    assert findings[0]["text"] == "return self.act(gate)\n"
+    # Named as IPython names the cell (its code lives in a kernel's temporary file).
+    assert findings[0]["text"] == "return self.act(gate) Cell In[2] 13\n"
+    assert "Cell In[2]:13" in document
     document = report_in(loaded[0])
     assert "<h3>in-place write broke backward</h3>" in document
     assert loaded[0]["data"]["text/plain"].startswith(f"<gradtrace.Run '{buggy_dir}' failed")

@@ -93,20 +93,36 @@ def frame_self(frame: FrameType) -> object:
     return frame.f_locals.get("self")
 
 
+def file_name(filename: str) -> str:
+    """How findings name a code object's file: the absolute path, or for code typed into
+    IPython the name its own tracebacks use ("Cell In[3]"; a Jupyter kernel compiles each
+    cell to a file in a temporary folder, a name nobody recognises)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None:
+        try:
+            shell = ipython.get_ipython()
+            named = None if shell is None else shell.compile.format_code_name(filename)
+        except Exception:  # an IPython without the name (older, or another shell)
+            named = None
+        if named is not None:
+            return " ".join(named)
+    return filename if filename.startswith("<") else os.path.abspath(filename)
+
+
 def source_line(caller: Caller | None, *, context: int = CONTEXT_LINES) -> SourceLine | None:
     """Resolve a caller to file, line, function and `context` source lines either side."""
     if caller is None:
         return None
     code, line = caller
     name = code.co_filename
-    file = name if name.startswith(IPYTHON_CELL) else os.path.abspath(name)
+    path = name if name.startswith(IPYTHON_CELL) else os.path.abspath(name)
     start = max(1, line - context)
-    lines = tuple(linecache.getline(file, n).rstrip("\n") for n in range(start, line + context + 1))
+    lines = tuple(linecache.getline(path, n).rstrip("\n") for n in range(start, line + context + 1))
     return SourceLine(
-        file=file,
+        file=file_name(name),
         line=line,
         function=getattr(code, "co_qualname", code.co_name),
-        code=linecache.getline(file, line).strip(),
+        code=linecache.getline(path, line).strip(),
         context_start=start,
         context=lines,
     )

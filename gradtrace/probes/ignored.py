@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ast
 import linecache
-import os
 import threading
 from typing import Any
+
+from gradtrace.probes.frames import file_name
 
 _lock = threading.Lock()
 # (file, line of the `with`) -> first and last line of its block: parsed once per process.
@@ -30,7 +31,7 @@ def enter(filename: str, line: int, kinds: tuple[str, ...]) -> dict[str, Any]:
     if extent is None:
         extent = _extents[filename, line] = _with_block(filename, line)
     block = {
-        "file": os.path.abspath(filename),
+        "file": file_name(filename),
         "start": extent[0],
         "end": extent[1],
         "kinds": list(kinds),
