@@ -15,7 +15,10 @@ import pytest
 import torch
 from cores import CORES
 
+import gradtrace
+from gradtrace.analysis.report import build_report
 from gradtrace.session import Session
+from gradtrace.store import load_run
 
 CELL_NAME = "<ipython-input-3-0123456789ab>"
 CELL = """\
@@ -55,3 +58,31 @@ def test_a_cell_typed_into_ipython_is_named(core: str, tmp_path: Path) -> None:
     )
     assert finding.saved_by["line"] == 3
     assert finding.message.startswith(f"{CELL_NAME}:4 in Gated (relu_) overwrote")
+
+
+IGNORING_CELL_NAME = "<ipython-input-4-0123456789ab>"
+IGNORING_CELL = """\
+def deliberate(x):
+    h = torch.exp(x)
+    with gradtrace.ignore("silent-overwrite"):
+        h.data.mul_(0.5)
+    return h.sum()
+"""
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_gradtrace_ignore_block_in_a_cell_silences_it(core: str, tmp_path: Path) -> None:
+    lines = IGNORING_CELL.splitlines(keepends=True)
+    linecache.cache[IGNORING_CELL_NAME] = (len(IGNORING_CELL), None, lines, IGNORING_CELL_NAME)
+    namespace = {"torch": torch, "gradtrace": gradtrace}
+    try:
+        exec(compile(IGNORING_CELL, IGNORING_CELL_NAME, "exec"), namespace)
+        with Session(tmp_path / "run", core=core) as session:
+            namespace["deliberate"](torch.randn(8, requires_grad=True)).backward()
+    finally:
+        linecache.cache.pop(IGNORING_CELL_NAME, None)
+    assert session.findings == []
+    silenced = build_report(load_run(tmp_path / "run")).silenced
+    assert [(s.stored.finding.file, s.stored.finding.line) for s in silenced] == [
+        (IGNORING_CELL_NAME, 4)
+    ]
