@@ -29,12 +29,15 @@ from gradtrace import _native
 from gradtrace.analysis.report import build_report
 from gradtrace.probes import (
     amp,
+    backward_steps,
     clip,
+    fsdp,
     grads,
     histograms,
     modules,
     native,
     rank_check,
+    readouts,
     saved,
     steps,
     timeline,
@@ -115,6 +118,15 @@ CASES = [
     Case("gradient histograms", histograms.GradHistogramProbe, "_count_into"),
     Case("gradient histograms", histograms.GradHistogramProbe, "_read"),
     Case("rank check", rank_check.RankCheckProbe, "compare"),
+    # `loss.detach()` is a read-out; every optimizer step judges the pending ones.
+    Case("read-out check", readouts.ReadoutProbe, "_seen"),
+    Case("read-out check", readouts.ReadoutProbe, "_judge"),
+    # Watches the first backward pass, then sees the optimizer count the steps.
+    Case("backward steps", backward_steps.BackwardStepProbe, "_after_forward"),
+    Case("backward steps", backward_steps.BackwardStepProbe, "_arrived"),
+    Case("backward steps", backward_steps.BackwardStepProbe, "_backward_done"),
+    # Looks FSDP2's private internals up as the session starts and at each root forward.
+    Case("FSDP2 writes", fsdp.FsdpWritesProbe, "_wrap"),
 ]
 
 
@@ -249,6 +261,25 @@ def test_an_inplace_error_still_raises_with_a_probe_off(
     assert str(plain.value).split(" is at version")[0] in str(traced.value)
     assert "is at version 1; expected version 0" in str(traced.value)
     assert len(session.probe_failures) == 1
+
+
+def _refused_update() -> None:
+    weight = nn.Parameter(torch.ones(3))
+    weight.add_(1.0)  # PyTorch refuses an in-place write to a leaf that requires grad
+
+
+def test_a_failing_refused_write_probe_leaves_the_error_as_pytorch_raised_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(RuntimeError) as plain:
+        _refused_update()
+    monkeypatch.setattr(Session, "_record_refused", _broken)
+    session = Session(tmp_path / "run")
+    with pytest.raises(RuntimeError) as traced, session:
+        _refused_update()
+    assert str(traced.value) == str(plain.value)
+    assert [failure.probe for failure in session.probe_failures] == ["refused writes"]
+    assert session.findings == []
 
 
 SCRIPT = """

@@ -26,8 +26,9 @@ class FsdpWritesProbe:
 
     def install(self, stack: ExitStack) -> None:
         self._stack = stack
-        self._wrap()
-        if self._stack is not None:
+        # Guarded here too: FSDP2's internals are private and may change under a new torch.
+        self._guard(self._wrap)()
+        if self._stack is not None and self._guard.on:
             self._modules.on_root_start(self._guard(self._wrap))
 
     def _wrap(self) -> None:
