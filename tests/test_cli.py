@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -119,12 +120,15 @@ def test_ctrl_c_exits_130_and_records_interrupted(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a terminal's Ctrl-C finds it: a suite started in the background by a
+        # non-interactive shell (`pytest &`) inherits SIGINT ignored, and so would the child.
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signal.SIGINT)
-    # Closing the run (analysis, outputs) takes a few seconds, many more on a busy box; a
-    # lost Ctrl-C would sleep for an hour.
+    # Closing the run takes a few seconds, many more on a busy box; a lost Ctrl-C would
+    # sleep for an hour.
     try:
         _, stderr = process.communicate(timeout=600)
     finally:
