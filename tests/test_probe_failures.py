@@ -127,6 +127,24 @@ CASES = [
     Case("backward steps", backward_steps.BackwardStepProbe, "_backward_done"),
     # Looks FSDP2's private internals up as the session starts and at each root forward.
     Case("FSDP2 writes", fsdp.FsdpWritesProbe, "_wrap"),
+    # Installing is an entry point too: a probe that cannot install is off from the start.
+    *(
+        Case(probe, owner, "_install", core=core)
+        for probe, owner, core in [
+            ("module stack", modules.ModuleStackProbe, NATIVE),
+            ("step counter", steps.StepProbe, NATIVE),
+            ("gradient statistics", grads.GradStatsProbe, NATIVE),
+            ("AMP loss scale", amp.GradScalerProbe, NATIVE),
+            ("gradient clipping", clip.GradClipProbe, NATIVE),
+            ("backward steps", backward_steps.BackwardStepProbe, NATIVE),
+            ("read-out check", readouts.ReadoutProbe, NATIVE),
+            ("native core", native.NativeCoreProbe, NATIVE),
+            ("saved-tensor check", saved.SavedTensorProbe, _native.PYTHON),
+            ("write log", writes.WriteLogProbe, _native.PYTHON),
+            ("FSDP2 writes", fsdp.FsdpWritesProbe, NATIVE),
+            ("timeline", timeline.TimelineProbe, NATIVE),
+        ]
+    ),
 ]
 
 

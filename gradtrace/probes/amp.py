@@ -21,14 +21,14 @@ from torch.amp import GradScaler
 from gradtrace.analysis.grad_health import FOUND_INF
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import StepProbe
 
 SCALE = "amp/scale"
 
 
-class GradScalerProbe:
+class GradScalerProbe(GuardedProbe):
     def __init__(
         self,
         steps: StepProbe,
@@ -44,7 +44,7 @@ class GradScalerProbe:
         self._on_values = on_values
         self._on_iteration_end = on_iteration_end
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         original = GradScaler.update
         before_update = self._guard(self._before_update)
 

@@ -30,12 +30,12 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from gradtrace.probes import _torch_compat
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import ByModule
 from gradtrace.probes.steps import StepProbe
 
 
-class BackwardStepProbe:
+class BackwardStepProbe(GuardedProbe):
     """Counts a step per backward pass while no optimizer steps (see the module NOTE)."""
 
     def __init__(
@@ -61,7 +61,7 @@ class BackwardStepProbe:
         # None until the first pass ends; then whether backward passes count steps.
         self._counting: bool | None = None
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         self._stack = stack
         self._forward_hook = stack.enter_context(
             register_module_forward_hook(self._guard(self._after_forward))

@@ -26,17 +26,17 @@ import torch
 import torch.nn.utils
 from torch.nn.utils import clip_grad
 
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 
 OnClip = Callable[[torch.Tensor, "float | torch.Tensor", float], None]
 
 
-class GradClipProbe:
+class GradClipProbe(GuardedProbe):
     def __init__(self, on_clip: OnClip, *, guard: ProbeGuard | None = None) -> None:
         self._on_clip = on_clip
         self._guard = guard or ProbeGuard("gradient clipping")
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         original = clip_grad.clip_grad_norm_
         signature = inspect.signature(original)
         on_clip = self._on_clip

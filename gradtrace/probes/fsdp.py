@@ -13,22 +13,21 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 from gradtrace.probes import _torch_compat
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import ModuleStackProbe
 from gradtrace.probes.own_ops import library_writes
 
 
-class FsdpWritesProbe:
+class FsdpWritesProbe(GuardedProbe):
     def __init__(self, modules: ModuleStackProbe, *, guard: ProbeGuard | None = None) -> None:
         self._guard = guard or ProbeGuard("FSDP2 writes")
         self._modules = modules
         self._stack: ExitStack | None = None
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         self._stack = stack
-        # Guarded here too: FSDP2's internals are private and may change under a new torch.
-        self._guard(self._wrap)()
-        if self._stack is not None and self._guard.on:
+        self._wrap()
+        if self._stack is not None:
             self._modules.on_root_start(self._guard(self._wrap))
 
     def _wrap(self) -> None:

@@ -48,7 +48,7 @@ from gradtrace.events import ClipCall, ParamStat, SourceLine, StepGradStats
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.deferred import DeferredQueue, stack_scalars
 from gradtrace.probes.frames import Caller, CallerFinder, is_user_code, source_line
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import ByModule, ModuleStackProbe
 from gradtrace.probes.own_ops import own_ops
 from gradtrace.probes.steps import BY_BACKWARD, StepProbe
@@ -389,7 +389,7 @@ CompareRanks = Callable[[int, str, list[str], list[torch.Tensor], list[torch.Ten
 NoteShards = Callable[[dict[str, int]], None]
 
 
-class GradStatsProbe:
+class GradStatsProbe(GuardedProbe):
     def __init__(
         self,
         modules: ModuleStackProbe,
@@ -452,7 +452,7 @@ class GradStatsProbe:
         self.note_clip = self._guard(self.note_clip)  # type: ignore[method-assign]
         self.end_iteration = self._guard(self.end_iteration)  # type: ignore[method-assign]
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         self._stack = stack
         self._installed = True
         stack.callback(setattr, self, "_installed", False)

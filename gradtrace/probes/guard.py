@@ -25,6 +25,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any, TypeVar
 
 from gradtrace.events import ProbeFailure
@@ -132,3 +133,22 @@ def _where(error: BaseException) -> str:
     if inside:
         path = os.path.relpath(path, os.path.dirname(_PACKAGE_DIR)).replace(os.sep, "/")
     return f"{path}:{frame.lineno} in {frame.name}"
+
+
+class GuardedProbe:
+    """A probe whose installation is one more entry point behind its guard.
+
+    Installing registers hooks and looks up torch internals (FSDP2's, the compiler's); a
+    torch that moved them must not stop the run from starting. A probe that fails as it
+    installs is off from the start, reported like any other failure, and whatever it had
+    registered is still unwound with the session's stack (its hooks do nothing: the guard is
+    off). Subclasses set `_guard` and implement `_install`.
+    """
+
+    _guard: ProbeGuard
+
+    def install(self, stack: ExitStack) -> None:
+        self._guard(self._install)(stack)
+
+    def _install(self, stack: ExitStack) -> None:
+        raise NotImplementedError

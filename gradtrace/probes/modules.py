@@ -23,7 +23,7 @@ from torch.nn.modules.module import (
 )
 
 from gradtrace.probes import _torch_compat
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 
 LOOP_OWNER = "training loop"
 
@@ -63,7 +63,7 @@ class ByModule(Generic[V]):
         ]
 
 
-class ModuleStackProbe:
+class ModuleStackProbe(GuardedProbe):
     """Knows the module path (as `named_modules()` spells it from the root) of the running forward.
 
     A module called with no module around it is a root, labelled by its class name. Names are
@@ -103,7 +103,7 @@ class ModuleStackProbe:
         """Call `publish(path)` on the running thread whenever `current()` changes."""
         self._publish = publish
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         guard = self._guard
         stack.enter_context(register_module_forward_pre_hook(guard(self._enter)))
         stack.enter_context(register_module_forward_hook(guard(self._leave), always_call=True))

@@ -24,7 +24,7 @@ import torch
 from gradtrace.events import Finding
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, is_user_code
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import hide_from
 from gradtrace.probes.saved import CorruptionCheck, RawWrite, SavedRecord, untracked_finding
@@ -38,7 +38,7 @@ class NativeCoreError(RuntimeError):
     """The compiled core's own bookkeeping failed; it stopped for the rest of the run."""
 
 
-class NativeCoreProbe:
+class NativeCoreProbe(GuardedProbe):
     """The saved-tensor check and (with `observe_writes`, level "full") the write log."""
 
     def __init__(
@@ -63,7 +63,7 @@ class NativeCoreProbe:
         self._aside = False
         self._add_write: _AddWrite | None = None
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         core = self._core
         self._check.learn_wording()
         guard = self._guard

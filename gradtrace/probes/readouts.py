@@ -36,7 +36,7 @@ import torch
 from gradtrace.analysis.culprits import graph_cut
 from gradtrace.events import Finding
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.steps import StepProbe
@@ -92,7 +92,7 @@ class _Readout:
         return behind
 
 
-class ReadoutProbe:
+class ReadoutProbe(GuardedProbe):
     """Keeps read-outs of tensors that require grad until an optimizer step judges them."""
 
     def __init__(
@@ -112,7 +112,7 @@ class ReadoutProbe:
         self._pending: list[_Readout] = []
         self.seen = self._guard(self._seen)
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         self._steps.on_grads_ready(self._guard(self._judge))
         stack.callback(self._drop)
 

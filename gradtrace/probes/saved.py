@@ -35,7 +35,7 @@ from gradtrace.analysis.culprits import (
 from gradtrace.events import CorruptionEvidence, Finding, SavedTensor, WriteEvent
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder, source_line
-from gradtrace.probes.guard import ProbeGuard, deliberate
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard, deliberate
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import unobserved
 from gradtrace.probes.steps import StepProbe
@@ -307,7 +307,7 @@ class CorruptionCheck:
         return None if key is None else self._modules.parameter_name(key)
 
 
-class SavedTensorProbe:
+class SavedTensorProbe(GuardedProbe):
     """Installs the saved-tensor hooks and turns corrupted unpacks into findings.
 
     With `live` (the write log's map, level "full") every saved tensor is also registered
@@ -331,7 +331,7 @@ class SavedTensorProbe:
         self._callers = callers
         self._check = CorruptionCheck(modules, on_finding, writes_logged=live is not None)
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         self._check.learn_wording()
         # Once the probe is off (NOTE [probe boundary] in guard.py) the hooks stay installed
         # (hooks are a per-thread stack: only the innermost pair can come off), so the

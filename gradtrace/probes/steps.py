@@ -23,14 +23,14 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 
 # How steps are counted (stored as the run's `steps_counted_by`).
 BY_OPTIMIZER = "optimizer"
 BY_BACKWARD = "backward"
 
 
-class StepProbe:
+class StepProbe(GuardedProbe):
     """Counts optimizer steps and says which optimizer, if any, is stepping right now.
 
     `step` is the index of the step in progress: 0 until the first `optimizer.step()`
@@ -73,7 +73,7 @@ class StepProbe:
         if self._publish_optimizer is not None:
             self._publish_optimizer(label)
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         stack.enter_context(register_optimizer_step_pre_hook(self._guard(self._before)))
         stack.enter_context(register_optimizer_step_post_hook(self._guard(self._after)))
 

@@ -43,7 +43,7 @@ from gradtrace.errors import GradtraceError
 from gradtrace.events import BACKWARD, FORWARD, OPTIMIZER, Span, TracedWrite
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, source_line
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import ModuleStackProbe, thread_stack
 
 DEFAULT_TRACE_STEPS = "0-2"
@@ -160,7 +160,7 @@ class _ParamWatch:
             call.ended(time.time_ns())
 
 
-class TimelineProbe:
+class TimelineProbe(GuardedProbe):
     """Times module calls, optimizer steps and writes on the steps in `steps`.
 
     The session calls `take()` when a step ends (or the run stops) and `begin_step()` with
@@ -197,7 +197,7 @@ class TimelineProbe:
         self._new_threads: dict[int, str] = {}
         self.recording = False
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         stack.callback(self._stop_recording)
         self.begin_step(0)
 

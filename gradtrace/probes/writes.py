@@ -39,7 +39,7 @@ import torch
 from gradtrace.events import BACKWARD, FORWARD, LOOP, OPTIMIZER, Finding
 from gradtrace.probes import _torch_compat
 from gradtrace.probes.frames import Caller, CallerFinder
-from gradtrace.probes.guard import ProbeGuard
+from gradtrace.probes.guard import GuardedProbe, ProbeGuard
 from gradtrace.probes.modules import LOOP_OWNER, ModuleStackProbe
 from gradtrace.probes.own_ops import in_own_ops
 from gradtrace.probes.saved import (
@@ -82,7 +82,7 @@ def _op_info(func: torch._ops.OpOverload) -> _OpInfo:
     return func.overloadpacket.__name__, written
 
 
-class WriteLogProbe:
+class WriteLogProbe(GuardedProbe):
     """Counts writes per owner and op, and attaches writes on saved memory to their records."""
 
     def __init__(
@@ -135,7 +135,7 @@ class WriteLogProbe:
         """Saved tensors registered by storage now (none between steps: nothing leaks)."""
         return self._live.count()
 
-    def install(self, stack: ExitStack) -> None:
+    def _install(self, stack: ExitStack) -> None:
         stack.enter_context(self._mode)
         # Unwound before the mode's own exit: a step that raised may have left it aside.
         stack.callback(self._step_back)
