@@ -114,26 +114,6 @@ def _findings(tmp_path: Path, core: str, run) -> list:
     return session.findings
 
 
-@pytest.mark.parametrize("core", CORES)
-def test_item_that_builds_the_loss_is_a_graph_cut(tmp_path: Path, core: str) -> None:
-    findings = [f for f in _findings(tmp_path, core, _reinforce_with_item) if f.kind == "graph-cut"]
-    assert len(findings) == 1, [f.message for f in findings]
-    [finding] = findings
-    assert (finding.file, finding.line) == (
-        __file__,
-        _line_of(_reinforce_with_item, "log_prob(action).item()"),
-    )
-    assert finding.op == "_local_scalar_dense"
-    assert finding.module == "training loop"
-    assert sorted(finding.details["parameters"]) == [
-        "body.bias",
-        "body.weight",
-        "logits.bias",
-        "logits.weight",
-    ]
-    assert "read a value out of the graph" in finding.message
-
-
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")
 @pytest.mark.parametrize("core", CORES)
 def test_logging_terms_of_the_loss_stays_silent(tmp_path: Path, core: str) -> None:
@@ -143,28 +123,29 @@ def test_logging_terms_of_the_loss_stays_silent(tmp_path: Path, core: str) -> No
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
 @pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize(
-    ("run", "text"),
+    ("run", "text", "op", "words"),
     [
-        (_reinforce_with_numpy, ".detach().numpy()"),
-        (_reinforce_rewrapped, "torch.tensor(dist.log_prob"),
+        (_reinforce_with_item, "log_prob(action).item()", "_local_scalar_dense", "as a Python"),
+        (_reinforce_with_numpy, ".detach().numpy()", "detach", "as a detached copy"),
+        (_reinforce_rewrapped, "torch.tensor(dist.log_prob", "detach", "as a detached copy"),
     ],
-    ids=["detach-numpy", "torch-tensor"],
+    ids=["item", "detach-numpy", "torch-tensor"],
 )
-def test_detached_copy_that_builds_the_loss_is_a_graph_cut(
-    tmp_path: Path, core: str, run, text: str
+def test_a_copy_that_builds_the_loss_is_a_graph_cut(
+    tmp_path: Path, core: str, run, text: str, op: str, words: str
 ) -> None:
     findings = [f for f in _findings(tmp_path, core, run) if f.kind == "graph-cut"]
     assert len(findings) == 1, [f.message for f in findings]
     [finding] = findings
     assert (finding.file, finding.line) == (__file__, _line_of(run, text))
-    assert finding.op == "detach"
+    assert (finding.op, finding.module) == (op, "training loop")
     assert sorted(finding.details["parameters"]) == [
         "body.bias",
         "body.weight",
         "logits.bias",
         "logits.weight",
     ]
-    assert "as a detached copy" in finding.message
+    assert words in finding.message
 
 
 class _Marked(torch.autograd.Function):
