@@ -8,9 +8,11 @@ freed when the program drops it, as without gradtrace.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,31 +39,25 @@ class Policy(nn.Module):
         return torch.distributions.Categorical(logits=self.logits(torch.tanh(self.body(obs))))
 
 
-def _reinforce_with_item() -> None:
+def _as_item(log_prob: torch.Tensor) -> float:
+    return log_prob.item()
+
+
+def _as_numpy(log_prob: torch.Tensor) -> float:
+    return float(log_prob.detach().numpy()[0])
+
+
+def _reinforce_from_numbers(read_out: Callable[[torch.Tensor], float]) -> None:
+    """REINFORCE whose loss is rebuilt as a new leaf from log-probabilities read out."""
     policy = Policy()
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(2):
         log_probs = []
         for _ in range(4):
             dist = policy(torch.randn(1, 4))
-            action = dist.sample()
-            log_probs.append(dist.log_prob(action).item())
+            log_probs.append(read_out(dist.log_prob(dist.sample())))
         ret = 1.0
         loss = torch.tensor(-sum(lp * ret for lp in log_probs), requires_grad=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def _reinforce_with_numpy() -> None:
-    policy = Policy()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for _ in range(2):
-        log_probs = []
-        for _ in range(4):
-            dist = policy(torch.randn(1, 4))
-            log_probs.append(float(dist.log_prob(dist.sample()).detach().numpy()[0]))
-        loss = torch.tensor(-sum(log_probs), requires_grad=True)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -123,21 +119,39 @@ def test_logging_terms_of_the_loss_stays_silent(tmp_path: Path, core: str) -> No
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
 @pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize(
-    ("run", "text", "op", "words"),
+    ("run", "where", "text", "op", "words"),
     [
-        (_reinforce_with_item, "log_prob(action).item()", "_local_scalar_dense", "as a Python"),
-        (_reinforce_with_numpy, ".detach().numpy()", "detach", "as a detached copy"),
-        (_reinforce_rewrapped, "torch.tensor(dist.log_prob", "detach", "as a detached copy"),
+        (
+            functools.partial(_reinforce_from_numbers, _as_item),
+            _as_item,
+            ".item()",
+            "_local_scalar_dense",
+            "as a Python",
+        ),
+        (
+            functools.partial(_reinforce_from_numbers, _as_numpy),
+            _as_numpy,
+            ".detach().numpy()",
+            "detach",
+            "as a detached copy",
+        ),
+        (
+            _reinforce_rewrapped,
+            _reinforce_rewrapped,
+            "torch.tensor(dist.log_prob",
+            "detach",
+            "as a detached copy",
+        ),
     ],
     ids=["item", "detach-numpy", "torch-tensor"],
 )
 def test_a_copy_that_builds_the_loss_is_a_graph_cut(
-    tmp_path: Path, core: str, run, text: str, op: str, words: str
+    tmp_path: Path, core: str, run, where, text: str, op: str, words: str
 ) -> None:
     findings = [f for f in _findings(tmp_path, core, run) if f.kind == "graph-cut"]
     assert len(findings) == 1, [f.message for f in findings]
     [finding] = findings
-    assert (finding.file, finding.line) == (__file__, _line_of(run, text))
+    assert (finding.file, finding.line) == (__file__, _line_of(where, text))
     assert (finding.op, finding.module) == (op, "training loop")
     assert sorted(finding.details["parameters"]) == [
         "body.bias",

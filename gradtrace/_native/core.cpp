@@ -813,8 +813,7 @@ void observe_readout(
       config.on_readout.obj != nullptr && python_alive()) {
     try {
       const c10::IValue& value = stack->back();
-      if (value.isTensor() && value.toTensor().requires_grad() &&
-          value.toTensor().grad_fn() != nullptr) {
+      if (value.isTensor() && value.toTensor().grad_fn() != nullptr) {
         const std::string& full = op.schema().name();
         GIL gil;
         PyObject* wrapped = THPVariable_Wrap(value.toTensor());

@@ -380,7 +380,7 @@ def graph_cut(
     """
     at = f"{where.file.rsplit('/', 1)[-1]}:{where.line}" if where else "unknown line"
     count = f"{len(parameters)}{'' if complete else '+'}"
-    plural = "s" if count != "1" else ""
+    plural = "" if count == "1" else "s"
     if op == "detach":
         how = "took a value out of the graph as a detached copy (detach)"
         hint = (

@@ -106,6 +106,12 @@ def file_name(filename: str) -> str:
             named = None
         if named is not None:
             return " ".join(named)
+    return _path(filename)
+
+
+def _path(filename: str) -> str:
+    """Where linecache finds a code object's lines: a pseudo-file's name ("<ipython-input-")
+    as it is, a file's absolute path (the program may have changed directory)."""
     return filename if filename.startswith("<") else os.path.abspath(filename)
 
 
@@ -115,7 +121,7 @@ def source_line(caller: Caller | None, *, context: int = CONTEXT_LINES) -> Sourc
         return None
     code, line = caller
     name = code.co_filename
-    path = name if name.startswith(IPYTHON_CELL) else os.path.abspath(name)
+    path = _path(name)
     start = max(1, line - context)
     lines = tuple(linecache.getline(path, n).rstrip("\n") for n in range(start, line + context + 1))
     return SourceLine(

@@ -63,9 +63,18 @@ class _Readout:
         "waited",
     )
 
-    def __init__(self, node: Any, op: str, caller: Caller | None, owner: str, step: int) -> None:
-        parameters, self.complete = _parameters_behind(node)
-        self.behind = [weakref.ref(parameter) for parameter in parameters]
+    def __init__(
+        self,
+        node: Any,
+        behind: list[torch.Tensor],
+        complete: bool,
+        op: str,
+        caller: Caller | None,
+        owner: str,
+        step: int,
+    ) -> None:
+        self.behind = [weakref.ref(parameter) for parameter in behind]
+        self.complete = complete
         self.op = op
         self.caller = caller
         self.owner = owner
@@ -118,17 +127,15 @@ class ReadoutProbe(GuardedProbe):
 
     def _seen(self, tensor: torch.Tensor, op: str) -> None:
         """`op` took a value out of the graph (any thread, the op's own)."""
-        if in_own_ops() or not tensor.requires_grad or len(self._pending) >= MAX_PENDING:
-            return
         node = tensor.grad_fn
-        if node is None:
+        if node is None or in_own_ops() or len(self._pending) >= MAX_PENDING:
+            return
+        behind, complete = _parameters_behind(node)
+        if not behind:
             return
         owner = self._modules.current() or LOOP_OWNER
-        readout = _Readout(node, op, self._callers.caller(), owner, self._steps.step)
-        if readout.behind:
-            self._pending.append(readout)
-        else:
-            readout.handle.remove()
+        caller = self._callers.caller()
+        self._pending.append(_Readout(node, behind, complete, op, caller, owner, self._steps.step))
 
     def _judge(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._pending:
